@@ -246,7 +246,7 @@ def build_smollm2_moe(
 
 
 def wiki_text(max_chars: int | None = None) -> str:
-    """The Wikipedia lead sections as one text (extracts in file order, blank-line separated), the offline eval corpus."""
+    """The offline eval corpus: Wikipedia lead extracts in file order, blank-line separated, cut to `max_chars`."""
     with open(WIKI_SUMMARIES.path(), encoding="utf-8") as f:
         articles: dict[str, dict[str, Any]] = json.load(f)
     parts: list[str] = []
