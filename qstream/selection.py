@@ -127,7 +127,7 @@ def decide(name: str, shape: tuple[int, ...], sel: Selection) -> Decision:
         return Decision(name, False, f"{region.value} {role.value}")
     why = f"--include {included!r}" if included is not None else f"preset {sel.preset}"
     if role in NEVER_QUANTIZED:
-        raise QstreamError(f"{name}: selected by {why}, but vLLM always loads a {role.value} unquantized; exclude it")
+        raise QstreamError(f"{name}: selected by {why}, but vLLM builds {role.value} layers unquantized; exclude it")
     if len(shape) not in (2, 3) or (len(shape) == 3 and role is not Role.ROUTED_EXPERT):
         raise QstreamError(f"{name}: selected by {why}, but shape {list(shape)} is not a Linear weight; exclude it")
     if shape[-1] % BLOCK:
