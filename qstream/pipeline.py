@@ -8,13 +8,14 @@ resumed shard by shard.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import resource
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER
 from qstream.errors import QstreamError
-from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, quantize
+from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, quantize
 from qstream.plan import CopyJob, Plan, QuantJob, Shard
 from qstream.safetensors_io import ShardWriter, read_rows
 
@@ -84,23 +85,40 @@ def temp_dir_for(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.qstream-partial"
 
 
-def _write_quant_job(writer: ShardWriter, job: QuantJob, plan: Plan, device: torch.device,
-                     stats: TensorStats, advance: Callable[[int], None]) -> None:
+def quantized_slices(job: QuantJob, rule: Rule, device: torch.device) -> Iterator[tuple[int, int, Quantized]]:
+    """(first row, element bytes read, MXFP4) for each bounded row chunk of one output module."""
     n = job.in_features
     step = max(1, CHUNK_ELEMENTS // n)
     src = job.source
-    packed_name, scale_name = (e.name for e in job.entries)
     for r0 in range(job.row_start, job.row_end, step):
         r1 = min(r0 + step, job.row_end)
         w = read_rows(src.file, src.info, r0, r1).to(device)
         try:
-            q = quantize(w, plan.rule)
+            yield r0 - job.row_start, w.numel() * w.element_size(), quantize(w, rule)
         except NonFiniteError as exc:
             raise QstreamError(f"{src.name}: {exc} in rows {r0}..{r1}; fix the source weights") from exc
-        writer.write(packed_name, q.packed, (r0 - job.row_start) * (n // 2))
-        writer.write(scale_name, q.scales, (r0 - job.row_start) * (n // BLOCK))
+
+
+def _write_quant_job(writer: ShardWriter, job: QuantJob, rule: Rule, device: torch.device,
+                     stats: TensorStats, advance: Callable[[int], None]) -> None:
+    n = job.in_features
+    packed_name, scale_name = (e.name for e in job.entries)
+    for row, nbytes, q in quantized_slices(job, rule, device):
+        writer.write(packed_name, q.packed, row * (n // 2))
+        writer.write(scale_name, q.scales, row * (n // BLOCK))
         stats.add(q)
-        advance(w.numel() * w.element_size())
+        advance(nbytes)
+
+
+def measure(plan: Plan, device: str = "auto") -> dict[str, TensorStats]:
+    """Quantize every selected tensor as `run` would, writing nothing: errors and exponent shares."""
+    dev = resolve_device(device)
+    stats: dict[str, TensorStats] = {}
+    for job in (j for s in plan.shards for j in s.jobs if isinstance(j, QuantJob)):
+        st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
+        for _, _, q in quantized_slices(job, plan.rule, dev):
+            st.add(q)
+    return stats
 
 
 def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device,
@@ -115,16 +133,16 @@ def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device,
             else:
                 info = job.source.info
                 st = stats.setdefault(job.source.name, TensorStats(info.shape))
-                _write_quant_job(writer, job, plan, device, st, advance)
+                _write_quant_job(writer, job, plan.rule, device, st, advance)
         writer.close()
     finally:
         writer.abort()
     os.replace(partial, tmp / shard.file_name)
 
 
-def _copy_side_files(src: Path, tmp: Path) -> list[str]:
-    """Tokenizer, templates, licences, ...: every non-weight file, unchanged."""
-    skip = {CONFIG_NAME, INDEX_NAME}
+def _copy_side_files(src: Path, tmp: Path, also_skip: frozenset[str] = frozenset()) -> list[str]:
+    """Tokenizer, templates, licences, ...: every non-weight file, unchanged (but those in `also_skip`)."""
+    skip = {CONFIG_NAME, INDEX_NAME, *also_skip}
     copied = []
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
@@ -163,6 +181,30 @@ def _os_error(exc: OSError, tmp: Path) -> QstreamError:
     if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return QstreamError(f"{exc.filename or tmp}: not writable ({exc.strerror}); choose a writable output")
     return QstreamError(f"{exc.filename or tmp}: {exc.strerror}")
+
+
+@contextlib.contextmanager
+def staging(src: Path, dst: Path, overwrite: bool, writer: str) -> Iterator[Path]:
+    """A fresh temp dir beside dst, marked unfinished, published as dst when the block succeeds.
+
+    On any failure the temp dir is removed and dst is untouched; an OSError becomes a one-line QstreamError.
+    """
+    dst = Path(dst)
+    check_destination(src, dst, overwrite)
+    tmp = temp_dir_for(dst)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (tmp / IN_PROGRESS_MARKER).write_text(f"{writer} is writing this directory\n")
+        yield tmp
+        _publish(tmp, dst)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(exc, tmp) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
