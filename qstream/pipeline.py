@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,12 +26,16 @@ from tqdm import tqdm
 from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER
 from qstream.errors import QstreamError
 from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, quantize
-from qstream.plan import CopyJob, Plan, QuantJob, Shard
-from qstream.safetensors_io import ShardWriter, read_rows
+from qstream.plan import CopyJob, Job, Plan, QuantJob, Shard
+from qstream.safetensors_io import ShardWriter, read_header, read_rows
+from qstream.streams import OrderedWriter, prefetch
 
 REPORT_NAME = "qstream_report.json"
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements quantized at once: bounds working memory
-PLAN_NAME = ".qstream-plan.json"
+PLAN_NAME = ".qstream-plan.json"  # the fingerprint a resumed run must match
+STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
+READ_AHEAD = 2  # chunks read ahead of the quantizer
+WRITE_BEHIND = 6  # writes queued behind it (a chunk is two writes)
 
 
 @dataclass
@@ -46,6 +51,14 @@ class TensorStats:
         self.sq_error += q.sq_error
         self.sq_norm += q.sq_norm
         self.offsets = [a + b for a, b in zip(self.offsets, q.offset_counts)]
+
+    def as_state(self) -> dict:
+        return {"shape": list(self.shape), "sq_error": self.sq_error, "sq_norm": self.sq_norm, "offsets": self.offsets}
+
+    def merge_state(self, state: dict) -> None:
+        self.sq_error += state["sq_error"]
+        self.sq_norm += state["sq_norm"]
+        self.offsets = [a + b for a, b in zip(self.offsets, state["offsets"])]
 
     def as_json(self, name: str, rule: str) -> dict:
         blocks = sum(self.offsets) or 1
@@ -85,59 +98,82 @@ def temp_dir_for(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.qstream-partial"
 
 
-def quantized_slices(job: QuantJob, rule: Rule, device: torch.device) -> Iterator[tuple[int, int, Quantized]]:
-    """(first row, element bytes read, MXFP4) for each bounded row chunk of one output module."""
-    n = job.in_features
-    step = max(1, CHUNK_ELEMENTS // n)
-    src = job.source
-    for r0 in range(job.row_start, job.row_end, step):
-        r1 = min(r0 + step, job.row_end)
-        w = read_rows(src.file, src.info, r0, r1).to(device)
-        try:
-            yield r0 - job.row_start, w.numel() * w.element_size(), quantize(w, rule)
-        except NonFiniteError as exc:
-            raise QstreamError(f"{src.name}: {exc} in rows {r0}..{r1}; fix the source weights") from exc
+def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, torch.Tensor | None]]:
+    """(job, first row within the job, rows read) per bounded chunk; copy jobs pass through unread."""
+    for job in jobs:
+        if isinstance(job, CopyJob):
+            yield job, 0, None
+            continue
+        step = max(1, CHUNK_ELEMENTS // job.in_features)
+        for r0 in range(job.row_start, job.row_end, step):
+            r1 = min(r0 + step, job.row_end)
+            yield job, r0 - job.row_start, read_rows(job.source.file, job.source.info, r0, r1)
 
 
-def _write_quant_job(writer: ShardWriter, job: QuantJob, rule: Rule, device: torch.device,
-                     stats: TensorStats, advance: Callable[[int], None]) -> None:
-    n = job.in_features
-    packed_name, scale_name = (e.name for e in job.entries)
-    for row, nbytes, q in quantized_slices(job, rule, device):
-        writer.write(packed_name, q.packed, row * (n // 2))
-        writer.write(scale_name, q.scales, row * (n // BLOCK))
-        stats.add(q)
-        advance(nbytes)
+def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device: torch.device) -> Quantized:
+    try:
+        return quantize(w.to(device, non_blocking=True), rule)
+    except NonFiniteError as exc:
+        r0 = job.row_start + row
+        raise QstreamError(f"{job.source.name}: {exc} in rows {r0}..{r0 + len(w)}; fix the source weights") from exc
 
 
 def measure(plan: Plan, device: str = "auto") -> dict[str, TensorStats]:
     """Quantize every selected tensor as `run` would, writing nothing: errors and exponent shares."""
     dev = resolve_device(device)
     stats: dict[str, TensorStats] = {}
-    for job in (j for s in plan.shards for j in s.jobs if isinstance(j, QuantJob)):
-        st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
-        for _, _, q in quantized_slices(job, plan.rule, dev):
-            st.add(q)
+    jobs = (j for s in plan.shards for j in s.jobs if isinstance(j, QuantJob))
+    for job, row, w in prefetch(_read_items(jobs), READ_AHEAD):
+        q = _quantize_chunk(job, row, w, plan.rule, dev)
+        stats.setdefault(job.source.name, TensorStats(job.source.info.shape)).add(q)
     return stats
 
 
-def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device,
-                 stats: dict[str, TensorStats], advance: Callable[[int], None]) -> None:
+def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device, advance: Callable[[int], None]) -> dict:
+    """Write one shard as <name>.partial, reading ahead and writing behind; rename when complete.
+
+    Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
+    """
     partial = tmp / f"{shard.file_name}.partial"
     writer = ShardWriter(partial, shard.entries, metadata={"format": "pt"})
+    writes = OrderedWriter(WRITE_BEHIND)
+    stats: dict[str, TensorStats] = {}
     try:
-        for job in shard.jobs:
+        for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
             if isinstance(job, CopyJob):
-                writer.copy_from(job.source.name, job.source.file, job.source.info)
+                writes.submit(writer.copy_from, job.source.name, job.source.file, job.source.info)
                 advance(job.bytes_in)
-            else:
-                info = job.source.info
-                st = stats.setdefault(job.source.name, TensorStats(info.shape))
-                _write_quant_job(writer, job, plan.rule, device, st, advance)
+                continue
+            q = _quantize_chunk(job, row, w, plan.rule, device)
+            packed_name, scale_name = (e.name for e in job.entries)
+            writes.submit(writer.write, packed_name, q.packed.cpu(), row * (job.in_features // 2))
+            writes.submit(writer.write, scale_name, q.scales.cpu(), row * (job.in_features // BLOCK))
+            stats.setdefault(job.source.name, TensorStats(job.source.info.shape)).add(q)
+            advance(w.numel() * w.element_size())
+        writes.drain()
         writer.close()
     finally:
+        writes.close()
         writer.abort()
+    saved = {name: st.as_state() for name, st in stats.items()}
+    _write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
     os.replace(partial, tmp / shard.file_name)
+    return saved
+
+
+def _completed_shard(tmp: Path, shard: Shard) -> dict | None:
+    """The saved statistics of a shard an earlier run finished, or None if it must be redone."""
+    path, stats_path = tmp / shard.file_name, tmp / f"{shard.file_name}{STATS_SUFFIX}"
+    if not (path.exists() and stats_path.exists()):
+        return None
+    try:
+        header = read_header(path)
+        saved = json.loads(stats_path.read_text())
+    except (QstreamError, json.JSONDecodeError):
+        return None
+    expected = {e.name: (e.dtype, e.shape) for e in shard.entries}
+    found = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
+    return saved if found == expected else None
 
 
 def _copy_side_files(src: Path, tmp: Path, also_skip: frozenset[str] = frozenset()) -> list[str]:
@@ -183,47 +219,114 @@ def _os_error(exc: OSError, tmp: Path) -> QstreamError:
     return QstreamError(f"{exc.filename or tmp}: {exc.strerror}")
 
 
-@contextlib.contextmanager
-def staging(src: Path, dst: Path, overwrite: bool, writer: str) -> Iterator[Path]:
-    """A fresh temp dir beside dst, marked unfinished, published as dst when the block succeeds.
+def fingerprint(plan: Plan) -> dict:
+    """What must match for a resumed run to continue an earlier one: source files, settings, layout."""
+    return {
+        "qstream_version": __import__("qstream").__version__,
+        "source": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in plan.source.weight_files],
+        "rule": plan.rule.value,
+        "selection": [plan.selection.preset, list(plan.selection.include), list(plan.selection.exclude),
+                      plan.selection.skip_indivisible],
+        "shards": [[s.file_name, [[e.name, e.dtype, list(e.shape)] for e in s.entries]] for s in plan.shards],
+    }
 
-    On any failure the temp dir is removed and dst is untouched; an OSError becomes a one-line QstreamError.
+
+def _open_staging(tmp: Path, writer: str, overwrite: bool, fp: dict | None, resume: bool) -> None:
+    """Create the temp dir, or with `resume` reuse an earlier one whose fingerprint matches."""
+    if tmp.exists():
+        if resume and fp is not None:
+            try:
+                recorded = json.loads((tmp / PLAN_NAME).read_text())
+            except (OSError, json.JSONDecodeError):
+                recorded = None
+            if recorded is not None and recorded != fp:
+                raise QstreamError(
+                    f"{tmp}: the unfinished output was started from another source or with other settings; "
+                    "run the same command as before, or pass --overwrite to start over"
+                )
+            if recorded is not None:
+                for partial in tmp.glob("*.partial"):
+                    partial.unlink()
+                return
+            shutil.rmtree(tmp)  # killed before its fingerprint was written: nothing was done yet
+        elif not overwrite:
+            raise QstreamError(
+                f"{tmp}: an earlier run of this output did not finish; pass --resume to finish it "
+                "or --overwrite to start over"
+            )
+        else:
+            shutil.rmtree(tmp)
+    tmp.mkdir()
+    (tmp / IN_PROGRESS_MARKER).write_text(f"{writer} is writing this directory\n")
+    if fp is not None:
+        _write_json(tmp / PLAN_NAME, fp)
+
+
+@contextlib.contextmanager
+def staging(src: Path, dst: Path, overwrite: bool, writer: str, fingerprint: dict | None = None,
+            resume: bool = False) -> Iterator[Path]:
+    """A temp dir beside dst, marked unfinished, published as dst when the block succeeds.
+
+    Without a `fingerprint` any failure removes the temp dir. With one, an interrupt or an OS
+    error (disk full) keeps the finished shards, so a later call with `resume` can continue;
+    an error in the input still removes everything. dst is never touched before the end.
     """
     dst = Path(dst)
     check_destination(src, dst, overwrite)
     tmp = temp_dir_for(dst)
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        (tmp / IN_PROGRESS_MARKER).write_text(f"{writer} is writing this directory\n")
+        _open_staging(tmp, writer, overwrite, fingerprint, resume)
+    except OSError as exc:
+        raise _os_error(exc, tmp) from exc
+    keep = False
+    try:
         yield tmp
+        for name in (PLAN_NAME,):
+            (tmp / name).unlink(missing_ok=True)
+        for stats_file in tmp.glob(f"*{STATS_SUFFIX}"):
+            stats_file.unlink()
         _publish(tmp, dst)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(exc, tmp) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        keep = fingerprint is not None and tmp.exists()
+        err = _os_error(exc, tmp)
+        if keep:
+            err = QstreamError(f"{err}; finished shards are kept: rerun with --resume to continue")
+        raise err from exc
+    except KeyboardInterrupt:
+        keep = fingerprint is not None and tmp.exists()
+        if keep:
+            sys.stderr.write(f"qstream: interrupted; finished shards are kept in {tmp}: rerun with --resume to continue\n")
         raise
+    finally:
+        if not keep and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif keep:
+            for partial in tmp.glob("*.partial"):
+                partial.unlink(missing_ok=True)
 
 
-def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
-    """Quantize per the plan into dst; returns the report that is also written to dst."""
-    dst = Path(dst)
-    check_destination(plan.source.root, dst, overwrite)
+def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True,
+        resume: bool = False) -> dict:
+    """Quantize per the plan into dst; returns the report that is also written to dst.
+
+    Every run records its fingerprint, so a run killed at any point can be finished by the
+    same command with `resume=True`, redoing at most the shard that was in flight.
+    """
     dev = resolve_device(device)
-    tmp = temp_dir_for(dst)
     t0 = time.perf_counter()
     stats: dict[str, TensorStats] = {}
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        (tmp / IN_PROGRESS_MARKER).write_text("qstream quantize is writing this directory\n")
+    fp = fingerprint(plan)
+    with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume) as tmp:
         with tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
             for shard in plan.shards:
-                _write_shard(shard, tmp, plan, dev, stats, bar.update)
+                saved = _completed_shard(tmp, shard) if resume else None
+                if saved is None:
+                    saved = _write_shard(shard, tmp, plan, dev, bar.update)
+                else:
+                    bar.update(sum(j.bytes_in for j in shard.jobs))
+                for name, state in saved.items():
+                    stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
         index = {
             "metadata": {"total_size": plan.bytes_out},
             "weight_map": {e.name: s.file_name for s in plan.shards for e in s.entries},
@@ -231,16 +334,8 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         _write_json(tmp / INDEX_NAME, index)
         _write_json(tmp / CONFIG_NAME, plan.output_config())
         side_files = _copy_side_files(plan.source.root, tmp)
-        seconds = time.perf_counter() - t0
-        report = _report(plan, stats, seconds, dev, side_files)
+        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
         _write_json(tmp / REPORT_NAME, report)
-        _publish(tmp, dst)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(exc, tmp) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
