@@ -6,8 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qstream.errors import QstreamError
-from qstream.safetensors_io import TensorInfo, read_header
+from qstream.safetensors_io import TensorInfo, read_header, read_rows
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -22,9 +24,15 @@ class SourceTensor:
     file: Path
     info: TensorInfo
 
+    copyable = True  # its bytes go to the output unchanged when it is kept
+
     @property
     def name(self) -> str:
         return self.info.name
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the tensor seen as [-1, last_dim]."""
+        return read_rows(self.file, self.info, r0, r1)
 
 
 @dataclass(frozen=True)
@@ -71,12 +79,15 @@ def _weight_files(root: Path) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def open_checkpoint(root: Path) -> Checkpoint:
-    """Read config.json and every shard header; check the index agrees with the shards."""
+def open_checkpoint(root: Path, *, unfinished_ok: bool = False) -> Checkpoint:
+    """Read config.json and every shard header; check the index agrees with the shards.
+
+    `unfinished_ok` lets the writer check its own output before marking it complete.
+    """
     root = Path(root)
     if not root.is_dir():
         raise QstreamError(f"{root}: not a directory; give a local checkpoint directory")
-    if (root / IN_PROGRESS_MARKER).exists():
+    if not unfinished_ok and (root / IN_PROGRESS_MARKER).exists():
         raise QstreamError(f"{root}: an unfinished qstream output; finish it with `qstream quantize --resume`")
     config = _load_json(root / CONFIG_NAME, "a checkpoint directory needs the model's config.json")
     files = _weight_files(root)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import resource
 import shutil
@@ -27,7 +28,7 @@ from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER
 from qstream.errors import QstreamError
 from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, quantize
 from qstream.plan import CopyJob, Job, Plan, QuantJob, Shard
-from qstream.safetensors_io import ShardWriter, read_header, read_rows
+from qstream.safetensors_io import ShardWriter, read_header
 from qstream.streams import OrderedWriter, prefetch
 
 REPORT_NAME = "qstream_report.json"
@@ -98,16 +99,26 @@ def temp_dir_for(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.qstream-partial"
 
 
+def _row_chunks(shape: tuple[int, ...], r0: int, r1: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of at most CHUNK_ELEMENTS elements within [r0, r1) of a tensor seen as [-1, last]."""
+    step = max(1, CHUNK_ELEMENTS // (shape[-1] if shape else 1))
+    for a in range(r0, r1, step):
+        yield a, min(a + step, r1)
+
+
 def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, torch.Tensor | None]]:
-    """(job, first row within the job, rows read) per bounded chunk; copy jobs pass through unread."""
+    """(job, first row within the job, rows read) per bounded chunk; byte-copyable jobs pass unread."""
     for job in jobs:
         if isinstance(job, CopyJob):
-            yield job, 0, None
+            if job.source.copyable:
+                yield job, 0, None
+            else:
+                shape = job.source.info.shape
+                for a, b in _row_chunks(shape, 0, math.prod(shape[:-1]) if len(shape) > 1 else 1):
+                    yield job, a, job.source.read_rows(a, b)
             continue
-        step = max(1, CHUNK_ELEMENTS // job.in_features)
-        for r0 in range(job.row_start, job.row_end, step):
-            r1 = min(r0 + step, job.row_end)
-            yield job, r0 - job.row_start, read_rows(job.source.file, job.source.info, r0, r1)
+        for a, b in _row_chunks(job.source.info.shape, job.row_start, job.row_end):
+            yield job, a - job.row_start, job.source.read_rows(a, b)
 
 
 def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device: torch.device) -> Quantized:
@@ -141,8 +152,12 @@ def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device, adva
     try:
         for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
             if isinstance(job, CopyJob):
-                writes.submit(writer.copy_from, job.source.name, job.source.file, job.source.info)
-                advance(job.bytes_in)
+                if w is None:
+                    writes.submit(writer.copy_from, job.source.name, job.source.file, job.source.info)
+                    advance(job.bytes_in)
+                else:  # decoded from FP8 and friends: written as its logical dtype
+                    writes.submit(writer.write, job.source.name, w, row * w.shape[-1] * w.element_size())
+                    advance(w.numel() * w.element_size())
                 continue
             q = _quantize_chunk(job, row, w, plan.rule, device)
             packed_name, scale_name = (e.name for e in job.entries)

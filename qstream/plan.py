@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,6 +18,7 @@ from qstream.ignore import Module, build_ignore, ignore_problems
 from qstream.mxfp4 import BLOCK, Rule
 from qstream.safetensors_io import OutEntry
 from qstream.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
+from qstream.source_formats import DecodedTensor, decode_checkpoint
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -32,7 +34,7 @@ class QuantJob:
     """One output module: rows [row_start, row_end) of a source tensor seen as [-1, in]."""
 
     module: str
-    source: SourceTensor
+    source: SourceTensor | DecodedTensor
     row_start: int
     row_end: int
 
@@ -55,9 +57,9 @@ class QuantJob:
 
 @dataclass(frozen=True)
 class CopyJob:
-    """A source tensor carried over byte for byte."""
+    """A source tensor carried over byte for byte (a decoded one: as its BF16 values)."""
 
-    source: SourceTensor
+    source: SourceTensor | DecodedTensor
 
     @property
     def entries(self) -> tuple[OutEntry, ...]:
@@ -142,17 +144,7 @@ class Plan:
         return config
 
 
-def refuse_quantized(ckpt: Checkpoint) -> None:
-    for where, cfg in (("", ckpt.config), ("text_config.", ckpt.config.get("text_config") or {})):
-        if "quantization_config" in cfg:
-            method = cfg["quantization_config"].get("quant_method", "?")
-            raise QstreamError(
-                f"{ckpt.root / 'config.json'}: already quantized ({where}quantization_config, {method}); "
-                "qstream reads BF16/FP16/FP32 checkpoints only for now"
-            )
-
-
-def _quant_jobs(ckpt: Checkpoint, t: SourceTensor) -> list[QuantJob]:
+def _quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[QuantJob]:
     """Split a selected tensor into output modules (fused experts: one per expert and projection)."""
     shape = t.info.shape
     if len(shape) == 2:
@@ -180,15 +172,16 @@ def _quant_jobs(ckpt: Checkpoint, t: SourceTensor) -> list[QuantJob]:
     return jobs
 
 
-def _modules(ckpt: Checkpoint, decisions: dict[str, Decision]) -> list[Module]:
-    """Linear modules as vLLM sees them; one layer's experts form one module."""
+def linear_modules(weights: Iterable[tuple[str, tuple[int, ...], bool]]) -> list[Module]:
+    """Linear modules as vLLM sees them, from (weight name, shape, quantized); one layer's experts form one
+    module. Shared by the planner (source names) and `verify` (names read back from an output)."""
     modules: dict[str, Module] = {}
-    for name, t in ckpt.tensors.items():
-        if not is_linear_weight(name, t.info.shape):
+    for name, shape, quantized in weights:
+        if not is_linear_weight(name, shape):
             continue
         role = role_of(name)
         mod = name[: name.index(".experts.") + len(".experts")] if role is Role.ROUTED_EXPERT else name.removesuffix(".weight")
-        m = Module(mod, region_of(name), role, decisions[name].quantize)
+        m = Module(mod, region_of(name), role, quantized)
         if mod in modules and modules[mod].quantized != m.quantized:
             raise QstreamError(
                 f"{mod}: some experts are selected and some not; vLLM takes all experts of a layer from "
@@ -217,7 +210,7 @@ def _pack_shards(jobs: list[Job], max_shard_bytes: int) -> tuple[Shard, ...]:
 
 def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_bytes: int) -> Plan:
     """Decide every tensor, split fused experts, pack shards, build and check the ignore list."""
-    refuse_quantized(ckpt)
+    ckpt = decode_checkpoint(ckpt)
     decisions = {name: decide(name, t.info.shape, selection) for name, t in ckpt.tensors.items()}
     if not any(d.quantize for d in decisions.values()):
         raise QstreamError(
@@ -236,7 +229,7 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise QstreamError(f"{ckpt.root}: output tensor {dup!r} would be written twice (fused and per-expert experts?)")
-    modules = _modules(ckpt, decisions)
+    modules = linear_modules((n, t.info.shape, decisions[n].quantize) for n, t in ckpt.tensors.items())
     ignore = build_ignore(modules)
     problems = ignore_problems(ignore, modules)
     if problems:  # build_ignore is meant to make this impossible: a bug, not a user error

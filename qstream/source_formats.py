@@ -1,0 +1,148 @@
+"""Quantized inputs (FP8, MXFP8) seen as the BF16 tensors they encode, decoded on the fly.
+
+The format is read from config.json's quantization_config, never guessed from tensor
+names. Each scaled weight `X.weight` becomes one logical BF16 tensor whose rows are
+decoded as they are read (weight * its block's scale, rounded once to BF16); its scale
+tensors are consumed and never reach the output. Tensors that stay unquantized are
+written as that BF16 (the output carries one quantization_config: ours).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from qstream.checkpoint import Checkpoint, SourceTensor
+from qstream.errors import QstreamError
+from qstream.safetensors_io import TensorInfo, read_rows
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+CONSUMED_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point")
+
+
+@dataclass(frozen=True)
+class DecodedTensor:
+    """A BF16 tensor computed from a low-precision weight and its per-block scales."""
+
+    info: TensorInfo  # the logical tensor: name, "BF16", shape (offsets unused)
+    weight: SourceTensor
+    scale: SourceTensor
+    block: tuple[int, int]  # rows and columns sharing one scale
+    scale_decode: Callable[[torch.Tensor], torch.Tensor]
+
+    copyable = False  # its bytes are computed, not copied
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def file(self):  # noqa: ANN201 - the file holding its weight, for fingerprints and messages
+        return self.weight.file
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) as BF16: weight * scale of its (row block, column block)."""
+        bo, bi = self.block
+        w = read_rows(self.weight.file, self.weight.info, r0, r1).float()
+        s0, s1 = r0 // bo, (r1 - 1) // bo + 1
+        s = self.scale_decode(read_rows(self.scale.file, self.scale.info, s0, s1).reshape(s1 - s0, -1))
+        s = s.repeat_interleave(bo, 0)[r0 - s0 * bo : r1 - s0 * bo]
+        s = s.repeat_interleave(bi, 1)[:, : w.shape[1]]
+        return (w * s).to(torch.bfloat16)
+
+
+def _float(s: torch.Tensor) -> torch.Tensor:
+    return s.float()
+
+
+def _e8m0(s: torch.Tensor) -> torch.Tensor:
+    return torch.ldexp(torch.ones(()), s.to(torch.int32).float() - 127)
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    name: str
+    description: str
+    matches: Callable[[dict], bool]  # on quantization_config
+    scale_suffix: str
+    block: Callable[[dict, tuple[int, ...], tuple[int, ...]], tuple[int, int]]  # (qcfg, weight, scale) -> block
+    scale_decode: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _ct_weights(q: dict) -> list[dict]:
+    return [g.get("weights") or {} for g in (q.get("config_groups") or {}).values()]
+
+
+def _ct_fp8(q: dict) -> bool:
+    return (q.get("quant_method") == "compressed-tensors" and q.get("format") in ("float-quantized", "naive-quantized")
+            and all(w.get("num_bits") == 8 and w.get("type") == "float" for w in _ct_weights(q)))
+
+
+def _from_shapes(q: dict, weight: tuple[int, ...], scale: tuple[int, ...]) -> tuple[int, int]:
+    """Per-tensor, per-channel or per-block scales, told apart by the scale's shape."""
+    out, n = weight
+    if math.prod(scale) == 1:
+        return out, n
+    rows, cols = (scale[0], scale[1]) if len(scale) == 2 else (scale[0], 1)
+    return math.ceil(out / rows), math.ceil(n / cols)
+
+
+FORMATS: tuple[SourceFormat, ...] = (
+    SourceFormat(
+        "fp8-block", "block FP8, weight_scale_inv per block (DeepSeek-V3/R1, Kimi K2, Qwen3-*-FP8)",
+        lambda q: q.get("quant_method") == "fp8",
+        "weight_scale_inv",
+        lambda q, w, s: tuple(q.get("weight_block_size") or _from_shapes(q, w, s)),
+        _float,
+    ),
+    SourceFormat(
+        "ct-fp8", "compressed-tensors float-quantized FP8 (per-tensor, per-channel or block weight_scale)",
+        _ct_fp8, "weight_scale", _from_shapes, _float,
+    ),
+    SourceFormat(
+        "ct-mxfp8", "compressed-tensors mxfp8-quantized (FP8 elements, uint8 E8M0 scale per 32)",
+        lambda q: q.get("quant_method") == "compressed-tensors" and q.get("format") == "mxfp8-quantized",
+        "weight_scale", lambda q, w, s: (1, 32), _e8m0,
+    ),
+)
+
+
+def quantization_config_of(config: dict) -> dict | None:
+    return config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+
+
+def decode_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint as plain tensors: unchanged if unquantized, FP8/MXFP8 weights decoded to BF16."""
+    qcfg = quantization_config_of(ckpt.config)
+    if qcfg is None:
+        return ckpt
+    fmt = next((f for f in FORMATS if f.matches(qcfg)), None)
+    if fmt is None:
+        method = qcfg.get("quant_method", "?") + (f" {qcfg['format']}" if "format" in qcfg else "")
+        hint = "; to requantize an MXFP4 checkpoint, run `qstream dequantize` first" if "mxfp4" in method else ""
+        supported = "; ".join(f"{f.name}: {f.description}" for f in FORMATS)
+        raise QstreamError(
+            f"{ckpt.root / 'config.json'}: already quantized ({method}), which qstream cannot read as input{hint}. "
+            f"Supported inputs: BF16/FP16/FP32; {supported}"
+        )
+    decoded: dict[str, DecodedTensor] = {}
+    consumed: set[str] = set()
+    for name, t in ckpt.tensors.items():
+        base = name.removesuffix(".weight")
+        scale = ckpt.tensors.get(f"{base}.{fmt.scale_suffix}")
+        if name.endswith(".weight") and t.info.dtype in FP8_DTYPES and scale is not None and len(t.info.shape) == 2:
+            block = fmt.block(qcfg, t.info.shape, scale.info.shape)
+            info = TensorInfo(name, "BF16", t.info.shape, 0, t.info.numel * 2)
+            decoded[name] = DecodedTensor(info, t, scale, (int(block[0]), int(block[1])), fmt.scale_decode)
+            consumed |= {f"{base}.{s}" for s in CONSUMED_SUFFIXES}
+        elif t.info.dtype in FP8_DTYPES:
+            raise QstreamError(f"{name}: {t.info.dtype} with no {fmt.scale_suffix} beside it; the {fmt.name} "
+                               "checkpoint is incomplete or of a layout qstream does not know")
+    tensors = {n: decoded.get(n, t) for n, t in ckpt.tensors.items() if n not in consumed}
+    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    if "text_config" in config:
+        config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
+    return replace(ckpt, config=config, tensors=tensors)

@@ -1,0 +1,151 @@
+"""FP8 and MXFP8 inputs: detected from config.json, decoded on the fly, scales never leaked."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qstream.checkpoint import open_checkpoint
+from qstream.errors import QstreamError
+from qstream.mxfp4 import Rule, quantize
+from qstream.pipeline import run
+from qstream.plan import make_plan
+from qstream.selection import Selection, role_of
+
+FP8_MAX = 448.0
+
+
+def _blocks(w: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
+    """Per-(bo x bi)-block amax of w, shape [ceil(out/bo), ceil(in/bi)]."""
+    out, n = w.shape
+    pad = torch.zeros(math.ceil(out / bo) * bo, math.ceil(n / bi) * bi)
+    pad[:out, :n] = w.abs()
+    return pad.reshape(pad.shape[0] // bo, bo, pad.shape[1] // bi, bi).amax((1, 3))
+
+
+def _expand(s: torch.Tensor, bo: int, bi: int, shape: tuple[int, int]) -> torch.Tensor:
+    return s.repeat_interleave(bo, 0).repeat_interleave(bi, 1)[: shape[0], : shape[1]]
+
+
+# layout -> (quantization_config, scale suffix, encode(w) -> (fp8 weight, stored scale), decode(fp8, scale))
+def _block_fp8(w):
+    s = (_blocks(w.float(), 32, 32) / FP8_MAX).clamp(min=1e-12)
+    return (w.float() / _expand(s, 32, 32, w.shape)).to(torch.float8_e4m3fn), s
+
+
+def _channel_fp8(w):
+    s = (w.float().abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (w.float() / s).to(torch.float8_e4m3fn), s.to(torch.bfloat16)
+
+
+def _mxfp8(w):
+    amax = _blocks(w.float(), 1, 32).clamp(min=2.0**-100)
+    e = torch.floor(torch.log2(amax)) - 8  # largest power of two keeping values within e4m3's range
+    return (w.float() / _expand(torch.exp2(e), 1, 32, w.shape)).to(torch.float8_e4m3fn), (e + 127).to(torch.uint8)
+
+
+LAYOUTS = {
+    "fp8-block": ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                   "weight_block_size": [32, 32]}, "weight_scale_inv", _block_fp8,
+                  lambda q, s: q.float() * _expand(s.float(), 32, 32, q.shape)),
+    "ct-fp8": ({"quant_method": "compressed-tensors", "format": "float-quantized",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                    "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}},
+                "ignore": ["lm_head", "re:.*mlp.gate$"]}, "weight_scale", _channel_fp8,
+               lambda q, s: q.float() * s.float()),
+    "ct-mxfp8": ({"quant_method": "compressed-tensors", "format": "mxfp8-quantized",
+                  "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                      "num_bits": 8, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True,
+                      "dynamic": False, "scale_dtype": "torch.uint8"}}},
+                  "ignore": ["lm_head", "re:.*mlp.gate$"]}, "weight_scale", _mxfp8,
+                 lambda q, s: q.float() * _expand(torch.exp2(s.float() - 127), 1, 32, q.shape)),
+}
+
+
+def to_layout(src: Path, dst: Path, layout: str) -> dict[str, torch.Tensor]:
+    """Re-encode every Linear weight (not routers/embeddings/lm_head) of a bf16 checkpoint; returns
+    name -> the BF16 values the encoded weight stands for, by the format's own definition."""
+    qcfg, suffix, encode, decode = LAYOUTS[layout]
+    shutil.copytree(src, dst)
+    expected = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            tensors = {k: h.get_tensor(k) for k in h.keys()}
+        out = {}
+        for name, w in tensors.items():
+            if w.dim() == 2 and name.endswith(".weight") and role_of(name).value in (
+                    "routed_expert", "attention", "dense_mlp", "shared_expert"):
+                q, s = encode(w)
+                out[name], out[name.removesuffix("weight") + suffix] = q, s
+                expected[name] = decode(q, s).to(torch.bfloat16)
+            else:
+                out[name] = w
+        save_file(out, f, metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return expected
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_quantized_input_decoded_then_quantized(tmp_path, tiny_qwen3_moe, layout) -> None:
+    src = tmp_path / "src"
+    expected = to_layout(tiny_qwen3_moe, src, layout)
+    dst = tmp_path / "q"
+    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
+                 progress=False)
+    with safe_open(next(dst.glob("*.safetensors")), "pt") as h:
+        out = {k: h.get_tensor(k) for k in h.keys()}
+    assert not any(k.endswith(("_scale_inv", "input_scale")) for k in out)
+    assert not any(k.endswith(".weight_scale") and k.removesuffix("_scale") + "_packed" not in out for k in out)
+    assert all(v.dtype != torch.float8_e4m3fn for v in out.values())
+    checked = 0
+    for name, ref in expected.items():
+        module = name.removesuffix(".weight")
+        if f"{module}.weight_packed" in out:  # quantized from the decoded values
+            q = quantize(ref, Rule.MSE3)
+            assert torch.equal(out[f"{module}.weight_packed"], q.packed) and torch.equal(
+                out[f"{module}.weight_scale"], q.scales), name
+        else:  # kept: written as the decoded BF16
+            assert torch.equal(out[name], ref), name
+        checked += 1
+    assert checked == len(expected) and report["totals"]["tensors_quantized"] > 0
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "mxfp4-pack-quantized"
+
+
+def test_mxfp8_decode_matches_compressed_tensors(tmp_path, tiny_qwen3_moe) -> None:
+    """The decoded MXFP8 values equal compressed-tensors' own decompression."""
+    from compressed_tensors.compressors.mxfp8.base import MXFP8QuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    src = tmp_path / "src"
+    to_layout(tiny_qwen3_moe, src, "ct-mxfp8")
+    ckpt = open_checkpoint(src)
+    from qstream.source_formats import decode_checkpoint
+
+    decoded = decode_checkpoint(ckpt)
+    scheme = QuantizationConfig.model_validate(LAYOUTS["ct-mxfp8"][0]).config_groups["group_0"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    raw = {k: ckpt.tensors[f"model.layers.0.self_attn.q_proj.{k}"] for k in ("weight", "weight_scale")}
+    state = {k: t.read_rows(0, t.info.shape[0]) for k, t in raw.items()}
+    theirs = MXFP8QuantizationCompressor.decompress(state, scheme)["weight"]
+    ours = decoded.tensors[name].read_rows(0, decoded.tensors[name].info.shape[0])
+    assert torch.equal(ours, theirs.to(torch.bfloat16))
+
+
+def test_unsupported_format_lists_supported(tmp_path, tiny_llama) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QstreamError, match=r"already quantized \(gptq\).*Supported inputs: .*fp8-block.*ct-mxfp8"):
+        make_plan(open_checkpoint(src), Selection("mlp"), Rule.MSE3, 10**9)
