@@ -28,6 +28,7 @@ from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER
 from qstream.errors import QstreamError
 from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, quantize
 from qstream.plan import CopyJob, Job, Plan, QuantJob, Shard
+from qstream.source_formats import PackedExperts
 from qstream.safetensors_io import ShardWriter, read_header
 from qstream.streams import OrderedWriter, prefetch
 
@@ -47,6 +48,7 @@ class TensorStats:
     sq_error: float = 0.0
     sq_norm: float = 0.0
     offsets: list[int] = field(default_factory=lambda: [0, 0, 0])
+    lossless: bool = False  # copied from MXFP4 already in the source (gpt-oss): no error, no rule
 
     def add(self, q: Quantized) -> None:
         self.sq_error += q.sq_error
@@ -54,9 +56,11 @@ class TensorStats:
         self.offsets = [a + b for a, b in zip(self.offsets, q.offset_counts)]
 
     def as_state(self) -> dict:
-        return {"shape": list(self.shape), "sq_error": self.sq_error, "sq_norm": self.sq_norm, "offsets": self.offsets}
+        return {"shape": list(self.shape), "sq_error": self.sq_error, "sq_norm": self.sq_norm, "offsets": self.offsets,
+                "lossless": self.lossless}
 
     def merge_state(self, state: dict) -> None:
+        self.lossless = state["lossless"]
         self.sq_error += state["sq_error"]
         self.sq_norm += state["sq_norm"]
         self.offsets = [a + b for a, b in zip(self.offsets, state["offsets"])]
@@ -66,7 +70,7 @@ class TensorStats:
         return {
             "name": name,
             "shape": list(self.shape),
-            "rule": rule,
+            "rule": "lossless (source MXFP4)" if self.lossless else rule,
             "rel_error": self.sq_error / self.sq_norm if self.sq_norm else 0.0,
             "exponent_share": {f"R-{s}": c / blocks for s, c in enumerate(self.offsets)},
         }
@@ -106,27 +110,33 @@ def _row_chunks(shape: tuple[int, ...], r0: int, r1: int) -> Iterator[tuple[int,
         yield a, min(a + step, r1)
 
 
-def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, torch.Tensor | None]]:
-    """(job, first row within the job, rows read) per bounded chunk; byte-copyable jobs pass unread."""
+def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, object]]:
+    """(job, first output row, data) per bounded chunk: rows read (a tensor), MXFP4 already (a
+    (packed, scales) pair from a pre-quantized source), or None for a byte-copyable tensor."""
     for job in jobs:
+        src = job.source
         if isinstance(job, CopyJob):
-            if job.source.copyable:
+            if src.copyable:
                 yield job, 0, None
             else:
-                shape = job.source.info.shape
+                shape = src.info.shape
                 for a, b in _row_chunks(shape, 0, math.prod(shape[:-1]) if len(shape) > 1 else 1):
-                    yield job, a, job.source.read_rows(a, b)
+                    yield job, a, src.read_rows(a, b)
             continue
-        for a, b in _row_chunks(job.source.info.shape, job.row_start, job.row_end):
-            yield job, a - job.row_start, job.source.read_rows(a, b)
+        for a, b in _row_chunks(src.info.shape, 0, job.rows):
+            r0, r1 = job.row_start + a * job.row_step, job.row_start + (b - 1) * job.row_step + 1
+            if isinstance(src, PackedExperts):
+                yield job, a, src.read_packed(r0, r1, job.row_step)
+            else:
+                yield job, a, src.read_rows(r0, r1)[:: job.row_step]
 
 
 def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device: torch.device) -> Quantized:
     try:
         return quantize(w.to(device, non_blocking=True), rule)
     except NonFiniteError as exc:
-        r0 = job.row_start + row
-        raise QstreamError(f"{job.source.name}: {exc} in rows {r0}..{r0 + len(w)}; fix the source weights") from exc
+        r0 = job.row_start + row * job.row_step
+        raise QstreamError(f"{job.source.name}: {exc} in rows from {r0}; fix the source weights") from exc
 
 
 def measure(plan: Plan, device: str = "auto") -> dict[str, TensorStats]:
@@ -135,6 +145,8 @@ def measure(plan: Plan, device: str = "auto") -> dict[str, TensorStats]:
     stats: dict[str, TensorStats] = {}
     jobs = (j for s in plan.shards for j in s.jobs if isinstance(j, QuantJob))
     for job, row, w in prefetch(_read_items(jobs), READ_AHEAD):
+        if isinstance(w, tuple):  # already MXFP4 in the source: nothing to measure
+            continue
         q = _quantize_chunk(job, row, w, plan.rule, dev)
         stats.setdefault(job.source.name, TensorStats(job.source.info.shape)).add(q)
     return stats
@@ -159,12 +171,18 @@ def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device, adva
                     writes.submit(writer.write, job.source.name, w, row * w.shape[-1] * w.element_size())
                     advance(w.numel() * w.element_size())
                 continue
-            q = _quantize_chunk(job, row, w, plan.rule, device)
+            st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
+            if isinstance(w, tuple):  # already MXFP4 in the source: a lossless copy
+                packed, scales = w
+                st.lossless = True
+            else:
+                q = _quantize_chunk(job, row, w, plan.rule, device)
+                packed, scales = q.packed.cpu(), q.scales.cpu()
+                st.add(q)
             packed_name, scale_name = (e.name for e in job.entries)
-            writes.submit(writer.write, packed_name, q.packed.cpu(), row * (job.in_features // 2))
-            writes.submit(writer.write, scale_name, q.scales.cpu(), row * (job.in_features // BLOCK))
-            stats.setdefault(job.source.name, TensorStats(job.source.info.shape)).add(q)
-            advance(w.numel() * w.element_size())
+            writes.submit(writer.write, packed_name, packed, row * (job.in_features // 2))
+            writes.submit(writer.write, scale_name, scales, row * (job.in_features // BLOCK))
+            advance(packed.numel() + scales.numel() if isinstance(w, tuple) else w.numel() * w.element_size())
         writes.drain()
         writer.close()
     finally:

@@ -18,7 +18,7 @@ from qstream.ignore import Module, build_ignore, ignore_problems
 from qstream.mxfp4 import BLOCK, Rule
 from qstream.safetensors_io import OutEntry
 from qstream.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
-from qstream.source_formats import DecodedTensor, decode_checkpoint
+from qstream.source_formats import DecodedTensor, PackedExperts, decode_checkpoint
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -31,12 +31,17 @@ FUSED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down
 
 @dataclass(frozen=True)
 class QuantJob:
-    """One output module: rows [row_start, row_end) of a source tensor seen as [-1, in]."""
+    """One output module: rows row_start, row_start + row_step, ... < row_end of a source seen as [-1, in]."""
 
     module: str
-    source: SourceTensor | DecodedTensor
+    source: SourceTensor | DecodedTensor | PackedExperts
     row_start: int
     row_end: int
+    row_step: int = 1
+
+    @property
+    def rows(self) -> int:
+        return len(range(self.row_start, self.row_end, self.row_step))
 
     @property
     def in_features(self) -> int:
@@ -44,7 +49,7 @@ class QuantJob:
 
     @property
     def entries(self) -> tuple[OutEntry, ...]:
-        rows, n = self.row_end - self.row_start, self.in_features
+        rows, n = self.rows, self.in_features
         return (
             OutEntry(f"{self.module}.weight_packed", "U8", (rows, n // 2)),
             OutEntry(f"{self.module}.weight_scale", "U8", (rows, n // BLOCK)),
@@ -52,7 +57,7 @@ class QuantJob:
 
     @property
     def bytes_in(self) -> int:
-        return (self.row_end - self.row_start) * self.in_features * self.source.info.nbytes // max(1, self.source.info.numel)
+        return self.rows * self.in_features * self.source.info.nbytes // max(1, self.source.info.numel)
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,12 @@ def _quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[Quant
     half = out // 2
     jobs = []
     for e in range(n_exp):
-        jobs.append(QuantJob(f"{prefix}.{e}.{gate}", t, e * out, e * out + half))
-        jobs.append(QuantJob(f"{prefix}.{e}.{up}", t, e * out + half, (e + 1) * out))
+        if getattr(t, "interleaved", False):  # gate rows even, up rows odd (gpt-oss)
+            jobs.append(QuantJob(f"{prefix}.{e}.{gate}", t, e * out, (e + 1) * out, 2))
+            jobs.append(QuantJob(f"{prefix}.{e}.{up}", t, e * out + 1, (e + 1) * out, 2))
+        else:
+            jobs.append(QuantJob(f"{prefix}.{e}.{gate}", t, e * out, e * out + half))
+            jobs.append(QuantJob(f"{prefix}.{e}.{up}", t, e * out + half, (e + 1) * out))
     return jobs
 
 
@@ -219,8 +228,11 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
         )
     jobs: list[Job] = []
     for name, t in ckpt.tensors.items():
+        if isinstance(t, PackedExperts) and not decisions[name].quantize:
+            raise QstreamError(f"{name}: already MXFP4 in the source (gpt-oss); it is converted losslessly "
+                               "and cannot be kept or excluded")
         if decisions[name].quantize:
-            if t.info.dtype not in FLOAT_DTYPES:
+            if t.info.dtype not in FLOAT_DTYPES and not isinstance(t, PackedExperts):
                 raise QstreamError(f"{name}: dtype {t.info.dtype} cannot be quantized (expected one of {FLOAT_DTYPES})")
             jobs.extend(_quant_jobs(ckpt, t))
         else:
@@ -250,6 +262,6 @@ def parse_size(text: str) -> int:
 def estimate_bits_per_weight(plan: Plan) -> float:
     """Average stored bits per quantized parameter (4 + 8/32 for MXFP4)."""
     q = [j for s in plan.shards for j in s.jobs if isinstance(j, QuantJob)]
-    params = sum((j.row_end - j.row_start) * j.in_features for j in q)
+    params = sum(j.rows * j.in_features for j in q)
     stored = sum(e.nbytes for j in q for e in j.entries)
     return 8 * stored / params if params else math.nan

@@ -10,6 +10,7 @@ written as that BF16 (the output carries one quantization_config: ours).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -20,6 +21,7 @@ from qstream.errors import QstreamError
 from qstream.safetensors_io import TensorInfo, read_rows
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+GPT_OSS = "gpt-oss mxfp4: *_blocks/*_scales experts, converted losslessly"
 CONSUMED_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point")
 
 
@@ -52,6 +54,90 @@ class DecodedTensor:
         s = s.repeat_interleave(bo, 0)[r0 - s0 * bo : r1 - s0 * bo]
         s = s.repeat_interleave(bi, 1)[:, : w.shape[1]]
         return (w * s).to(torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """gpt-oss's fused MXFP4 experts, `<kind>_blocks` [E, rows, in/32, 16] + `<kind>_scales` [E, rows, in/32].
+
+    The bytes already are compressed-tensors' layout (even column in the low nibble, E8M0
+    scales), so conversion is a lossless copy of rows; gate/up rows alternate (gate even).
+    """
+
+    info: TensorInfo  # logical fused tensor `<prefix>.experts.<kind>`, shape [E, rows, in]
+    blocks: SourceTensor
+    scales: SourceTensor
+    interleaved: bool
+
+    copyable = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def file(self):  # noqa: ANN201
+        return self.blocks.file
+
+    def read_packed(self, r0: int, r1: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed [n, in/2], scales [n, in/32]) of logical rows r0, r0+step, ... < r1 (rows over all experts)."""
+        g = self.scales.info.shape[-1]
+        blocks = read_rows(self.blocks.file, self.blocks.info, r0 * g, r1 * g).reshape(r1 - r0, -1)
+        scales = read_rows(self.scales.file, self.scales.info, r0, r1)
+        return blocks[::step].contiguous(), scales[::step].contiguous()
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """One expert's slice of a fused per-expert vector (gpt-oss biases: [E, rows], gate/up interleaved)."""
+
+    info: TensorInfo
+    source: SourceTensor
+    expert: int
+    start: int
+    step: int
+
+    copyable = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def file(self):  # noqa: ANN201
+        return self.source.file
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        row = read_rows(self.source.file, self.source.info, self.expert, self.expert + 1)[0]
+        return row[self.start :: self.step].reshape(1, -1)
+
+
+def _gpt_oss(ckpt: Checkpoint) -> dict[str, object]:
+    """gpt-oss tensors with its fused MXFP4 experts as PackedExperts and biases split per expert."""
+    out: dict[str, object] = {}
+    proj = {"gate_up_proj": (("gate_proj", 0, 2), ("up_proj", 1, 2)), "down_proj": (("down_proj", 0, 1),)}
+    for name, t in ckpt.tensors.items():
+        m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)_(blocks|scales|bias)$", name)
+        if not m:
+            out[name] = t
+            continue
+        prefix, kind, part = m.groups()
+        if part == "blocks":
+            scales = ckpt.tensors.get(f"{prefix}.{kind}_scales")
+            if scales is None or t.info.shape[:-1] != scales.info.shape:
+                raise QstreamError(f"{name}: no matching {kind}_scales; the gpt-oss checkpoint is incomplete")
+            e, rows, g, b = t.info.shape
+            info = TensorInfo(f"{prefix}.{kind}", "MXFP4", (e, rows, g * b * 2), 0, t.info.nbytes + scales.info.nbytes)
+            out[info.name] = PackedExperts(info, t, scales, interleaved=kind == "gate_up_proj")
+        elif part == "bias":
+            n_exp, rows = t.info.shape
+            for e in range(n_exp):
+                for leaf, start, step in proj[kind]:
+                    bname = f"{prefix}.{e}.{leaf}.bias"
+                    size = rows // step
+                    out[bname] = RowSlice(TensorInfo(bname, t.info.dtype, (size,), 0, size * t.info.nbytes // t.info.numel),
+                                          t, e, start, step)
+    return out
 
 
 def _float(s: torch.Tensor) -> torch.Tensor:
@@ -119,11 +205,13 @@ def decode_checkpoint(ckpt: Checkpoint) -> Checkpoint:
     qcfg = quantization_config_of(ckpt.config)
     if qcfg is None:
         return ckpt
+    if qcfg.get("quant_method") == "mxfp4":
+        return replace(ckpt, config=_without_quantization(ckpt.config), tensors=_gpt_oss(ckpt))
     fmt = next((f for f in FORMATS if f.matches(qcfg)), None)
     if fmt is None:
         method = qcfg.get("quant_method", "?") + (f" {qcfg['format']}" if "format" in qcfg else "")
         hint = "; to requantize an MXFP4 checkpoint, run `qstream dequantize` first" if "mxfp4" in method else ""
-        supported = "; ".join(f"{f.name}: {f.description}" for f in FORMATS)
+        supported = "; ".join(f"{f.name}: {f.description}" for f in FORMATS) + "; " + GPT_OSS
         raise QstreamError(
             f"{ckpt.root / 'config.json'}: already quantized ({method}), which qstream cannot read as input{hint}. "
             f"Supported inputs: BF16/FP16/FP32; {supported}"
@@ -142,7 +230,11 @@ def decode_checkpoint(ckpt: Checkpoint) -> Checkpoint:
             raise QstreamError(f"{name}: {t.info.dtype} with no {fmt.scale_suffix} beside it; the {fmt.name} "
                                "checkpoint is incomplete or of a layout qstream does not know")
     tensors = {n: decoded.get(n, t) for n, t in ckpt.tensors.items() if n not in consumed}
-    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    return replace(ckpt, config=_without_quantization(ckpt.config), tensors=tensors)
+
+
+def _without_quantization(config: dict) -> dict:
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
     if "text_config" in config:
         config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
-    return replace(ckpt, config=config, tensors=tensors)
+    return config
