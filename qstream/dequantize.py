@@ -1,0 +1,174 @@
+"""compressed-tensors MXFP4 checkpoints back to dense BF16, for tools that cannot read MXFP4 and for eval.
+
+Every `<m>.weight_packed` + `<m>.weight_scale` pair becomes `<m>.weight` (bf16, decoded by mxfp4.dequantize
+in bounded row chunks: exact, since an E2M1 value times a power of two fits bf16); every other tensor is
+copied byte for byte; config.json loses its quantization_config; side files are copied. The layout is
+decided from headers alone, like `qstream quantize`'s plan, before any data moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
+from qstream.errors import QstreamError
+from qstream.mxfp4 import BLOCK, dequantize
+from qstream.pipeline import CHUNK_ELEMENTS, REPORT_NAME, _copy_side_files, staging
+from qstream.plan import CopyJob, Shard, _pack_shards
+from qstream.safetensors_io import OutEntry, ShardWriter, read_rows
+
+PACKED, SCALE = ".weight_packed", ".weight_scale"
+MXFP4_FORMAT = "mxfp4-pack-quantized"
+DENSE_DTYPE = "BF16"
+EVAL_NAME = "qstream_eval.json"  # measurements of a quantized checkpoint: they do not describe its dequantization
+NOT_CARRIED = frozenset({REPORT_NAME, EVAL_NAME})
+
+
+@dataclass(frozen=True)
+class DequantJob:
+    """One MXFP4 module decoded into its dense `<module>.weight`."""
+
+    module: str
+    packed: SourceTensor
+    scale: SourceTensor
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.info.shape[-1] * 2
+
+    @property
+    def rows(self) -> int:
+        return self.packed.info.numel // self.packed.info.shape[-1]
+
+    @property
+    def entries(self) -> tuple[OutEntry, ...]:
+        return (OutEntry(f"{self.module}.weight", DENSE_DTYPE, (*self.packed.info.shape[:-1], self.in_features)),)
+
+    @property
+    def bytes_in(self) -> int:
+        return self.packed.info.nbytes + self.scale.info.nbytes
+
+    def slices(self, dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, dense rows) in chunks of about CHUNK_ELEMENTS, the weight seen as [rows, in]."""
+        step = max(1, CHUNK_ELEMENTS // self.in_features)
+        for r0 in range(0, self.rows, step):
+            r1 = min(r0 + step, self.rows)
+            packed = read_rows(self.packed.file, self.packed.info, r0, r1)
+            scales = read_rows(self.scale.file, self.scale.info, r0, r1)
+            yield r0, dequantize(packed, scales, dtype)
+
+    def dense(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The whole decoded weight, filled chunk by chunk (peak: the result plus one chunk)."""
+        out = torch.empty(self.rows, self.in_features, dtype=dtype)
+        for r0, rows in self.slices(dtype):
+            out[r0:r0 + rows.shape[0]] = rows
+        return out.reshape(self.entries[0].shape)
+
+
+def mxfp4_quantization_config(ckpt: Checkpoint) -> dict:
+    """The checkpoint's quantization_config if it is compressed-tensors mxfp4-pack-quantized, else an error."""
+    path = ckpt.root / CONFIG_NAME
+    qc = ckpt.config.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise QstreamError(f"{path}: no quantization_config, so not an MXFP4 checkpoint; nothing to dequantize")
+    groups = qc.get("config_groups") or {}
+    formats = {g.get("format") or qc.get("format") for g in groups.values() if isinstance(g, dict)}
+    if qc.get("quant_method") != "compressed-tensors" or formats != {MXFP4_FORMAT}:
+        found = f"{qc.get('quant_method')}/{'+'.join(sorted(map(str, formats))) or qc.get('format')}"
+        raise QstreamError(f"{path}: quantization_config is {found}, not compressed-tensors {MXFP4_FORMAT}; "
+                           "qstream reads back only MXFP4 checkpoints (as `qstream quantize` writes them)")
+    return qc
+
+
+def dense_config(config: dict) -> dict:
+    """config.json of the dense checkpoint: the same keys in the same order, no quantization_config."""
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
+def _check_pair(packed: SourceTensor, scale: SourceTensor | None) -> None:
+    p = packed.info
+    if scale is None:
+        raise QstreamError(f"{p.name}: has no {p.name.removesuffix(PACKED) + SCALE} beside it; "
+                           "the checkpoint is incomplete: re-create it with `qstream quantize`")
+    s = scale.info
+    if (p.dtype, s.dtype) != ("U8", "U8") or not p.shape or p.shape[:-1] != s.shape[:-1] \
+            or p.shape[-1] * 2 != s.shape[-1] * BLOCK:
+        raise QstreamError(f"{p.name} {p.dtype}{list(p.shape)} and {s.name} {s.dtype}{list(s.shape)}: "
+                           f"not an MXFP4 pair (uint8 [..., in/2] and [..., in/{BLOCK}]); the checkpoint is corrupt")
+
+
+def dense_jobs(ckpt: Checkpoint) -> list[DequantJob | CopyJob]:
+    """Every output tensor in source order: packed/scale pairs decoded where the packed tensor was."""
+    mxfp4_quantization_config(ckpt)
+    jobs: list[DequantJob | CopyJob] = []
+    for name, t in ckpt.tensors.items():
+        if name.endswith(PACKED):
+            module = name.removesuffix(PACKED)
+            scale = ckpt.tensors.get(module + SCALE)
+            _check_pair(t, scale)
+            if module + ".weight" in ckpt.tensors:
+                raise QstreamError(f"{module}: has both .weight and {PACKED}; the checkpoint is corrupt")
+            jobs.append(DequantJob(module, t, scale))
+        elif name.endswith(SCALE):
+            if name.removesuffix(SCALE) + PACKED not in ckpt.tensors:
+                raise QstreamError(f"{name}: has no {PACKED} beside it; the checkpoint is incomplete")
+        else:
+            jobs.append(CopyJob(t))
+    if not any(isinstance(j, DequantJob) for j in jobs):
+        raise QstreamError(f"{ckpt.root}: config says MXFP4 but no tensor ends in {PACKED}; the checkpoint is corrupt")
+    return jobs
+
+
+def _write_shard(shard: Shard, tmp: Path, advance: Callable[[int], None]) -> None:
+    partial = tmp / f"{shard.file_name}.partial"
+    writer = ShardWriter(partial, shard.entries, metadata={"format": "pt"})
+    try:
+        for job in shard.jobs:
+            if isinstance(job, CopyJob):
+                writer.copy_from(job.source.name, job.source.file, job.source.info)
+            else:
+                name = job.entries[0].name
+                for r0, rows in job.slices():
+                    writer.write(name, rows, r0 * job.in_features * 2)
+            advance(job.bytes_in)
+        writer.close()
+    finally:
+        writer.abort()
+    os.replace(partial, tmp / shard.file_name)
+
+
+def dequantize_checkpoint(src: Path, dst: Path, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                          progress: bool = True) -> dict:
+    """Write DST: the MXFP4 checkpoint SRC with every MXFP4 module decoded to bf16. Returns a summary."""
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(Path(src))
+    jobs = dense_jobs(ckpt)
+    shards = _pack_shards(jobs, max_shard_bytes)  # type: ignore[arg-type]  # any job with .entries packs
+    bytes_in = sum(j.bytes_in for j in jobs)
+    with staging(ckpt.root, Path(dst), overwrite, "qstream dequantize") as tmp:
+        with tqdm(total=bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="dequantize",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for shard in shards:
+                _write_shard(shard, tmp, bar.update)
+        index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
+                 "weight_map": {e.name: s.file_name for s in shards for e in s.entries}}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(dense_config(ckpt.config), indent=2) + "\n")
+        _copy_side_files(ckpt.root, tmp, NOT_CARRIED)
+    return {
+        "source": str(ckpt.root),
+        "modules_dequantized": sum(isinstance(j, DequantJob) for j in jobs),
+        "tensors_copied": sum(isinstance(j, CopyJob) for j in jobs),
+        "bytes_in": bytes_in,
+        "bytes_out": sum(s.nbytes for s in shards),
+        "shards": len(shards),
+        "seconds": time.perf_counter() - t0,
+    }

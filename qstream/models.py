@@ -1,0 +1,81 @@
+"""Load checkpoints into transformers models for eval; MXFP4 weights are decoded by qstream as they load.
+
+A plain checkpoint loads with `AutoModelForCausalLM.from_pretrained`. An MXFP4 checkpoint (compressed-tensors
+mxfp4-pack-quantized) loads through the same transformers loader with a lazy state dict: each
+`<m>.weight_packed`/`weight_scale` pair is offered as `<m>.weight` and decoded by qstream.mxfp4 only when
+transformers materializes that one tensor (as it materializes safetensors slices), so the model is built from
+our own decoding, never from compressed-tensors', with no dense copy on disk and never two copies in memory.
+transformers' own key mapping (fused experts, prefixes) applies exactly as for a plain checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from qstream.checkpoint import Checkpoint, open_checkpoint
+from qstream.dequantize import DequantJob, dense_jobs
+from qstream.errors import QstreamError
+from qstream.plan import CopyJob
+
+
+class _DecodedOnLoad:
+    """Stands in for a safetensors slice: `x[...]` returns the dense weight, decoded then."""
+
+    def __init__(self, job: DequantJob) -> None:
+        self.job = job
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        if index is not Ellipsis:
+            raise TypeError(f"{self.job.module}: only [...] is supported, got {index!r}")
+        return self.job.dense(torch.bfloat16)
+
+
+def _check_loaded(path: Path, info: dict) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = f"missing {missing[:3]}" if missing else f"shape mismatch {mismatched[:3]}"
+        raise QstreamError(f"{path}: weights do not fit the model its config.json describes ({what}); "
+                           "is the checkpoint complete?")
+
+
+def _load_mxfp4(ckpt: Checkpoint, dtype: torch.dtype):
+    from safetensors import safe_open
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    path = ckpt.root
+    jobs = dense_jobs(ckpt)  # refuses anything but MXFP4; validates every packed/scale pair
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config  # the weights handed over are dense
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_cls is None:
+        raise QstreamError(f"{path}: transformers has no causal LM for model_type {config.model_type!r}")
+    if config.sub_configs.get("text_config") is model_cls.config_class:  # as AutoModelForCausalLM does
+        config = config.get_text_config()
+    with contextlib.ExitStack() as stack:
+        files = {f: stack.enter_context(safe_open(str(f), "pt")) for f in ckpt.weight_files}
+        state = {}
+        for job in jobs:
+            if isinstance(job, CopyJob):
+                state[job.source.name] = files[job.source.file].get_slice(job.source.name)
+            else:
+                state[job.entries[0].name] = _DecodedOnLoad(job)
+        model, info = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                output_loading_info=True)
+    return model, info
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device):
+    """A causal LM in eval mode on `device`: plain checkpoints as transformers loads them, MXFP4 decoded by qstream."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = open_checkpoint(Path(path))
+    if "quantization_config" in ckpt.config:
+        model, info = _load_mxfp4(ckpt, dtype)
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=dtype, output_loading_info=True)
+    _check_loaded(ckpt.root, info)
+    return model.to(device).eval()
