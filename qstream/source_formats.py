@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -25,8 +26,27 @@ GPT_OSS = "gpt-oss mxfp4: *_blocks/*_scales experts, converted losslessly"
 CONSUMED_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point")
 
 
+class _Computed:
+    """A logical tensor whose values are computed from source tensors: read, never byte-copied."""
+
+    info: TensorInfo
+    copyable = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def origin(self) -> SourceTensor:
+        raise NotImplementedError
+
+    @property
+    def file(self) -> Path:  # the file it is read from, for fingerprints and messages
+        return self.origin.file
+
+
 @dataclass(frozen=True)
-class DecodedTensor:
+class DecodedTensor(_Computed):
     """A BF16 tensor computed from a low-precision weight and its per-block scales."""
 
     info: TensorInfo  # the logical tensor: name, "BF16", shape (offsets unused)
@@ -35,15 +55,9 @@ class DecodedTensor:
     block: tuple[int, int]  # rows and columns sharing one scale
     scale_decode: Callable[[torch.Tensor], torch.Tensor]
 
-    copyable = False  # its bytes are computed, not copied
-
     @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def file(self):  # noqa: ANN201 - the file holding its weight, for fingerprints and messages
-        return self.weight.file
+    def origin(self) -> SourceTensor:
+        return self.weight
 
     def read_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) as BF16: weight * scale of its (row block, column block)."""
@@ -57,7 +71,7 @@ class DecodedTensor:
 
 
 @dataclass(frozen=True)
-class PackedExperts:
+class PackedExperts(_Computed):
     """gpt-oss's fused MXFP4 experts, `<kind>_blocks` [E, rows, in/32, 16] + `<kind>_scales` [E, rows, in/32].
 
     The bytes already are compressed-tensors' layout (even column in the low nibble, E8M0
@@ -69,15 +83,9 @@ class PackedExperts:
     scales: SourceTensor
     interleaved: bool
 
-    copyable = False
-
     @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def file(self):  # noqa: ANN201
-        return self.blocks.file
+    def origin(self) -> SourceTensor:
+        return self.blocks
 
     def read_packed(self, r0: int, r1: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed [n, in/2], scales [n, in/32]) of logical rows r0, r0+step, ... < r1 (rows over all experts)."""
@@ -88,7 +96,7 @@ class PackedExperts:
 
 
 @dataclass(frozen=True)
-class RowSlice:
+class RowSlice(_Computed):
     """One expert's slice of a fused per-expert vector (gpt-oss biases: [E, rows], gate/up interleaved)."""
 
     info: TensorInfo
@@ -97,15 +105,9 @@ class RowSlice:
     start: int
     step: int
 
-    copyable = False
-
     @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def file(self):  # noqa: ANN201
-        return self.source.file
+    def origin(self) -> SourceTensor:
+        return self.source
 
     def read_rows(self, r0: int, r1: int) -> torch.Tensor:
         row = read_rows(self.source.file, self.source.info, self.expert, self.expert + 1)[0]
