@@ -119,10 +119,9 @@ def _build_once(out_dir: Path, recipe: dict[str, Any], build: Callable[[Path], N
     out_dir = Path(out_dir)
     marker = out_dir / COMPLETE_MARKER
     if marker.is_file():
-        found = json.loads(marker.read_text())
-        if found != recipe:
-            raise QstreamError(f"{out_dir} holds a different build ({found}); remove it or pick another dir")
-        return out_dir
+        if json.loads(marker.read_text()) == recipe:
+            return out_dir
+        shutil.rmtree(out_dir)  # a cached build of another recipe (ours: it has our marker): rebuild
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise QstreamError(f"{out_dir} exists but is not a complete qstream asset build; remove it first")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
