@@ -168,7 +168,7 @@ def evaluate(source: Path, quantized: Sequence[Path], text: Text, protocol: Prot
         for w in wins:
             targets = ids[w.first_target:w.end]
             ref = None
-            for i, (model, path) in enumerate(zip(models, paths)):
+            for i, (model, path) in enumerate(zip(models, paths, strict=True)):
                 t0 = time.perf_counter()
                 logits = _window_logits(model, ids, w, None if ref is None else ref.shape[-1], path)
                 totals[i].add(score(logits, targets, ref))
@@ -185,7 +185,7 @@ def evaluate(source: Path, quantized: Sequence[Path], text: Text, protocol: Prot
         "device": device.type, "kl": KL_DEFINITION,
     }
     results = [ModelResult.from_totals(lab, p, t, s, i == 0)
-               for i, (lab, p, t, s) in enumerate(zip(labels, paths, totals, seconds))]
+               for i, (lab, p, t, s) in enumerate(zip(labels, paths, totals, seconds, strict=True))]
     return EvalResult(proto, results)
 
 

@@ -71,7 +71,9 @@ def _load_mxfp4(ckpt: Checkpoint, dtype: torch.dtype):
 def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     """A causal LM in eval mode on `device`: plain checkpoints as transformers loads them, MXFP4 decoded by qstream."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per model load would drown eval's own
     ckpt = open_checkpoint(Path(path))
     if "quantization_config" in ckpt.config:
         model, info = _load_mxfp4(ckpt, dtype)

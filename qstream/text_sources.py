@@ -49,7 +49,8 @@ def from_file(path: Path) -> Text:
 
 
 def _split_files(root: Path, dataset: str, config: str, split: str) -> list[Path]:
-    """The split's arrow files: <root>/**/<[org___]dataset>/<config>/<version>/<hash>/<dataset>-<split>[-NNNNN-of-NNNNN].arrow."""
+    """The split's Arrow files, as `datasets` caches them:
+    <root>/**/<[org___]dataset>/<config>/<version>/<hash>/<dataset>-<split>[-NNNNN-of-NNNNN].arrow."""
     name = re.compile(rf"{re.escape(dataset)}-{re.escape(split)}(?:-\d{{5}}-of-\d{{5}})?\.arrow")
     found = [p for p in sorted(root.resolve().rglob(f"{dataset}-{split}*.arrow"))
              if name.fullmatch(p.name) and len(p.parents) > 4 and p.parents[2].name == config
@@ -73,7 +74,8 @@ def from_hf_cache(root: Path, dataset: str = HF_DATASET, config: str = HF_CONFIG
         raise QstreamError("reading a Hugging Face datasets cache needs pyarrow: pip install 'qstream[eval]'") from None
     root = Path(root)
     if not root.is_dir():
-        raise QstreamError(f"{root}: not a directory; give a Hugging Face datasets cache (e.g. ~/.cache/huggingface/datasets)")
+        raise QstreamError(f"{root}: not a directory; give a Hugging Face datasets cache "
+                           "(e.g. ~/.cache/huggingface/datasets)")
     files = _split_files(root, dataset, config, split)
     rows: list[str] = []
     for path in files:
