@@ -21,8 +21,8 @@ from tqdm import tqdm
 from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
 from qstream.mxfp4 import BLOCK, dequantize
-from qstream.pipeline import CHUNK_ELEMENTS, REPORT_NAME, _copy_side_files, staging
-from qstream.plan import CopyJob, Shard, _pack_shards
+from qstream.pipeline import CHUNK_ELEMENTS, REPORT_NAME, copy_side_files, staging
+from qstream.plan import CopyJob, Shard, pack_shards
 from qstream.safetensors_io import OutEntry, ShardWriter, read_rows
 
 PACKED, SCALE = ".weight_packed", ".weight_scale"
@@ -151,7 +151,7 @@ def dequantize_checkpoint(src: Path, dst: Path, overwrite: bool = False, max_sha
     t0 = time.perf_counter()
     ckpt = open_checkpoint(Path(src))
     jobs = dense_jobs(ckpt)
-    shards = _pack_shards(jobs, max_shard_bytes)  # type: ignore[arg-type]  # any job with .entries packs
+    shards = pack_shards(jobs, max_shard_bytes)  # type: ignore[arg-type]  # any job with .entries packs
     bytes_in = sum(j.bytes_in for j in jobs)
     with staging(ckpt.root, Path(dst), overwrite, "qstream dequantize") as tmp:
         with tqdm(total=bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="dequantize",
@@ -162,7 +162,7 @@ def dequantize_checkpoint(src: Path, dst: Path, overwrite: bool = False, max_sha
                  "weight_map": {e.name: s.file_name for s in shards for e in s.entries}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(dense_config(ckpt.config), indent=2) + "\n")
-        _copy_side_files(ckpt.root, tmp, NOT_CARRIED)
+        copy_side_files(ckpt.root, tmp, NOT_CARRIED)
     return {
         "source": str(ckpt.root),
         "modules_dequantized": sum(isinstance(j, DequantJob) for j in jobs),

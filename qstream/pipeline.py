@@ -210,7 +210,7 @@ def _completed_shard(tmp: Path, shard: Shard) -> dict | None:
     return saved if found == expected else None
 
 
-def _copy_side_files(src: Path, tmp: Path, also_skip: frozenset[str] = frozenset()) -> list[str]:
+def copy_side_files(src: Path, tmp: Path, also_skip: frozenset[str] = frozenset()) -> list[str]:
     """Tokenizer, templates, licences, ...: every non-weight file, unchanged (but those in `also_skip`)."""
     skip = {CONFIG_NAME, INDEX_NAME, *also_skip}
     copied = []
@@ -367,7 +367,7 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         }
         _write_json(tmp / INDEX_NAME, index)
         _write_json(tmp / CONFIG_NAME, plan.output_config())
-        side_files = _copy_side_files(plan.source.root, tmp)
+        side_files = copy_side_files(plan.source.root, tmp)
         report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
         _write_json(tmp / REPORT_NAME, report)
         from qstream.card import write_card

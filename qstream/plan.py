@@ -204,7 +204,7 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _pack_shards(jobs: list[Job], max_shard_bytes: int) -> tuple[Shard, ...]:
+def pack_shards(jobs: list[Job], max_shard_bytes: int) -> tuple[Shard, ...]:
     groups: list[list[Job]] = [[]]
     size = 0
     for job in jobs:
@@ -246,7 +246,7 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
     problems = ignore_problems(ignore, modules)
     if problems:  # build_ignore is meant to make this impossible: a bug, not a user error
         raise RuntimeError(f"ignore list does not cover the checkpoint: {problems[:3]}")
-    return Plan(ckpt, selection, rule, decisions, _pack_shards(jobs, max_shard_bytes), tuple(modules), tuple(ignore))
+    return Plan(ckpt, selection, rule, decisions, pack_shards(jobs, max_shard_bytes), tuple(modules), tuple(ignore))
 
 
 def parse_size(text: str) -> int:
