@@ -188,11 +188,18 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the two E2M1 values (low nibble first) of every possible byte."""
+    mag = _magnitudes(device)
+    signed = torch.cat((mag, -mag))  # code 8..15: negative (8 is -0, which decodes to 0)
+    byte = torch.arange(256, device=device)
+    return torch.stack((signed[byte & 0xF], signed[byte >> 4]), dim=-1)
+
+
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """MXFP4 bytes back to floats: code value * 2^(scale - 127), computed exactly in float32."""
-    codes = unpack_codes(packed)
-    mag = _magnitudes(packed.device)[(codes & 7).long()]
-    val = torch.where(codes >= 8, -mag, mag)
-    val = val.reshape(*codes.shape[:-1], -1, BLOCK)
+    val = _byte_values(packed.device)[packed.long()]  # [..., in/2, 2]: one lookup per byte
+    n = packed.shape[-1] * 2
+    val = val.reshape(*packed.shape[:-1], n // BLOCK, BLOCK)
     val = val * _pow2(scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1)
-    return val.reshape(codes.shape).to(dtype)
+    return val.reshape(*packed.shape[:-1], n).to(dtype)
