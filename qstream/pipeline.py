@@ -284,10 +284,8 @@ def _open_staging(tmp: Path, writer: str, overwrite: bool, fp: dict | None, resu
                 return
             shutil.rmtree(tmp)  # killed before its fingerprint was written: nothing was done yet
         elif not overwrite:
-            raise QstreamError(
-                f"{tmp}: an earlier run of this output did not finish; pass --resume to finish it "
-                "or --overwrite to start over"
-            )
+            how = "pass --resume to finish it or --overwrite" if fp is not None else "pass --overwrite"
+            raise QstreamError(f"{tmp}: an earlier run of this output did not finish; {how} to start over")
         else:
             shutil.rmtree(tmp)
     tmp.mkdir()
@@ -315,8 +313,7 @@ def staging(src: Path, dst: Path, overwrite: bool, writer: str, fingerprint: dic
     keep = False
     try:
         yield tmp
-        for name in (PLAN_NAME,):
-            (tmp / name).unlink(missing_ok=True)
+        (tmp / PLAN_NAME).unlink(missing_ok=True)
         for stats_file in tmp.glob(f"*{STATS_SUFFIX}"):
             stats_file.unlink()
         _publish(tmp, dst)
