@@ -133,9 +133,11 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
 @click.option("--source", "source", type=click.Path(path_type=Path), default=None, metavar="SRC",
               help="Also check against the source: every tensor copied (sha256) or quantized, and each "
                    "quantized block's error no larger than its rule gives (reads both checkpoints in full).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where --source re-quantizes to compare (as costly as quantizing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, every failure listed.")
 @click.option("--vllm", is_flag=True, help="Then load DST in vLLM and generate (needs vllm and a GPU).")
-def verify_cmd(dst: Path, source: Path | None, as_json: bool, vllm: bool) -> None:
+def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm: bool) -> None:
     """Check DST is a complete, well-formed MXFP4 checkpoint vLLM will load; exit 1 on any failure.
 
     \b
@@ -146,7 +148,7 @@ def verify_cmd(dst: Path, source: Path | None, as_json: bool, vllm: bool) -> Non
     from qstream.verify import verify
 
     check_with_vllm = _vllm_checker() if vllm else None  # a flag that cannot work fails before the long part
-    report = verify(dst, source)
+    report = verify(dst, source, device=device)
     out = report.as_json() if as_json else report.summary()
     ok = report.ok
     if check_with_vllm and ok:  # no point loading a checkpoint already known to be broken

@@ -152,7 +152,7 @@ def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
     lead, n = tuple(w.shape[:-1]), w.shape[-1]
     x = w.reshape(-1, n // BLOCK, BLOCK).float()
     if not torch.isfinite(x).all():
-        raise NonFiniteError(f"{int((~torch.isfinite(x)).sum())} NaN/Inf values")
+        raise NonFiniteError(f"{int((~torch.isfinite(x)).sum())} NaN or Inf value(s)")
     a = x.abs()
     amax = a.amax(-1)
     lut = _magnitudes(w.device)

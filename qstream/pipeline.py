@@ -368,7 +368,9 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
         _write_json(tmp / REPORT_NAME, report)
         from qstream.card import write_card
+        from qstream.verify import verify_written
 
+        verify_written(tmp)  # the cheap checks of `qstream verify`, before anything is published
         write_card(tmp, plan.source.root / "README.md", name=Path(dst).name)
     return report
 

@@ -149,7 +149,7 @@ class Plan:
         return config
 
 
-def _quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[QuantJob]:
+def quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[QuantJob]:
     """Split a selected tensor into output modules (fused experts: one per expert and projection)."""
     shape = t.info.shape
     if len(shape) == 2:
@@ -234,7 +234,7 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
         if decisions[name].quantize:
             if t.info.dtype not in FLOAT_DTYPES and not isinstance(t, PackedExperts):
                 raise QstreamError(f"{name}: dtype {t.info.dtype} cannot be quantized (expected one of {FLOAT_DTYPES})")
-            jobs.extend(_quant_jobs(ckpt, t))
+            jobs.extend(quant_jobs(ckpt, t))
         else:
             jobs.append(CopyJob(t))
     names = [e.name for j in jobs for e in j.entries]

@@ -188,3 +188,37 @@ def test_fast_equals_reference_property(w: torch.Tensor, rule: Rule) -> None:
     q = quantize(w, rule)
     packed, scales = quantize_ref(w, rule)
     assert torch.equal(q.packed, packed) and torch.equal(q.scales, scales)
+
+
+def exact_block_error(block: list[float], e: int) -> Fraction:
+    """Squared error of rounding every element to its nearest point of the E2M1 grid scaled by 2^e.
+
+    Brute force over the grid, so it clips at 6 * 2^e and is the same whichever way a tie goes.
+    """
+    grid = [Fraction(m) * Fraction(2) ** e for m in E2M1_MAGNITUDES]
+    return sum(min((g - abs(Fraction(x))) ** 2 for g in grid) for x in block)
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_blocks)
+def test_exponents_are_where_format_says(w: torch.Tensor) -> None:
+    """FORMAT.md section 1, restated with exact arithmetic: amax = m * 2^F, m in [1, 2), E clamped to [-127, 127]."""
+    block = w[0].double().tolist()
+    got = {rule: int(quantize(w, rule).scales[0, 0]) - 127 for rule in Rule}
+    amax = Fraction(max(abs(x) for x in block))
+    if amax == 0:
+        assert set(got.values()) == {-127}
+        return
+    f = math.frexp(float(amax))[1] - 1
+    m = amax / Fraction(2) ** f
+    assert 1 <= m < 2
+    clamp = lambda e: max(-127, min(127, e))  # noqa: E731
+    assert got[Rule.FLOOR] == clamp(f - 2)
+    assert got[Rule.EVEN] == clamp(f - 2 + (m >= Fraction(7, 4)))
+    r = got[Rule.RCEIL]  # the smallest E that clips nothing: 6 * 2^(E-1) < amax <= 6 * 2^E
+    assert amax <= 6 * Fraction(2) ** r
+    assert r == -127 or 6 * Fraction(2) ** (r - 1) < amax
+    candidates = [e for e in (r - 2, r - 1, r) if e >= -127]
+    errors = {e: exact_block_error(block, e) for e in candidates}
+    least = min(errors.values())
+    assert got[Rule.MSE3] == max(e for e in candidates if errors[e] == least)  # ties: the larger E
