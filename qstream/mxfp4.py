@@ -32,12 +32,19 @@ E2M1_MIDPOINTS: tuple[tuple[float, bool], ...] = (
     (5.0, False),  # 4 | 6    -> 4
 )
 
-# Candidate offsets below the RCEIL exponent that MSE3 searches, best-first on ties.
+# Candidate offsets below the RCEIL exponent that MSE3 is defined over, best-first on ties.
 MSE3_OFFSETS = (0, 1, 2)
+# The offsets the fast paths actually search. R-2 never wins: in units of 2^R the block
+# maximum y lies in (3, 6], and R-2 clips it to 1.5, costing (y - 1.5)^2 >= 2.25 (>= 6.25
+# for y > 4), while R's error on it is at most (y - 3)^2 <= 0.25 (at most 1 for y > 4) and on
+# each of the 31 other elements R-2 saves at most 1/16 over R (its grid is finer only below
+# 1.5, where R's half-step is 1/4): e(R) - e(R-2) <= 0.25 + 31/16 - 2.25 < 0. The reference
+# (mxfp4_ref) still searches all three, and the tests hold every fast path to it.
+MSE3_SEARCHED = (0, 1)
 # Elements whose scaled magnitude y0 = |x| / 2^R is at most this round to zero under
-# every MSE3 candidate, so they add the same error to each and are left out of the
+# every searched candidate, so they add the same error to each and are left out of the
 # comparison; this keeps every compared sum exact in float64 for bf16/fp16 inputs.
-MSE3_ZERO_UNDER_ALL = 0.25 / 2 ** max(MSE3_OFFSETS)
+MSE3_ZERO_UNDER_ALL = 0.25 / 2 ** max(MSE3_SEARCHED)
 
 
 class Rule(str, enum.Enum):
@@ -128,11 +135,11 @@ def _scaled(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def _mse3_choice(a: torch.Tensor, r: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Offset s in MSE3_OFFSETS per block minimising exact squared error; ties keep the smaller s."""
+    """Offset s in MSE3_SEARCHED per block minimising exact squared error; ties keep the smaller s."""
     y0 = _scaled(a, r)
     counted = y0 > MSE3_ZERO_UNDER_ALL
     best_err = best_s = None
-    for s in MSE3_OFFSETS:
+    for s in MSE3_SEARCHED:
         q = lut[e2m1_index(y0 * 2**s).long()] / 2**s  # dequantised, in units of 2^R
         d = (q - y0).double()
         err = torch.where(counted, d * d, 0.0).sum(-1)

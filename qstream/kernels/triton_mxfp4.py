@@ -29,6 +29,7 @@ NUM_WARPS = 1  # best of the sweep on H100 (bench_kernels.py --sweep): 1.107 ms 
 # Two fp32 candidate errors closer than this (relative) may be ordered wrongly by rounding (a sum of 32
 # rounded squares is within 33 * 2^-24 of exact): such programs redo the comparison in exact integers.
 TIE_MARGIN = 8e-6
+SKIP_R2 = True  # MSE3's R-2 candidate provably never wins (qstream.mxfp4.MSE3_SEARCHED); False computes it anyway
 
 
 def available() -> bool:
@@ -126,7 +127,7 @@ if triton is not None:
 
     @triton.jit
     def _mxfp4_kernel(x_ptr, packed_ptr, scales_ptr, stats_ptr, counts_ptr, nblocks,
-                      RULE: tl.constexpr, BF16: tl.constexpr, BLOCKS: tl.constexpr):
+                      RULE: tl.constexpr, BF16: tl.constexpr, BLOCKS: tl.constexpr, SKIP_R2: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCKS + tl.arange(0, BLOCKS)
         valid = rows < nblocks
@@ -164,17 +165,24 @@ if triton is not None:
         if RULE == 3:
             e0 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 0)
             e1 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 1)
-            e2 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 2)
+            v2 = r - 2 >= -127
+            if SKIP_R2:  # R-2 never wins (see qstream.mxfp4.MSE3_SEARCHED): its candidate is not computed
+                e2 = tl.full([BLOCKS], float("inf"), tl.float32)
+            else:
+                e2 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 2)
             s = _pick(e0, e1, e2, r)
             v1 = r - 1 >= -127
-            v2 = r - 2 >= -127
-            near = (v1 & _close(e0, e1)) | (v2 & (_close(e0, e2) | _close(e1, e2)))
+            near = v1 & _close(e0, e1)
+            if not SKIP_R2:
+                near = near | (v2 & (_close(e0, e2) | _close(e1, e2)))
             if tl.max(near.to(tl.int32)) > 0:  # rare: settle near-ties exactly, as the reference does
                 x0 = _errors_exact(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 0, BF16)
                 x1 = _errors_exact(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 1, BF16)
-                x2 = _errors_exact(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 2, BF16)
                 ok1 = v1 & (x1 < x0)
-                s = tl.where(v2 & (x2 < tl.where(ok1, x1, x0)), 2, tl.where(ok1, 1, 0))
+                s = tl.where(ok1, 1, 0)
+                if not SKIP_R2:
+                    x2 = _errors_exact(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 2, BF16)
+                    s = tl.where(v2 & (x2 < tl.where(ok1, x1, x0)), 2, s)
             e = r - s
         elif RULE == 2:
             e = r
@@ -206,7 +214,8 @@ if triton is not None:
         tl.store(counts_ptr + pid * 4 + 3, tl.sum(nonfinite).to(tl.int64))
 
 
-def launch(w: torch.Tensor, rule: Rule, blocks: int = BLOCKS_PER_PROGRAM, num_warps: int = NUM_WARPS):
+def launch(w: torch.Tensor, rule: Rule, blocks: int = BLOCKS_PER_PROGRAM, num_warps: int = NUM_WARPS,
+           skip_r2: bool = SKIP_R2):
     """Run the kernel; returns (packed, scales, per-program stats [P, 2], per-program counts [P, 4])."""
     lead, n = tuple(w.shape[:-1]), w.shape[-1]
     nblocks = w.numel() // BLOCK
@@ -217,7 +226,8 @@ def launch(w: torch.Tensor, rule: Rule, blocks: int = BLOCKS_PER_PROGRAM, num_wa
     counts = torch.empty(programs, 4, dtype=torch.int64, device=w.device)
     bf16 = w.dtype is torch.bfloat16
     _mxfp4_kernel[(programs,)](w.view(torch.int16) if bf16 else w, packed.view(torch.int32), scales, stats, counts,
-                               nblocks, RULE=RULE_CODES[rule], BF16=bf16, BLOCKS=blocks, num_warps=num_warps)
+                               nblocks, RULE=RULE_CODES[rule], BF16=bf16, BLOCKS=blocks, SKIP_R2=skip_r2,
+                               num_warps=num_warps)
     return packed, scales, stats, counts
 
 
