@@ -82,7 +82,7 @@ def model_facts(dst: Path) -> dict:
 
 
 def _billions(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
 
 
 def _role_pattern(role: Role) -> str:
@@ -158,7 +158,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
             ["Layers / hidden size", f"{facts['layers']} / {facts['hidden_size']}"],
             ["Context length", f"{ctx:,}" if isinstance(ctx, int) else str(ctx)],
             ["Vocabulary", f"{facts['vocab_size']:,}" if isinstance(facts["vocab_size"], int) else "?"],
-            ["Base model", base],
+            ["Base model", front["base_model"]],
             ["License", front.get("license", "see the base model")],
         ]),
         "", "## What's quantized", "", _quantized_table(report, facts), "",
