@@ -142,6 +142,12 @@ def _build_once(out_dir: Path, recipe: dict[str, Any], build: Callable[[Path], N
 
 
 SMOLLM2_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Settings the upcycled Mixtral takes over from the dense Llama unchanged.
+LLAMA_TO_MIXTRAL_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "pad_token_id", "bos_token_id",
+    "eos_token_id", "tie_word_embeddings", "attention_dropout",
+)
 
 
 def _write_readme(tmp: Path, what: str) -> None:
@@ -209,23 +215,9 @@ def build_smollm2_moe(
             raise QstreamError(f"intermediate size {dc.intermediate_size} does not split into {num_experts} experts")
         inter = dc.intermediate_size // num_experts
         config = MixtralConfig(
-            vocab_size=dc.vocab_size,
-            hidden_size=dc.hidden_size,
+            **{key: getattr(dc, key) for key in LLAMA_TO_MIXTRAL_KEYS},
             intermediate_size=inter,
-            num_hidden_layers=dc.num_hidden_layers,
-            num_attention_heads=dc.num_attention_heads,
-            num_key_value_heads=dc.num_key_value_heads,
-            head_dim=dc.head_dim,
-            hidden_act=dc.hidden_act,
-            max_position_embeddings=dc.max_position_embeddings,
-            initializer_range=dc.initializer_range,
-            rms_norm_eps=dc.rms_norm_eps,
-            pad_token_id=dc.pad_token_id,
-            bos_token_id=dc.bos_token_id,
-            eos_token_id=dc.eos_token_id,
-            tie_word_embeddings=dc.tie_word_embeddings,
             sliding_window=None,
-            attention_dropout=dc.attention_dropout,
             num_local_experts=num_experts,
             num_experts_per_tok=k,
             rope_parameters=dict(dc.rope_parameters),
