@@ -21,7 +21,8 @@ from tqdm import tqdm
 from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
 from qstream.mxfp4 import BLOCK, dequantize
-from qstream.pipeline import CHUNK_ELEMENTS, REPORT_NAME, copy_side_files, staging
+from qstream.pipeline import CHUNK_ELEMENTS, REPORT_NAME
+from qstream.staging import copy_side_files, staging
 from qstream.plan import CopyJob, Shard, pack_shards
 from qstream.safetensors_io import OutEntry, ShardWriter, read_rows
 

@@ -8,14 +8,10 @@ resumed shard by shard.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
 import os
 import resource
-import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,18 +20,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER
+from qstream.checkpoint import CONFIG_NAME, INDEX_NAME
 from qstream.errors import QstreamError
 from qstream.kernels import quantize_fast
 from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule
 from qstream.plan import CopyJob, Job, Plan, QuantJob, Shard
-from qstream.source_formats import PackedExperts
 from qstream.safetensors_io import ShardWriter, read_header
+from qstream.source_formats import PackedExperts
+from qstream.staging import copy_side_files, staging, write_json
 from qstream.streams import OrderedWriter, prefetch
 
 REPORT_NAME = "qstream_report.json"
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements quantized at once: bounds working memory
-PLAN_NAME = ".qstream-plan.json"  # the fingerprint a resumed run must match
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
 READ_AHEAD = 2  # chunks read ahead of the quantizer
 WRITE_BEHIND = 6  # writes queued behind it (a chunk is two writes)
@@ -83,25 +79,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise QstreamError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
-
-
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse destinations that would destroy the source or an existing checkpoint."""
-    src, dst = src.resolve(), dst.resolve()
-    if dst == src or src in dst.parents:
-        raise QstreamError(f"{dst}: the output must not be the source or inside it; choose a directory elsewhere")
-    if dst in src.parents:
-        raise QstreamError(f"{dst}: the output must not contain the source; choose a directory elsewhere")
-    if dst.exists() and not overwrite:
-        raise QstreamError(f"{dst}: already exists; pass --overwrite to replace it or choose another directory")
-    if not dst.parent.is_dir():
-        raise QstreamError(f"{dst.parent}: does not exist; create it first")
-    if not os.access(dst.parent, os.W_OK):
-        raise QstreamError(f"{dst.parent}: not writable; choose a directory you can write to")
-
-
-def temp_dir_for(dst: Path) -> Path:
-    return dst.parent / f".{dst.name}.qstream-partial"
 
 
 def _row_chunks(shape: tuple[int, ...], r0: int, r1: int) -> Iterator[tuple[int, int]]:
@@ -190,7 +167,7 @@ def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device, adva
         writes.close()
         writer.abort()
     saved = {name: st.as_state() for name, st in stats.items()}
-    _write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
+    write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
     os.replace(partial, tmp / shard.file_name)
     return saved
 
@@ -210,49 +187,6 @@ def _completed_shard(tmp: Path, shard: Shard) -> dict | None:
     return saved if found == expected else None
 
 
-def copy_side_files(src: Path, tmp: Path, also_skip: frozenset[str] = frozenset()) -> list[str]:
-    """Tokenizer, templates, licences, ...: every non-weight file, unchanged (but those in `also_skip`)."""
-    skip = {CONFIG_NAME, INDEX_NAME, *also_skip}
-    copied = []
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if path.is_dir() or path.suffix == ".safetensors" or str(rel) in skip or rel.parts[0].startswith("."):
-            continue
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, tmp / rel)
-        copied.append(str(rel))
-    return copied
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    (tmp / IN_PROGRESS_MARKER).unlink()
-    if dst.exists():
-        trash = dst.parent / f".{dst.name}.qstream-old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(dst, trash)
-        os.replace(tmp, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
-    fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _os_error(exc: OSError, tmp: Path) -> QstreamError:
-    if exc.errno == errno.ENOSPC:
-        return QstreamError(f"{tmp}: disk full ({exc.filename or 'while writing'}); free space and run again")
-    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return QstreamError(f"{exc.filename or tmp}: not writable ({exc.strerror}); choose a writable output")
-    return QstreamError(f"{exc.filename or tmp}: {exc.strerror}")
-
-
 def fingerprint(plan: Plan) -> dict:
     """What must match for a resumed run to continue an earlier one: source files, settings, layout."""
     return {
@@ -263,77 +197,6 @@ def fingerprint(plan: Plan) -> dict:
                       plan.selection.skip_indivisible],
         "shards": [[s.file_name, [[e.name, e.dtype, list(e.shape)] for e in s.entries]] for s in plan.shards],
     }
-
-
-def _open_staging(tmp: Path, writer: str, overwrite: bool, fp: dict | None, resume: bool) -> None:
-    """Create the temp dir, or with `resume` reuse an earlier one whose fingerprint matches."""
-    if tmp.exists():
-        if resume and fp is not None:
-            try:
-                recorded = json.loads((tmp / PLAN_NAME).read_text())
-            except (OSError, json.JSONDecodeError):
-                recorded = None
-            if recorded is not None and recorded != fp:
-                raise QstreamError(
-                    f"{tmp}: the unfinished output was started from another source or with other settings; "
-                    "run the same command as before, or pass --overwrite to start over"
-                )
-            if recorded is not None:
-                for partial in tmp.glob("*.partial"):
-                    partial.unlink()
-                return
-            shutil.rmtree(tmp)  # killed before its fingerprint was written: nothing was done yet
-        elif not overwrite:
-            how = "pass --resume to finish it or --overwrite" if fp is not None else "pass --overwrite"
-            raise QstreamError(f"{tmp}: an earlier run of this output did not finish; {how} to start over")
-        else:
-            shutil.rmtree(tmp)
-    tmp.mkdir()
-    (tmp / IN_PROGRESS_MARKER).write_text(f"{writer} is writing this directory\n")
-    if fp is not None:
-        _write_json(tmp / PLAN_NAME, fp)
-
-
-@contextlib.contextmanager
-def staging(src: Path, dst: Path, overwrite: bool, writer: str, fingerprint: dict | None = None,
-            resume: bool = False) -> Iterator[Path]:
-    """A temp dir beside dst, marked unfinished, published as dst when the block succeeds.
-
-    Without a `fingerprint` any failure removes the temp dir. With one, an interrupt or an OS
-    error (disk full) keeps the finished shards, so a later call with `resume` can continue;
-    an error in the input still removes everything. dst is never touched before the end.
-    """
-    dst = Path(dst)
-    check_destination(src, dst, overwrite)
-    tmp = temp_dir_for(dst)
-    try:
-        _open_staging(tmp, writer, overwrite, fingerprint, resume)
-    except OSError as exc:
-        raise _os_error(exc, tmp) from exc
-    keep = False
-    try:
-        yield tmp
-        (tmp / PLAN_NAME).unlink(missing_ok=True)
-        for stats_file in tmp.glob(f"*{STATS_SUFFIX}"):
-            stats_file.unlink()
-        _publish(tmp, dst)
-    except OSError as exc:
-        keep = fingerprint is not None and tmp.exists()
-        err = _os_error(exc, tmp)
-        if keep:
-            err = QstreamError(f"{err}; finished shards are kept: rerun with --resume to continue")
-        raise err from exc
-    except KeyboardInterrupt:
-        keep = fingerprint is not None and tmp.exists()
-        if keep:
-            sys.stderr.write(f"qstream: interrupted; finished shards are kept in {tmp}: rerun with --resume to continue\n")
-        raise
-    finally:
-        if not keep and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif keep:
-            for partial in tmp.glob("*.partial"):
-                partial.unlink(missing_ok=True)
 
 
 def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True,
@@ -347,7 +210,8 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
     t0 = time.perf_counter()
     stats: dict[str, TensorStats] = {}
     fp = fingerprint(plan)
-    with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume) as tmp:
+    with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,
+                 bookkeeping=(f"*{STATS_SUFFIX}",)) as tmp:
         with tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
             for shard in plan.shards:
@@ -362,11 +226,11 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
             "metadata": {"total_size": plan.bytes_out},
             "weight_map": {e.name: s.file_name for s in plan.shards for e in s.entries},
         }
-        _write_json(tmp / INDEX_NAME, index)
-        _write_json(tmp / CONFIG_NAME, plan.output_config())
+        write_json(tmp / INDEX_NAME, index)
+        write_json(tmp / CONFIG_NAME, plan.output_config())
         side_files = copy_side_files(plan.source.root, tmp)
         report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
-        _write_json(tmp / REPORT_NAME, report)
+        write_json(tmp / REPORT_NAME, report)
         from qstream.card import write_card
         from qstream.verify import verify_written
 

@@ -181,7 +181,7 @@ def assert_refused(res, names: str, src: Path, before: dict[str, str], dst: Path
     code = res.returncode if isinstance(res, subprocess.CompletedProcess) else res.exit_code
     assert code == 2, res.stderr
     lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qstream: error: "), stderr
+    assert len(lines) == 1 and lines[0].startswith("qstream: error: "), res.stderr
     assert names in lines[0], lines[0]
     assert tree_hashes(src) == before, "SRC changed"
     if dst_before is None:

@@ -14,7 +14,8 @@ import pytest
 
 from qstream.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.pipeline import REPORT_NAME, temp_dir_for
+from qstream.pipeline import REPORT_NAME
+from qstream.staging import temp_dir_for
 
 ARGS = ["--max-shard-size", "48KiB", "--no-progress"]
 
@@ -24,6 +25,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     import qstream.pipeline as pipeline
     import qstream.safetensors_io as io
+    import qstream.staging as staging
     limit = int(os.environ["KILL_AT"])
     count = 0
     def counted(fn):
@@ -36,8 +38,9 @@ KILLER = textwrap.dedent(
         return wrapper
     io.ShardWriter.write = counted(io.ShardWriter.write)
     io.ShardWriter.copy_from = counted(io.ShardWriter.copy_from)
-    pipeline._write_json = counted(pipeline._write_json)
-    pipeline._publish = counted(pipeline._publish)
+    pipeline.write_json = counted(pipeline.write_json)
+    staging.write_json = counted(staging.write_json)
+    staging.publish = counted(staging.publish)
     from qstream.cli import main
     sys.argv = ["qstream"] + sys.argv[1:]
     main()

@@ -25,7 +25,6 @@ from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER, open
 from qstream.cli import cli
 from qstream.errors import QstreamError
 from qstream.mxfp4 import Rule, pack_codes, quantize, unpack_codes
-from qstream.safetensors_io import read_header
 from qstream.pipeline import REPORT_NAME as PIPELINE_REPORT_NAME
 from qstream.verify import REPORT_NAME, block_errors, compare_chunk, verify, verify_written
 
