@@ -117,19 +117,6 @@ def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device
         raise QstreamError(f"{job.source.name}: {exc} in rows from {r0}; fix the source weights") from exc
 
 
-def measure(plan: Plan, device: str = "auto") -> dict[str, TensorStats]:
-    """Quantize every selected tensor as `run` would, writing nothing: errors and exponent shares."""
-    dev = resolve_device(device)
-    stats: dict[str, TensorStats] = {}
-    jobs = (j for s in plan.shards for j in s.jobs if isinstance(j, QuantJob))
-    for job, row, w in prefetch(_read_items(jobs), READ_AHEAD):
-        if isinstance(w, tuple):  # already MXFP4 in the source: nothing to measure
-            continue
-        q = _quantize_chunk(job, row, w, plan.rule, dev)
-        stats.setdefault(job.source.name, TensorStats(job.source.info.shape)).add(q)
-    return stats
-
-
 def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device, advance: Callable[[int], None]) -> dict:
     """Write one shard as <name>.partial, reading ahead and writing behind; rename when complete.
 
