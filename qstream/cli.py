@@ -11,6 +11,7 @@ import click
 
 from qstream.errors import QstreamError
 from qstream.mxfp4 import Rule
+from qstream.plan import KEEP_DTYPES
 
 RULES = [r.value for r in Rule]
 
@@ -47,18 +48,22 @@ def selection_options(f):
         click.option("--rule", type=click.Choice(RULES), default=Rule.MSE3.value, show_default=True,
                      help="Exponent rule: " + "; ".join(f"{r.value}: {r.doc}" for r in Rule) + "."),
         click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MiB."),
+        click.option("--keep-dtype", type=click.Choice(KEEP_DTYPES), default="source", show_default=True,
+                     help="FP8/MXFP8 sources: weights not quantized to MXFP4 keep their source precision and "
+                          "scales (a mixed-precision checkpoint), or are decoded to BF16."),
     ]):
         f = opt(f)
     return f
 
 
-def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule: str, max_shard_size: str):
+def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule: str, max_shard_size: str,
+          keep_dtype: str):
     from qstream.checkpoint import open_checkpoint
     from qstream.plan import make_plan, parse_size
     from qstream.selection import Selection
 
     sel = Selection(preset, tuple(include), tuple(exclude), skip_indivisible)
-    return make_plan(open_checkpoint(src), sel, Rule(rule), parse_size(max_shard_size))
+    return make_plan(open_checkpoint(src), sel, Rule(rule), parse_size(max_shard_size), keep_dtype)
 
 
 @cli.command()

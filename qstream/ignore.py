@@ -1,12 +1,13 @@
-"""The compressed-tensors `ignore` list, built and checked the way vLLM matches it.
+"""The compressed-tensors `ignore` list and group `targets`, built and checked the way vLLM matches them.
 
-vLLM decides per module whether it is quantized: an entry starting `re:` is
-`re.match`ed (anchored at the start only), any other entry must equal the name.
-It matches its own module names: q/k/v merged into qkv_proj, gate/up into
-gate_up_proj, Qwen3.5's in_proj_qkv/z and in_proj_b/a merged, prefixes renamed,
-and MoE experts probed as `<layer>.experts.0.<gate proj>`. A BF16 Linear that no
-entry matches loads as zeros, so every name a module may be looked up under must
-be covered; a quantized module must be matched by none.
+vLLM decides per module how it is stored: `ignore` first (BF16), then the first config
+group with a target naming the module, then a group targeting the class `Linear`. An
+entry starting `re:` is `re.match`ed (anchored at the start only), any other entry must
+equal the name. vLLM matches its own module names: q/k/v merged into qkv_proj, gate/up
+into gate_up_proj, Qwen3.5's in_proj_qkv/z and in_proj_b/a merged, prefixes renamed,
+and MoE experts probed as `<layer>.experts.0.<gate proj>`. A BF16 Linear that resolves
+to a quantized group loads as zeros, so every name a module may be looked up under must
+resolve to the format it is stored in.
 """
 
 from __future__ import annotations
@@ -60,14 +61,36 @@ ROLE_ENTRIES: dict[Role, str] = {
 }
 
 
+BF16 = "BF16"  # unquantized (whatever float dtype): what `ignore` means
+MXFP4 = "MXFP4"
+FP8 = "FP8"
+MXFP8 = "MXFP8"
+
+
 @dataclass(frozen=True)
 class Module:
-    """A Linear (or one layer's experts, named `<layer>.experts`) and whether it is quantized."""
+    """A Linear (or one layer's experts, named `<layer>.experts`) and the format it is stored in."""
 
     name: str
     region: Region
     role: Role
-    quantized: bool
+    fmt: str  # BF16, MXFP4, FP8, MXFP8
+
+    @property
+    def quantized(self) -> bool:
+        return self.fmt != BF16
+
+
+def scheme_format(group: dict) -> str:
+    """The storage format a compressed-tensors config group describes (BF16 if it has no weight scheme)."""
+    w = group.get("weights") or {}
+    if w.get("type") != "float":
+        return BF16 if not w else f"{w.get('type')}{w.get('num_bits')}"
+    if w.get("num_bits") == 4 and w.get("group_size") == 32:
+        return MXFP4
+    if w.get("num_bits") == 8:
+        return MXFP8 if w.get("strategy") == "group" and w.get("group_size") == 32 else FP8
+    return f"float{w.get('num_bits')}"
 
 
 def variants(module: Module) -> tuple[str, ...]:
@@ -92,30 +115,47 @@ def _exact_entry(module: Module) -> str:
     return "re:(?:" + "|".join(re.escape(v) for v in variants(module)) + ")$"
 
 
-def build_ignore(modules: list[Module]) -> list[str]:
-    """The shortest-reading ignore list: coarse entries where they hit no quantized module."""
+def build_cover(modules: list[Module], fmt: str) -> list[str]:
+    """The shortest-reading entries matching every name of the modules stored as `fmt` and no name of any
+    other module: coarse entries where they hit no other module, exact alternatives elsewhere."""
     check_merges(modules)
-    quantized_names = [v for m in modules if m.quantized for v in variants(m)]
+    others = [v for m in modules if m.fmt != fmt for v in variants(m)]
     entries: list[str] = []
     for m in modules:
-        if m.quantized or all(matches(entries, v) for v in variants(m)):
+        if m.fmt != fmt or all(matches(entries, v) for v in variants(m)):
             continue
         coarse = [REGION_ENTRIES.get(m.region), ROLE_ENTRIES.get(m.role)]
         entry = next(
-            (e for e in coarse if e and not any(matches([e], q) for q in quantized_names)),
+            (e for e in coarse if e and not any(matches([e], q) for q in others)),
             _exact_entry(m),
         )
         entries.append(entry)
     return entries
 
 
+def build_ignore(modules: list[Module]) -> list[str]:
+    """The ignore list: every BF16 module, and nothing else."""
+    return build_cover(modules, BF16)
+
+
+def resolve(qc: dict, name: str) -> str:
+    """The format vLLM loads module `name` as under quantization_config `qc` (the order in the module doc)."""
+    if matches(qc.get("ignore") or [], name):
+        return BF16
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    for g in groups:
+        if matches(g.get("targets") or [], name):
+            return scheme_format(g)
+    return next((scheme_format(g) for g in groups if "Linear" in (g.get("targets") or [])), BF16)
+
+
 def check_merges(modules: list[Module]) -> None:
     """vLLM merges q/k/v (and the like) into one module: its parts must agree on precision."""
-    groups: dict[str, set[bool]] = {}
+    groups: dict[str, set[str]] = {}
     for m in modules:
         parent, _, leaf = m.name.rpartition(".")
         if leaf in MERGES and m.role is not Role.ROUTED_EXPERT:
-            groups.setdefault(f"{parent}.{MERGES[leaf]}", set()).add(m.quantized)
+            groups.setdefault(f"{parent}.{MERGES[leaf]}", set()).add(m.fmt)
     mixed = [g for g, states in groups.items() if len(states) > 1]
     if mixed:
         raise QstreamError(
@@ -124,14 +164,20 @@ def check_merges(modules: list[Module]) -> None:
         )
 
 
-def ignore_problems(entries: list[str], modules: list[Module]) -> list[str]:
-    """Every way the ignore list disagrees with what is on disk, as vLLM would see it."""
+def targeting_problems(qc: dict, modules: list[Module]) -> list[str]:
+    """Every way the config's ignore list and group targets disagree with what is on disk, as vLLM sees it."""
     problems = []
     for m in modules:
         for v in variants(m):
-            hit = matches(entries, v)
-            if m.quantized and hit:
-                problems.append(f"{v}: quantized on disk but matched by ignore (vLLM would load it as BF16)")
-            elif not m.quantized and not hit:
+            got = resolve(qc, v)
+            if got == m.fmt:
+                continue
+            if m.fmt == BF16:
                 problems.append(f"{v}: BF16 on disk but not ignored (vLLM would load it as zeros)")
+            elif got == BF16:
+                what = "quantized" if m.fmt == MXFP4 else m.fmt
+                why = "matched by ignore" if matches(qc.get("ignore") or [], v) else "targeted by no config group"
+                problems.append(f"{v}: {what} on disk but {why} (vLLM would load it as BF16)")
+            else:
+                problems.append(f"{v}: {m.fmt} on disk but its config group is {got} (vLLM would misread it)")
     return problems

@@ -180,6 +180,7 @@ def fingerprint(plan: Plan) -> dict:
         "qstream_version": __import__("qstream").__version__,
         "source": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in plan.source.weight_files],
         "rule": plan.rule.value,
+        "keep_dtype": plan.keep_dtype,
         "selection": [plan.selection.preset, list(plan.selection.include), list(plan.selection.exclude),
                       plan.selection.skip_indivisible],
         "shards": [[s.file_name, [[e.name, e.dtype, list(e.shape)] for e in s.entries]] for s in plan.shards],
@@ -244,6 +245,8 @@ def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torc
         "include": list(plan.selection.include),
         "exclude": list(plan.selection.exclude),
         "device": dev.type,
+        "keep_dtype": plan.keep_dtype,
+        "kept_source_formats": {fmt: sum(m.fmt == fmt for m in plan.modules) for fmt, _ in plan.kept_schemes},
         "ignore": list(plan.ignore),
         "totals": {
             "tensors_quantized": len(tensors),

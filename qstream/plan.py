@@ -14,7 +14,7 @@ from functools import cached_property
 
 from qstream.checkpoint import Checkpoint, SourceTensor
 from qstream.errors import QstreamError
-from qstream.ignore import Module, build_ignore, ignore_problems
+from qstream.ignore import BF16, MXFP4, Module, build_cover, build_ignore, scheme_format, targeting_problems
 from qstream.mxfp4 import BLOCK, Rule
 from qstream.safetensors_io import OutEntry
 from qstream.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
@@ -22,6 +22,22 @@ from qstream.source_formats import DecodedTensor, PackedExperts, decode_checkpoi
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+KEEP_DTYPES = ("source", "bf16")  # what an unquantized FP8/MXFP8 source weight becomes
+MIXED_FORMAT = "mixed-precision"  # compressed-tensors' top-level format when groups differ
+MXFP4_GROUP = {
+    "format": "mxfp4-pack-quantized",
+    "weights": {
+        "num_bits": 4,
+        "type": "float",
+        "strategy": "group",
+        "group_size": BLOCK,
+        "symmetric": True,
+        "dynamic": False,
+        "scale_dtype": "torch.uint8",
+    },
+    "input_activations": None,
+    "output_activations": None,
+}
 
 # model_type -> names of (gate, up, down) when fused experts are split per expert.
 EXPERT_PROJ_NAMES: dict[str, tuple[str, str, str]] = {"mixtral": ("w1", "w3", "w2")}
@@ -62,7 +78,7 @@ class QuantJob:
 
 @dataclass(frozen=True)
 class CopyJob:
-    """A source tensor carried over byte for byte (a decoded one: as its BF16 values)."""
+    """A source tensor carried over byte for byte (a decoded one: as its BF16 values), under its own name."""
 
     source: SourceTensor | DecodedTensor
 
@@ -102,6 +118,8 @@ class Plan:
     shards: tuple[Shard, ...]
     modules: tuple[Module, ...]
     ignore: tuple[str, ...]
+    kept_schemes: tuple[tuple[str, dict], ...] = ()  # (format, config group) of source-quantized modules kept
+    keep_dtype: str = "source"
 
     @cached_property
     def quantized_sources(self) -> list[str]:
@@ -116,28 +134,21 @@ class Plan:
         return sum(s.nbytes for s in self.shards)
 
     def quantization_config(self) -> dict:
-        """The compressed-tensors block vLLM reads (FORMAT.md section 2)."""
+        """The compressed-tensors block vLLM reads (FORMAT.md section 2).
+
+        With kept FP8/MXFP8 modules it is mixed precision: every group then names its modules (the
+        MXFP4 one no longer targets the class `Linear`), so no reader's precedence rules matter.
+        """
+        groups = {"group_0": {"targets": ["Linear"], **MXFP4_GROUP}}
+        if self.kept_schemes:
+            groups = {"group_0": {"targets": build_cover(list(self.modules), MXFP4), **MXFP4_GROUP}}
+            for i, (fmt, scheme) in enumerate(self.kept_schemes, 1):
+                groups[f"group_{i}"] = {"targets": build_cover(list(self.modules), fmt), **scheme}
         return {
             "quant_method": "compressed-tensors",
-            "format": "mxfp4-pack-quantized",
+            "format": MIXED_FORMAT if self.kept_schemes else MXFP4_GROUP["format"],
             "quantization_status": "compressed",
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "format": "mxfp4-pack-quantized",
-                    "weights": {
-                        "num_bits": 4,
-                        "type": "float",
-                        "strategy": "group",
-                        "group_size": BLOCK,
-                        "symmetric": True,
-                        "dynamic": False,
-                        "scale_dtype": "torch.uint8",
-                    },
-                    "input_activations": None,
-                    "output_activations": None,
-                }
-            },
+            "config_groups": groups,
             "ignore": list(self.ignore),
             "kv_cache_scheme": None,
             "version": COMPRESSED_TENSORS_VERSION,
@@ -181,20 +192,20 @@ def quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[QuantJ
     return jobs
 
 
-def linear_modules(weights: Iterable[tuple[str, tuple[int, ...], bool]]) -> list[Module]:
-    """Linear modules as vLLM sees them, from (weight name, shape, quantized); one layer's experts form one
-    module. Shared by the planner (source names) and `verify` (names read back from an output)."""
+def linear_modules(weights: Iterable[tuple[str, tuple[int, ...], str]]) -> list[Module]:
+    """Linear modules as vLLM sees them, from (weight name, shape, storage format); one layer's experts form
+    one module. Shared by the planner (source names) and `verify` (names read back from an output)."""
     modules: dict[str, Module] = {}
-    for name, shape, quantized in weights:
+    for name, shape, fmt in weights:
         if not is_linear_weight(name, shape):
             continue
         role = role_of(name)
         mod = name[: name.index(".experts.") + len(".experts")] if role is Role.ROUTED_EXPERT else name.removesuffix(".weight")
-        m = Module(mod, region_of(name), role, quantized)
-        if mod in modules and modules[mod].quantized != m.quantized:
+        m = Module(mod, region_of(name), role, fmt)
+        if mod in modules and modules[mod].fmt != m.fmt:
             raise QstreamError(
-                f"{mod}: some experts are selected and some not; vLLM takes all experts of a layer from "
-                "expert 0's scheme, so select all or none of them"
+                f"{mod}: its experts would be stored as {modules[mod].fmt} and {m.fmt}; vLLM takes all experts of "
+                "a layer from expert 0's scheme, so select all or none of them"
             )
         modules[mod] = m
     return list(modules.values())
@@ -217,8 +228,15 @@ def pack_shards(jobs: list[Job], max_shard_bytes: int) -> tuple[Shard, ...]:
     return tuple(Shard(shard_name(i, len(groups)), tuple(g)) for i, g in enumerate(groups))
 
 
-def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_bytes: int) -> Plan:
-    """Decide every tensor, split fused experts, pack shards, build and check the ignore list."""
+def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_bytes: int,
+              keep_dtype: str = "source") -> Plan:
+    """Decide every tensor, split fused experts, pack shards, build and check the ignore list and targets.
+
+    `keep_dtype` says what an FP8/MXFP8 source weight that is not quantized becomes: "source" keeps its
+    bytes and scales (a mixed-precision output), "bf16" writes its decoded values.
+    """
+    if keep_dtype not in KEEP_DTYPES:
+        raise QstreamError(f"keep dtype {keep_dtype!r} not understood; choose one of {', '.join(KEEP_DTYPES)}")
     ckpt = decode_checkpoint(ckpt)
     decisions = {name: decide(name, t.info.shape, selection) for name, t in ckpt.tensors.items()}
     if not any(d.quantize for d in decisions.values()):
@@ -227,7 +245,10 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
             f"exclude {list(selection.exclude)}) matches no tensor; run `qstream plan` and try --preset mlp or --include"
         )
     jobs: list[Job] = []
+    formats: dict[str, str] = {}  # source weight -> how the output stores it
+    kept: dict[str, dict] = {}  # format -> config group of the kept source-quantized modules
     for name, t in ckpt.tensors.items():
+        formats[name] = MXFP4 if decisions[name].quantize else BF16
         if isinstance(t, PackedExperts) and not decisions[name].quantize:
             raise QstreamError(f"{name}: already MXFP4 in the source (gpt-oss); it is converted losslessly "
                                "and cannot be kept or excluded")
@@ -235,18 +256,34 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
             if t.info.dtype not in FLOAT_DTYPES and not isinstance(t, PackedExperts):
                 raise QstreamError(f"{name}: dtype {t.info.dtype} cannot be quantized (expected one of {FLOAT_DTYPES})")
             jobs.extend(quant_jobs(ckpt, t))
+        elif isinstance(t, DecodedTensor) and keep_dtype == "source":
+            formats[name] = _kept_format(t, kept)
+            jobs.extend(CopyJob(s) for s in t.stored)
         else:
             jobs.append(CopyJob(t))
     names = [e.name for j in jobs for e in j.entries]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise QstreamError(f"{ckpt.root}: output tensor {dup!r} would be written twice (fused and per-expert experts?)")
-    modules = linear_modules((n, t.info.shape, decisions[n].quantize) for n, t in ckpt.tensors.items())
-    ignore = build_ignore(modules)
-    problems = ignore_problems(ignore, modules)
-    if problems:  # build_ignore is meant to make this impossible: a bug, not a user error
-        raise RuntimeError(f"ignore list does not cover the checkpoint: {problems[:3]}")
-    return Plan(ckpt, selection, rule, decisions, pack_shards(jobs, max_shard_bytes), tuple(modules), tuple(ignore))
+    modules = linear_modules((n, t.info.shape, formats[n]) for n, t in ckpt.tensors.items())
+    plan = Plan(ckpt, selection, rule, decisions, pack_shards(jobs, max_shard_bytes), tuple(modules),
+                tuple(build_ignore(modules)), tuple(kept.items()), keep_dtype)
+    problems = targeting_problems(plan.quantization_config(), modules)
+    if problems:  # build_cover is meant to make this impossible: a bug, not a user error
+        raise RuntimeError(f"ignore list and targets do not fit the checkpoint: {problems[:3]}")
+    return plan
+
+
+def _kept_format(t: DecodedTensor, kept: dict[str, dict]) -> str:
+    """The format a source-quantized weight keeps; one config group per format, so schemes must agree."""
+    if t.weight.info.dtype != "F8_E4M3":
+        raise QstreamError(f"{t.name}: {t.weight.info.dtype} has no compressed-tensors scheme vLLM reads; "
+                           "pass --keep-dtype bf16 to write the unquantized tensors as BF16")
+    fmt = scheme_format(t.scheme)
+    if kept.setdefault(fmt, t.scheme) != t.scheme:
+        raise QstreamError(f"{t.name}: kept {fmt} weights of the source use two schemes ({kept[fmt]} and "
+                           f"{t.scheme}), which one output config group cannot describe; pass --keep-dtype bf16")
+    return fmt
 
 
 def parse_size(text: str) -> int:

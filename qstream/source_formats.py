@@ -2,9 +2,11 @@
 
 The format is read from config.json's quantization_config, never guessed from tensor
 names. Each scaled weight `X.weight` becomes one logical BF16 tensor whose rows are
-decoded as they are read (weight * its block's scale, rounded once to BF16); its scale
-tensors are consumed and never reach the output. Tensors that stay unquantized are
-written as that BF16 (the output carries one quantization_config: ours).
+decoded as they are read (weight * its block's scale, rounded once to BF16), which is
+what MXFP4 quantization reads. It also carries the source tensors that store it, under
+their compressed-tensors names, and the config group describing them: a tensor that
+stays unquantized is written either as those (its source precision, the default) or
+as the decoded BF16 (`--keep-dtype bf16`). Scales never reach the output on their own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from qstream.checkpoint import Checkpoint, SourceTensor
 from qstream.errors import QstreamError
+from qstream.ignore import MERGES, matches
 from qstream.safetensors_io import TensorInfo, read_rows
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -54,6 +57,8 @@ class DecodedTensor(_Computed):
     scale: SourceTensor
     block: tuple[int, int]  # rows and columns sharing one scale
     scale_decode: Callable[[torch.Tensor], torch.Tensor]
+    stored: tuple[SourceTensor, ...] = ()  # source tensors that keep it as is, under their output names
+    scheme: dict | None = None  # compressed-tensors config group (no targets) describing `stored`
 
     @property
     def origin(self) -> SourceTensor:
@@ -158,10 +163,47 @@ class SourceFormat:
     scale_suffix: str
     block: Callable[[dict, tuple[int, ...], tuple[int, ...]], tuple[int, int]]  # (qcfg, weight, scale) -> block
     scale_decode: Callable[[torch.Tensor], torch.Tensor]
+    scheme: Callable[[dict, str, tuple[int, int], tuple[int, int]], dict]  # (qcfg, module, block, shape) -> group
 
 
 def _ct_weights(q: dict) -> list[dict]:
     return [g.get("weights") or {} for g in (q.get("config_groups") or {}).values()]
+
+
+FP8_ARGS = {"num_bits": 8, "type": "float", "symmetric": True}
+
+
+def _fp8_block_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, int]) -> dict:
+    """The compressed-tensors group that reads block FP8 as vLLM runs it (DeepSeek-style: weight blocks,
+    activations quantized per token and `block[1]` columns on the fly, or per tensor with a static scale)."""
+    if q.get("weight_block_size"):
+        weights = {**FP8_ARGS, "strategy": "block", "block_structure": list(block)}
+    elif block == tuple(shape):
+        weights = {**FP8_ARGS, "strategy": "tensor"}
+    elif block == (1, shape[1]):
+        weights = {**FP8_ARGS, "strategy": "channel"}
+    else:
+        weights = {**FP8_ARGS, "strategy": "block", "block_structure": list(block)}
+    weights["dynamic"] = False
+    if q.get("activation_scheme", "dynamic") == "static":
+        acts = {**FP8_ARGS, "strategy": "tensor", "dynamic": False}
+    elif weights["strategy"] == "block":
+        acts = {**FP8_ARGS, "strategy": "group", "group_size": block[1], "dynamic": True}
+    else:
+        acts = {**FP8_ARGS, "strategy": "token", "dynamic": True}
+    return {"format": "float-quantized", "weights": weights, "input_activations": acts, "output_activations": None}
+
+
+def _ct_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, int]) -> dict:
+    """The source's own config group for `module`: the first naming it, else the one targeting Linear."""
+    groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
+    names = (module, _merged_name(module))
+    group = next((g for g in groups if any(matches(g.get("targets") or [], n) for n in names)), None) or next(
+        (g for g in groups if "Linear" in (g.get("targets") or [])), None)
+    if group is None:
+        raise QstreamError(f"{module}: FP8 in the source, but no config group of its quantization_config targets "
+                           "it; the checkpoint's config is inconsistent")
+    return {"format": q.get("format"), **{k: v for k, v in group.items() if k != "targets"}}
 
 
 def _ct_fp8(q: dict) -> bool:
@@ -184,18 +226,22 @@ FORMATS: tuple[SourceFormat, ...] = (
         lambda q: q.get("quant_method") == "fp8",
         "weight_scale_inv",
         lambda q, w, s: tuple(q.get("weight_block_size") or _from_shapes(q, w, s)),
-        _float,
+        _float, _fp8_block_scheme,
     ),
     SourceFormat(
         "ct-fp8", "compressed-tensors float-quantized FP8 (per-tensor, per-channel or block weight_scale)",
-        _ct_fp8, "weight_scale", _from_shapes, _float,
+        _ct_fp8, "weight_scale", _from_shapes, _float, _ct_scheme,
     ),
     SourceFormat(
         "ct-mxfp8", "compressed-tensors mxfp8-quantized (FP8 elements, uint8 E8M0 scale per 32)",
         lambda q: q.get("quant_method") == "compressed-tensors" and q.get("format") == "mxfp8-quantized",
-        "weight_scale", lambda q, w, s: (1, 32), _e8m0,
+        "weight_scale", lambda q, w, s: (1, 32), _e8m0, _ct_scheme,
     ),
 )
+
+# Source tensors beside a scaled weight that travel with it when it is kept, source suffix -> output suffix.
+STORED_SUFFIXES = {"weight": "weight", "weight_scale_inv": "weight_scale", "weight_scale": "weight_scale",
+                   "input_scale": "input_scale"}
 
 
 def quantization_config_of(config: dict) -> dict | None:
@@ -224,15 +270,28 @@ def decode_checkpoint(ckpt: Checkpoint) -> Checkpoint:
         base = name.removesuffix(".weight")
         scale = ckpt.tensors.get(f"{base}.{fmt.scale_suffix}")
         if name.endswith(".weight") and t.info.dtype in FP8_DTYPES and scale is not None and len(t.info.shape) == 2:
-            block = fmt.block(qcfg, t.info.shape, scale.info.shape)
+            block = tuple(int(b) for b in fmt.block(qcfg, t.info.shape, scale.info.shape))
             info = TensorInfo(name, "BF16", t.info.shape, 0, t.info.numel * 2)
-            decoded[name] = DecodedTensor(info, t, scale, (int(block[0]), int(block[1])), fmt.scale_decode)
+            stored = tuple(_renamed(ckpt.tensors[f"{base}.{s}"], f"{base}.{o}")
+                           for s, o in STORED_SUFFIXES.items() if f"{base}.{s}" in ckpt.tensors)
+            decoded[name] = DecodedTensor(info, t, scale, block, fmt.scale_decode, stored,
+                                          fmt.scheme(qcfg, base, block, t.info.shape))
             consumed |= {f"{base}.{s}" for s in CONSUMED_SUFFIXES}
         elif t.info.dtype in FP8_DTYPES:
             raise QstreamError(f"{name}: {t.info.dtype} with no {fmt.scale_suffix} beside it; the {fmt.name} "
                                "checkpoint is incomplete or of a layout qstream does not know")
     tensors = {n: decoded.get(n, t) for n, t in ckpt.tensors.items() if n not in consumed}
     return replace(ckpt, config=_without_quantization(ckpt.config), tensors=tensors)
+
+
+def _renamed(t: SourceTensor, name: str) -> SourceTensor:
+    """The same bytes seen under an output name (DeepSeek's weight_scale_inv is compressed-tensors' weight_scale)."""
+    return t if t.name == name else SourceTensor(t.file, replace(t.info, name=name))
+
+
+def _merged_name(module: str) -> str:
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{MERGES[leaf]}" if leaf in MERGES else module
 
 
 def _without_quantization(config: dict) -> dict:

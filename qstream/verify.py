@@ -28,10 +28,11 @@ import torch
 
 from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
-from qstream.ignore import check_merges, ignore_problems
+from qstream.ignore import BF16, FP8, MXFP4, MXFP8, check_merges, scheme_format, targeting_problems
 from qstream.mxfp4 import BLOCK, E8M0_BIAS, E_MAX, NonFiniteError, Rule, dequantize, quantize
 from qstream.plan import QuantJob, quant_jobs, linear_modules
 from qstream.safetensors_io import TensorInfo, read_rows
+from qstream.source_formats import PackedExperts, decode_checkpoint
 
 PACKED, SCALE = ".weight_packed", ".weight_scale"
 NAN_SCALE = 255  # E8M0 NaN: never a valid scale
@@ -43,10 +44,12 @@ REPORT_NAME = "qstream_report.json"  # = pipeline.REPORT_NAME; not imported, as 
 
 # The compressed-tensors block vLLM reads (FORMAT.md section 2), written out here on purpose
 # rather than imported from the planner: a checker sharing the producer's table cannot catch it.
-EXPECTED_TOP = {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized",
-                "quantization_status": "compressed"}
-EXPECTED_GROUP = {"targets": ["Linear"], "format": "mxfp4-pack-quantized",
-                  "input_activations": None, "output_activations": None}
+EXPECTED_TOP = {"quant_method": "compressed-tensors", "quantization_status": "compressed"}
+EXPECTED_GROUP = {"format": "mxfp4-pack-quantized", "input_activations": None, "output_activations": None}
+# Top-level format: MXFP4 alone targets every Linear; beside kept FP8/MXFP8 groups, each group names its modules.
+ALONE, MIXED = "mxfp4-pack-quantized", "mixed-precision"
+KEPT_GROUP_FORMATS = {FP8: "float-quantized", MXFP8: "mxfp8-quantized"}
+F8 = ("F8_E4M3",)
 EXPECTED_WEIGHTS = {"num_bits": 4, "type": "float", "strategy": "group", "group_size": BLOCK,
                     "symmetric": True, "dynamic": False, "scale_dtype": "torch.uint8"}
 PER_EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.(?:weight|weight_packed|weight_scale)$")
@@ -176,25 +179,46 @@ def _quantization_config(ckpt: Checkpoint, external: bool = True) -> Check:
     if not isinstance(groups, dict) or not groups:
         bad.append(f"{where}.config_groups: missing or empty")
         groups = {}
+    bad += _mismatches(where, qc, {"format": ALONE if len(groups) == 1 else MIXED})
+    formats = {g: scheme_format(v) if isinstance(v, dict) else "?" for g, v in groups.items()}
+    if len(groups) > 1 and list(formats.values()).count(MXFP4) != 1:
+        bad.append(f"{where}.config_groups: {list(formats.values()).count(MXFP4)} MXFP4 groups, expected exactly 1")
     for g, scheme in groups.items():
         scheme = scheme if isinstance(scheme, dict) else {}
-        bad += _mismatches(f"{where}.config_groups.{g}", scheme, EXPECTED_GROUP)
-        weights = scheme.get("weights")
-        bad += _mismatches(f"{where}.config_groups.{g}.weights", weights if isinstance(weights, dict) else {},
-                           EXPECTED_WEIGHTS)
-    ignore = qc.get("ignore")
-    if not (isinstance(ignore, list) and all(isinstance(e, str) for e in ignore)):
-        bad.append(f"{where}.ignore: {ignore!r} is not a list of module names / re: patterns")
-    else:
-        for e in ignore:
-            if e.startswith("re:"):
-                try:
-                    re.compile(e[3:])
-                except re.error as exc:
-                    bad.append(f"{where}.ignore: {e!r} is not a valid regular expression ({exc})")
+        at = f"{where}.config_groups.{g}"
+        weights = scheme.get("weights") if isinstance(scheme.get("weights"), dict) else {}
+        if formats[g] == MXFP4 or len(groups) == 1:  # alone, it must be the MXFP4 group
+            bad += _mismatches(at, scheme, EXPECTED_GROUP)
+            bad += _mismatches(f"{at}.weights", weights, EXPECTED_WEIGHTS)
+        elif formats[g] in KEPT_GROUP_FORMATS:
+            bad += _mismatches(at, scheme, {"format": KEPT_GROUP_FORMATS[formats[g]]})
+        else:
+            bad.append(f"{at}: a {formats[g]} weight scheme, which qstream never writes")
+        targets = scheme.get("targets")
+        if len(groups) == 1:
+            bad += _mismatches(at, scheme, {"targets": ["Linear"]})
+        elif not (isinstance(targets, list) and targets and "Linear" not in targets):
+            bad.append(f"{at}.targets: {targets!r}; beside other groups each group must name its modules")
+        else:
+            bad += _entry_problems(f"{at}.targets", targets)
+    bad += _entry_problems(f"{where}.ignore", qc.get("ignore"))
     if external:
         bad += _compressed_tensors_problems(where, qc)
     return check
+
+
+def _entry_problems(where: str, entries: object) -> list[str]:
+    """A list of module names / `re:` patterns that compile."""
+    if not (isinstance(entries, list) and all(isinstance(e, str) for e in entries)):
+        return [f"{where}: {entries!r} is not a list of module names / re: patterns"]
+    bad = []
+    for e in entries:
+        if e.startswith("re:"):
+            try:
+                re.compile(e[3:])
+            except re.error as exc:
+                bad.append(f"{where}: {e!r} is not a valid regular expression ({exc})")
+    return bad
 
 
 def _mismatches(where: str, got: dict, expected: dict) -> list[str]:
@@ -217,11 +241,20 @@ def _compressed_tensors_problems(where: str, qc: dict) -> list[str]:
     return []
 
 
+def _kept(t: dict[str, TensorInfo]) -> dict[str, str]:
+    """Modules kept in the source's FP8 (scale beside the weight) -> FP8, or MXFP8 for uint8 scales per 32."""
+    return {n.removesuffix(".weight"): MXFP8 if getattr(t.get(n.removesuffix("weight") + "weight_scale"), "dtype",
+                                                        None) == "U8" else FP8
+            for n, i in t.items() if n.endswith(".weight") and i.dtype in F8}
+
+
 def _pairs(ckpt: Checkpoint) -> Check:
-    """Every quantized module has packed codes [out, in/2] and scales [out, in/32], both uint8, 2-D."""
+    """Every MXFP4 module has packed codes [out, in/2] and scales [out, in/32], both uint8, 2-D; every kept
+    FP8 module has a scale that fits it."""
     t = {n: s.info for n, s in ckpt.tensors.items()}
-    modules = sorted({n.removesuffix(PACKED).removesuffix(SCALE) for n in t if n.endswith((PACKED, SCALE))})
-    check = Check("packed/scale pairs", f"{len(modules)} MXFP4 modules")
+    kept = _kept(t)
+    modules = sorted({n.removesuffix(PACKED).removesuffix(SCALE) for n in t if n.endswith((PACKED, SCALE))} - set(kept))
+    check = Check("packed/scale pairs", f"{len(modules)} MXFP4 modules" + (f", {len(kept)} kept FP8/MXFP8" if kept else ""))
     for m in modules:
         packed, scale = t.get(m + PACKED), t.get(m + SCALE)
         if packed is None or scale is None:
@@ -238,7 +271,27 @@ def _pairs(ckpt: Checkpoint) -> Check:
                                       f"(expected [out, in/2] and [out, in/{BLOCK}])")
         if m + ".weight" in t:
             check.failures.append(f"{m}.weight: present beside {m}{PACKED}; the module is stored twice")
+    for m, fmt in kept.items():
+        w, scale = t[m + ".weight"], t.get(m + SCALE)
+        if scale is None:
+            check.failures.append(f"{m}.weight: {w.dtype} with no {m}{SCALE}; vLLM would scale it by uninitialised memory")
+        elif not _scale_fits(w.shape, scale.shape, fmt):
+            check.failures.append(f"{m}{SCALE}: {list(scale.shape)} does not fit {fmt} weight {list(w.shape)}")
+        if m + PACKED in t:
+            check.failures.append(f"{m}{PACKED}: present beside an {w.dtype} {m}.weight; the module is stored twice")
     return check
+
+
+def _scale_fits(weight: tuple[int, ...], scale: tuple[int, ...], fmt: str) -> bool:
+    """MXFP8: [out, in/32]; FP8: one scale, one per row, or a 2-D grid of blocks no finer than the weight."""
+    if len(weight) != 2:
+        return False
+    if fmt == MXFP8:
+        return scale == (weight[0], weight[1] // BLOCK)
+    n = 1
+    for d in scale:
+        n *= d
+    return n == 1 or scale == (weight[0], 1) or (len(scale) == 2 and all(0 < s <= w for s, w in zip(scale, weight)))
 
 
 def _row_chunks(info: TensorInfo, max_elements: int = CHUNK_ELEMENTS):
@@ -286,14 +339,16 @@ def _experts(ckpt: Checkpoint) -> Check:
 
 
 def _ignore(ckpt: Checkpoint) -> Check:
-    """vLLM's view: every BF16 Linear ignored, no quantized one, under merged and renamed names."""
+    """vLLM's view: every module resolves, under merged and renamed names, to the format it is stored in."""
+    t = {n: st.info for n, st in ckpt.tensors.items()}
+    kept = _kept(t)
     weights = []
-    for name, st in ckpt.tensors.items():
+    for name, info in t.items():
         if name.endswith(PACKED):
-            rows, half = (st.info.shape + (0, 0))[:2]
-            weights.append((name.removesuffix(PACKED) + ".weight", (rows, 2 * half), True))
+            rows, half = (info.shape + (0, 0))[:2]
+            weights.append((name.removesuffix(PACKED) + ".weight", (rows, 2 * half), MXFP4))
         elif not name.endswith(SCALE):
-            weights.append((name, st.info.shape, False))
+            weights.append((name, info.shape, kept.get(name.removesuffix(".weight"), BF16)))
     check = Check("ignore coverage")
     qc = ckpt.config.get("quantization_config")
     entries = qc.get("ignore") if isinstance(qc, dict) else None
@@ -303,11 +358,11 @@ def _ignore(ckpt: Checkpoint) -> Check:
     except QstreamError as exc:
         check.failures.append(str(exc))
         return check
-    n_q = sum(m.quantized for m in modules)
-    check.detail = f"{n_q} quantized and {len(modules) - n_q} BF16 Linear modules (experts per layer)"
+    counts = {f: sum(m.fmt == f for m in modules) for f in dict.fromkeys(m.fmt for m in modules)}
+    check.detail = ", ".join(f"{n} {f}" for f, n in counts.items()) + " Linear modules (experts per layer)"
     if isinstance(entries, list) and all(isinstance(e, str) for e in entries):
         for m in modules:  # one line per module, not one per name vLLM may look it up under
-            problems = ignore_problems(entries, [m])
+            problems = targeting_problems(qc, [m])
             if problems:
                 more = f" (and {len(problems) - 1} more of its vLLM names)" if len(problems) > 1 else ""
                 check.failures.append(problems[0] + more)
@@ -338,21 +393,31 @@ def _recorded_rule(dst: Path) -> Rule | None:
 
 
 def _against_source(src: Checkpoint, out: Checkpoint, rule: Rule | None, dev: torch.device) -> list[Check]:
-    """Every source tensor copied byte for byte or quantized; each quantized module within its error bound."""
+    """Every source tensor copied (bytes, or a decoded one's values), kept in its source precision (bytes), or
+    quantized; each quantized module within its error bound. The source is seen as the planner sees it:
+    FP8/MXFP8 weights decoded, gpt-oss experts as their packed rows."""
     coverage = Check("source tensors")
     errors = Check("error bound")
     rules = (rule,) if rule else tuple(Rule)
     tally = Tally()
     produced: set[str] = set()
-    copied = quantized = 0
-    for name, st in src.tensors.items():
+    counts = defaultdict(int)
+    decoded = decode_checkpoint(src)
+    for name, st in decoded.tensors.items():
+        stored = getattr(st, "stored", ())
+        if stored and all(s.name in out.tensors for s in stored) and out.tensors[name].info.dtype in F8:
+            produced.update(s.name for s in stored)
+            counts["kept in source precision"] += 1
+            for s in stored:
+                coverage.failures += _copy_problems(s, out.tensors[s.name])
+            continue
         if name in out.tensors:
             produced.add(name)
-            copied += 1
+            counts["copied"] += 1
             coverage.failures += _copy_problems(st, out.tensors[name])
             continue
         try:
-            jobs = quant_jobs(src, st)
+            jobs = quant_jobs(decoded, st)
         except QstreamError:
             jobs = []
         present = [j for j in jobs if j.module + PACKED in out.tensors and j.module + SCALE in out.tensors]
@@ -360,19 +425,19 @@ def _against_source(src: Checkpoint, out: Checkpoint, rule: Rule | None, dev: to
             lack = next((f" nor {j.module}{PACKED}" for j in jobs if j not in present), "")
             coverage.failures.append(f"{name}: neither copied nor quantized (the output has no {name}{lack})")
             continue
-        quantized += 1
+        counts["quantized"] += 1
         for job in jobs:
             produced.update((job.module + PACKED, job.module + SCALE))
-            problem = _job_error(job, out, rules, dev, tally)
+            problem = _lossless_error(job, out) if isinstance(st, PackedExperts) else _job_error(job, out, rules, dev, tally)
             if problem:
                 errors.failures.append(problem)
     coverage.failures += [f"{n}: in the output but made from no source tensor" for n in out.tensors if n not in produced]
     config = {k: v for k, v in out.config.items() if k != "quantization_config"}
-    if config != src.config:
-        keys = sorted(k for k in config.keys() | src.config.keys() if config.get(k) != src.config.get(k))
+    if config != decoded.config:
+        keys = sorted(k for k in config.keys() | decoded.config.keys() if config.get(k) != decoded.config.get(k))
         coverage.failures.append(f"{out.root / CONFIG_NAME}: differs from the source's beyond quantization_config "
                                  f"(keys {keys[:5]})")
-    coverage.detail = f"{len(src.tensors)} source tensors: {copied} copied (sha256 equal), {quantized} quantized"
+    coverage.detail = f"{len(decoded.tensors)} source tensors: " + ", ".join(f"{n} {k}" for k, n in counts.items())
     errors.detail = tally.detail(rules)
     return [coverage, errors]
 
@@ -391,13 +456,27 @@ def _sha256(st: SourceTensor) -> str:
     return h.hexdigest()
 
 
-def _copy_problems(src: SourceTensor, out: SourceTensor) -> list[str]:
+def _copy_problems(src, out: SourceTensor) -> list[str]:
+    """A copied tensor: same dtype and shape, and the same bytes (sha256), or for one computed from
+    the source (decoded FP8, a gpt-oss bias slice) the same values."""
     a, b = src.info, out.info
     if (a.dtype, a.shape) != (b.dtype, b.shape):
         return [f"{a.name}: {b.dtype}{list(b.shape)} in the output, {a.dtype}{list(a.shape)} in the source"]
-    if _sha256(src) != _sha256(out):
-        return [f"{a.name}: copied bytes differ from the source (sha256)"]
+    if src.copyable:
+        return [] if _sha256(src) == _sha256(out) else [f"{a.name}: copied bytes differ from the source (sha256)"]
+    for r0, r1 in _row_chunks(a):
+        if not torch.equal(src.read_rows(r0, r1).reshape(-1), out.read_rows(r0, r1).reshape(-1)):
+            return [f"{a.name}: values differ from the source's decoded values from row {r0}"]
     return []
+
+
+def _lossless_error(job: QuantJob, out: Checkpoint) -> str | None:
+    """A module already MXFP4 in the source: its packed codes and scales are copied exactly."""
+    packed, scales = job.source.read_packed(job.row_start, job.row_end, job.row_step)
+    got = out.tensors[job.module + PACKED], out.tensors[job.module + SCALE]
+    same = all(g.info.shape == tuple(w.shape) and torch.equal(g.read_rows(0, g.info.shape[0]), w)
+               for g, w in zip(got, (packed, scales)))
+    return None if same else f"{job.module}: differs from the source's MXFP4 bytes (a lossless copy was expected)"
 
 
 def _job_error(job: QuantJob, out: Checkpoint, rules: tuple[Rule, ...], dev: torch.device, tally: Tally) -> str | None:
@@ -413,7 +492,7 @@ def _job_error(job: QuantJob, out: Checkpoint, rules: tuple[Rule, ...], dev: tor
     step = max(1, CHUNK_ELEMENTS // n)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
-        w = read_rows(src.file, src.info, job.row_start + r0, job.row_start + r1).to(dev)
+        w = src.read_rows(job.row_start + r0, job.row_start + r1).to(dev)
         try:
             c = compare_chunk(w, read_rows(packed.file, packed.info, r0, r1).to(dev),
                               read_rows(scale.file, scale.info, r0, r1).to(dev), rules)

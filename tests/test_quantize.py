@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from qstream.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.ignore import Module, ignore_problems, matches
+from qstream.ignore import BF16, MXFP4, Module, matches, targeting_problems
 from qstream.mxfp4 import Rule, dequantize, quantize
 from qstream.pipeline import REPORT_NAME, run
 from qstream.plan import make_plan
@@ -131,9 +131,9 @@ def test_config_and_ignore_as_vllm_matches(quantized) -> None:
             key = expert[1] if expert else base
             region = Region.MTP if key.startswith("mtp.") else Region.VISUAL if ".visual." in key else Region.LANGUAGE
             role = Role.ROUTED_EXPERT if expert else Role.OTHER
-            modules[key] = Module(key, region, role, n.endswith((".weight_packed", ".weight_scale")) or
-                                  modules.get(key, Module(key, region, role, False)).quantized)
-    assert ignore_problems(qc["ignore"], list(modules.values())) == []
+            packed = n.endswith((".weight_packed", ".weight_scale")) or modules.get(key, Module(key, region, role, BF16)).quantized
+            modules[key] = Module(key, region, role, MXFP4 if packed else BF16)
+    assert targeting_problems(qc, list(modules.values())) == []
     assert report["ignore"] == qc["ignore"]
 
 

@@ -18,6 +18,7 @@ from qstream.mxfp4 import Rule, quantize
 from qstream.pipeline import run
 from qstream.plan import make_plan
 from qstream.selection import Selection, role_of
+from qstream.verify import verify
 
 FP8_MAX = 448.0
 
@@ -94,15 +95,23 @@ def to_layout(src: Path, dst: Path, layout: str) -> dict[str, torch.Tensor]:
     return expected
 
 
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_quantized_input_decoded_then_quantized(tmp_path, tiny_qwen3_moe, layout) -> None:
+def test_quantized_input_decoded_then_quantized_unselected_decoded(tmp_path, tiny_qwen3_moe, layout) -> None:
+    """--keep-dtype bf16: selected weights quantized from the decoded values, the rest written as them."""
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
     dst = tmp_path / "q"
-    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
-                 progress=False)
-    with safe_open(next(dst.glob("*.safetensors")), "pt") as h:
-        out = {k: h.get_tensor(k) for k in h.keys()}
+    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9, keep_dtype="bf16"), dst,
+                 device="cpu", progress=False)
+    out = _tensors(dst)
     assert not any(k.endswith(("_scale_inv", "input_scale")) for k in out)
     assert not any(k.endswith(".weight_scale") and k.removesuffix("_scale") + "_packed" not in out for k in out)
     assert all(v.dtype != torch.float8_e4m3fn for v in out.values())
@@ -119,6 +128,51 @@ def test_quantized_input_decoded_then_quantized(tmp_path, tiny_qwen3_moe, layout
     assert checked == len(expected) and report["totals"]["tensors_quantized"] > 0
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization_config"]["format"] == "mxfp4-pack-quantized"
+    assert report["keep_dtype"] == "bf16" and report["kept_source_formats"] == {}
+
+
+# layout -> the format its kept weights are stored in, and the group's compressed-tensors format
+KEPT = {"fp8-block": ("FP8", "float-quantized"), "ct-fp8": ("FP8", "float-quantized"),
+        "ct-mxfp8": ("MXFP8", "mxfp8-quantized")}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_unselected_weights_keep_source_precision(tmp_path, tiny_qwen3_moe, layout) -> None:
+    """The default: weights not quantized keep their FP8 bytes and scales (renamed to compressed-tensors'
+    weight_scale), described by their own config group beside the MXFP4 one; vLLM's rules resolve every
+    module to the format it is stored in."""
+    src = tmp_path / "src"
+    expected = to_layout(tiny_qwen3_moe, src, layout)
+    source = _tensors(src)
+    dst = tmp_path / "q"
+    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
+                 progress=False)
+    out = _tensors(dst)
+    suffix = LAYOUTS[layout][1]
+    kept = quantized = 0
+    for name, ref in expected.items():
+        module = name.removesuffix(".weight")
+        if f"{module}.weight_packed" in out:
+            q = quantize(ref, Rule.MSE3)
+            assert torch.equal(out[f"{module}.weight_packed"], q.packed), name
+            quantized += 1
+        else:
+            assert out[name].dtype == torch.float8_e4m3fn and torch.equal(out[name].view(torch.uint8),
+                                                                          source[name].view(torch.uint8)), name
+            assert torch.equal(out[f"{module}.weight_scale"], source[f"{module}.{suffix}"]), name
+            kept += 1
+    assert kept and quantized
+    assert not any(k.endswith("_scale_inv") for k in out)
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    fmt, ct_format = KEPT[layout]
+    assert qc["format"] == "mixed-precision" and len(qc["config_groups"]) == 2
+    group = qc["config_groups"]["group_1"]
+    assert group["format"] == ct_format and group["weights"]["num_bits"] == 8
+    assert report["kept_source_formats"] == {fmt: kept}
+    from compressed_tensors.quantization import QuantizationConfig
+
+    QuantizationConfig.model_validate(qc)
+    assert verify(dst, src).ok, verify(dst, src).summary()
 
 
 def test_mxfp8_decode_matches_compressed_tensors(tmp_path, tiny_qwen3_moe) -> None:
