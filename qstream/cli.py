@@ -198,7 +198,8 @@ def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, n
 
     r = dequantize_checkpoint(src, dst, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                               progress=not no_progress and sys.stderr.isatty())
-    click.echo(f"wrote {dst}: {r['modules_dequantized']} MXFP4 modules -> BF16, {r['tensors_copied']} tensors copied; "
+    fp8 = f" and {r['modules_decoded_from_fp8']} kept FP8/MXFP8" if r["modules_decoded_from_fp8"] else ""
+    click.echo(f"wrote {dst}: {r['modules_dequantized']} MXFP4{fp8} modules -> BF16, {r['tensors_copied']} tensors copied; "
                f"{human_bytes(r['bytes_in'])} -> {human_bytes(r['bytes_out'])} in {r['shards']} shard(s), "
                f"{r['seconds']:.1f} s")
 

@@ -1,7 +1,8 @@
 """compressed-tensors MXFP4 checkpoints back to dense BF16, for tools that cannot read MXFP4 and for eval.
 
 Every `<m>.weight_packed` + `<m>.weight_scale` pair becomes `<m>.weight` (bf16, decoded by mxfp4.dequantize
-in bounded row chunks: exact, since an E2M1 value times a power of two fits bf16); every other tensor is
+in bounded row chunks: exact, since an E2M1 value times a power of two fits bf16); FP8/MXFP8 weights kept
+beside them (a mixed-precision checkpoint) are decoded to bf16 as an FP8 input is; every other tensor is
 copied byte for byte; config.json loses its quantization_config; side files are copied. The layout is
 decided from headers alone, like `qstream quantize`'s plan, before any data moves.
 """
@@ -9,6 +10,7 @@ decided from headers alone, like `qstream quantize`'s plan, before any data move
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -25,53 +27,89 @@ from qstream.pipeline import CHUNK_ELEMENTS, REPORT_NAME
 from qstream.staging import copy_side_files, staging
 from qstream.plan import CopyJob, Shard, pack_shards
 from qstream.safetensors_io import OutEntry, ShardWriter, read_rows
+from qstream.source_formats import DecodedTensor, decode_kept
 
 PACKED, SCALE = ".weight_packed", ".weight_scale"
 MXFP4_FORMAT = "mxfp4-pack-quantized"
+READ_FORMATS = {MXFP4_FORMAT, "float-quantized", "mxfp8-quantized"}  # MXFP4 with FP8/MXFP8 kept beside it
 DENSE_DTYPE = "BF16"
 EVAL_NAME = "qstream_eval.json"  # measurements of a quantized checkpoint: they do not describe its dequantization
 NOT_CARRIED = frozenset({REPORT_NAME, EVAL_NAME})
 
 
-@dataclass(frozen=True)
-class DequantJob:
-    """One MXFP4 module decoded into its dense `<module>.weight`."""
+class _Dense:
+    """A module decoded into its dense `<module>.weight` in row chunks; subclasses decode rows."""
 
     module: str
-    packed: SourceTensor
-    scale: SourceTensor
+    shape: tuple[int, ...]
+
+    def _rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
 
     @property
     def in_features(self) -> int:
-        return self.packed.info.shape[-1] * 2
+        return self.shape[-1]
 
     @property
     def rows(self) -> int:
-        return self.packed.info.numel // self.packed.info.shape[-1]
+        return math.prod(self.shape[:-1])
 
     @property
     def entries(self) -> tuple[OutEntry, ...]:
-        return (OutEntry(f"{self.module}.weight", DENSE_DTYPE, (*self.packed.info.shape[:-1], self.in_features)),)
-
-    @property
-    def bytes_in(self) -> int:
-        return self.packed.info.nbytes + self.scale.info.nbytes
+        return (OutEntry(f"{self.module}.weight", DENSE_DTYPE, self.shape),)
 
     def slices(self, dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, dense rows) in chunks of about CHUNK_ELEMENTS, the weight seen as [rows, in]."""
         step = max(1, CHUNK_ELEMENTS // self.in_features)
         for r0 in range(0, self.rows, step):
-            r1 = min(r0 + step, self.rows)
-            packed = read_rows(self.packed.file, self.packed.info, r0, r1)
-            scales = read_rows(self.scale.file, self.scale.info, r0, r1)
-            yield r0, dequantize(packed, scales, dtype)
+            yield r0, self._rows(r0, min(r0 + step, self.rows), dtype)
 
     def dense(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The whole decoded weight, filled chunk by chunk (peak: the result plus one chunk)."""
         out = torch.empty(self.rows, self.in_features, dtype=dtype)
         for r0, rows in self.slices(dtype):
             out[r0:r0 + rows.shape[0]] = rows
-        return out.reshape(self.entries[0].shape)
+        return out.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class DequantJob(_Dense):
+    """One MXFP4 module decoded into its dense `<module>.weight` (exact in bf16)."""
+
+    module: str
+    packed: SourceTensor
+    scale: SourceTensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.packed.info.shape[:-1], self.packed.info.shape[-1] * 2)
+
+    @property
+    def bytes_in(self) -> int:
+        return self.packed.info.nbytes + self.scale.info.nbytes
+
+    def _rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        packed = read_rows(self.packed.file, self.packed.info, r0, r1)
+        return dequantize(packed, read_rows(self.scale.file, self.scale.info, r0, r1), dtype)
+
+
+@dataclass(frozen=True)
+class KeptJob(_Dense):
+    """An FP8/MXFP8 module kept beside MXFP4 ones, decoded as an FP8 input is (rounded once to bf16)."""
+
+    module: str
+    weight: DecodedTensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.info.shape
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(s.info.nbytes for s in self.weight.stored)
+
+    def _rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.read_rows(r0, r1).to(dtype)
 
 
 def mxfp4_quantization_config(ckpt: Checkpoint) -> dict:
@@ -82,7 +120,7 @@ def mxfp4_quantization_config(ckpt: Checkpoint) -> dict:
         raise QstreamError(f"{path}: no quantization_config, so not an MXFP4 checkpoint; nothing to dequantize")
     groups = qc.get("config_groups") or {}
     formats = {g.get("format") or qc.get("format") for g in groups.values() if isinstance(g, dict)}
-    if qc.get("quant_method") != "compressed-tensors" or formats != {MXFP4_FORMAT}:
+    if qc.get("quant_method") != "compressed-tensors" or MXFP4_FORMAT not in formats or not formats <= READ_FORMATS:
         found = f"{qc.get('quant_method')}/{'+'.join(sorted(map(str, formats))) or qc.get('format')}"
         raise QstreamError(f"{path}: quantization_config is {found}, not compressed-tensors {MXFP4_FORMAT}; "
                            "qstream reads back only MXFP4 checkpoints (as `qstream quantize` writes them)")
@@ -106,12 +144,16 @@ def _check_pair(packed: SourceTensor, scale: SourceTensor | None) -> None:
                            f"not an MXFP4 pair (uint8 [..., in/2] and [..., in/{BLOCK}]); the checkpoint is corrupt")
 
 
-def dense_jobs(ckpt: Checkpoint) -> list[DequantJob | CopyJob]:
-    """Every output tensor in source order: packed/scale pairs decoded where the packed tensor was."""
-    mxfp4_quantization_config(ckpt)
-    jobs: list[DequantJob | CopyJob] = []
+def dense_jobs(ckpt: Checkpoint) -> list[DequantJob | KeptJob | CopyJob]:
+    """Every output tensor in source order: packed/scale pairs and kept FP8 weights decoded where they were."""
+    kept, consumed = decode_kept(ckpt, mxfp4_quantization_config(ckpt))
+    jobs: list[DequantJob | KeptJob | CopyJob] = []
     for name, t in ckpt.tensors.items():
-        if name.endswith(PACKED):
+        if name in kept:
+            jobs.append(KeptJob(name.removesuffix(".weight"), kept[name]))
+        elif name in consumed:
+            continue
+        elif name.endswith(PACKED):
             module = name.removesuffix(PACKED)
             scale = ckpt.tensors.get(module + SCALE)
             _check_pair(t, scale)
@@ -167,6 +209,7 @@ def dequantize_checkpoint(src: Path, dst: Path, overwrite: bool = False, max_sha
     return {
         "source": str(ckpt.root),
         "modules_dequantized": sum(isinstance(j, DequantJob) for j in jobs),
+        "modules_decoded_from_fp8": sum(isinstance(j, KeptJob) for j in jobs),
         "tensors_copied": sum(isinstance(j, CopyJob) for j in jobs),
         "bytes_in": bytes_in,
         "bytes_out": sum(s.nbytes for s in shards),

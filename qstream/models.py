@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qstream.checkpoint import Checkpoint, open_checkpoint
-from qstream.dequantize import DequantJob, dense_jobs
+from qstream.dequantize import DequantJob, KeptJob, dense_jobs
 from qstream.errors import QstreamError
 from qstream.plan import CopyJob
 
@@ -24,7 +24,7 @@ from qstream.plan import CopyJob
 class _DecodedOnLoad:
     """Stands in for a safetensors slice: `x[...]` returns the dense weight, decoded then."""
 
-    def __init__(self, job: DequantJob) -> None:
+    def __init__(self, job: DequantJob | KeptJob) -> None:
         self.job = job
 
     def __getitem__(self, index: object) -> torch.Tensor:

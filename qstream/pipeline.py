@@ -200,7 +200,7 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
     fp = fingerprint(plan)
     with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,
                  bookkeeping=(f"*{STATS_SUFFIX}",)) as tmp:
-        with tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
+        with tqdm(total=plan.work_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
             for shard in plan.shards:
                 saved = _completed_shard(tmp, shard) if resume else None

@@ -127,7 +127,13 @@ class Plan:
 
     @property
     def bytes_in(self) -> int:
-        return sum(t.info.nbytes for t in self.source.tensors.values())
+        """Bytes of the source checkpoint's tensors (an FP8 weight: its bytes and scales, not its decoding)."""
+        return sum(source_nbytes(t) for t in self.source.tensors.values())
+
+    @property
+    def work_bytes(self) -> int:
+        """What the progress bar counts: source bytes as the jobs read them (decoded weights at BF16 size)."""
+        return sum(j.bytes_in for s in self.shards for j in s.jobs)
 
     @property
     def bytes_out(self) -> int:
@@ -158,6 +164,10 @@ class Plan:
         config = dict(self.source.config)
         config["quantization_config"] = self.quantization_config()
         return config
+
+
+def source_nbytes(t: SourceTensor | DecodedTensor | PackedExperts) -> int:
+    return sum(s.info.nbytes for s in t.stored) if getattr(t, "stored", ()) else t.info.nbytes
 
 
 def quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[QuantJob]:

@@ -211,6 +211,14 @@ def _ct_fp8(q: dict) -> bool:
             and all(w.get("num_bits") == 8 and w.get("type") == "float" for w in _ct_weights(q)))
 
 
+def _ct_block(q: dict, weight: tuple[int, ...], scale: tuple[int, ...]) -> tuple[int, int]:
+    """A block group's block_structure for a grid of scales (shapes alone cannot tell a ragged last block)."""
+    blocks = [w["block_structure"] for w in _ct_weights(q) if w.get("strategy") == "block" and w.get("block_structure")]
+    if blocks and len(scale) == 2 and scale[1] > 1:
+        return tuple(blocks[0])
+    return _from_shapes(q, weight, scale)
+
+
 def _from_shapes(q: dict, weight: tuple[int, ...], scale: tuple[int, ...]) -> tuple[int, int]:
     """Per-tensor, per-channel or per-block scales, told apart by the scale's shape."""
     out, n = weight
@@ -230,7 +238,7 @@ FORMATS: tuple[SourceFormat, ...] = (
     ),
     SourceFormat(
         "ct-fp8", "compressed-tensors float-quantized FP8 (per-tensor, per-channel or block weight_scale)",
-        _ct_fp8, "weight_scale", _from_shapes, _float, _ct_scheme,
+        _ct_fp8, "weight_scale", _ct_block, _float, _ct_scheme,
     ),
     SourceFormat(
         "ct-mxfp8", "compressed-tensors mxfp8-quantized (FP8 elements, uint8 E8M0 scale per 32)",
@@ -258,30 +266,49 @@ def decode_checkpoint(ckpt: Checkpoint) -> Checkpoint:
     fmt = next((f for f in FORMATS if f.matches(qcfg)), None)
     if fmt is None:
         method = qcfg.get("quant_method", "?") + (f" {qcfg['format']}" if "format" in qcfg else "")
-        hint = "; to requantize an MXFP4 checkpoint, run `qstream dequantize` first" if "mxfp4" in method else ""
+        hint = "; to requantize an MXFP4 checkpoint, run `qstream dequantize` first" if "mxfp4" in str(qcfg) else ""
         supported = "; ".join(f"{f.name}: {f.description}" for f in FORMATS) + "; " + GPT_OSS
         raise QstreamError(
             f"{ckpt.root / 'config.json'}: already quantized ({method}), which qstream cannot read as input{hint}. "
             f"Supported inputs: BF16/FP16/FP32; {supported}"
         )
+    decoded, consumed = _decode_weights(ckpt, qcfg, lambda scale: fmt)
+    tensors = {n: decoded.get(n, t) for n, t in ckpt.tensors.items() if n not in consumed}
+    return replace(ckpt, config=_without_quantization(ckpt.config), tensors=tensors)
+
+
+def decode_kept(ckpt: Checkpoint, qcfg: dict) -> tuple[dict[str, DecodedTensor], set[str]]:
+    """FP8/MXFP8 weights kept beside MXFP4 ones in a mixed-precision checkpoint (as `quantize` writes them),
+    decoded, and the names of every tensor they consume; the format follows the scale's dtype."""
+    by_name = {f.name: f for f in FORMATS}
+    return _decode_weights(ckpt, qcfg, lambda scale: by_name["ct-mxfp8" if scale.info.dtype == "U8" else "ct-fp8"])
+
+
+def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTensor], SourceFormat]
+                    ) -> tuple[dict[str, DecodedTensor], set[str]]:
+    """Every FP8 `X.weight` with its scale as a DecodedTensor; the names it consumes (scales, input_scale)."""
     decoded: dict[str, DecodedTensor] = {}
     consumed: set[str] = set()
     for name, t in ckpt.tensors.items():
+        if not (name.endswith(".weight") and t.info.dtype in FP8_DTYPES):
+            continue
         base = name.removesuffix(".weight")
-        scale = ckpt.tensors.get(f"{base}.{fmt.scale_suffix}")
-        if name.endswith(".weight") and t.info.dtype in FP8_DTYPES and scale is not None and len(t.info.shape) == 2:
-            block = tuple(int(b) for b in fmt.block(qcfg, t.info.shape, scale.info.shape))
-            info = TensorInfo(name, "BF16", t.info.shape, 0, t.info.numel * 2)
-            stored = tuple(_renamed(ckpt.tensors[f"{base}.{s}"], f"{base}.{o}")
-                           for s, o in STORED_SUFFIXES.items() if f"{base}.{s}" in ckpt.tensors)
-            decoded[name] = DecodedTensor(info, t, scale, block, fmt.scale_decode, stored,
-                                          fmt.scheme(qcfg, base, block, t.info.shape))
-            consumed |= {f"{base}.{s}" for s in CONSUMED_SUFFIXES}
-        elif t.info.dtype in FP8_DTYPES:
-            raise QstreamError(f"{name}: {t.info.dtype} with no {fmt.scale_suffix} beside it; the {fmt.name} "
-                               "checkpoint is incomplete or of a layout qstream does not know")
-    tensors = {n: decoded.get(n, t) for n, t in ckpt.tensors.items() if n not in consumed}
-    return replace(ckpt, config=_without_quantization(ckpt.config), tensors=tensors)
+        scale = next((ckpt.tensors[f"{base}.{s}"] for s in ("weight_scale_inv", "weight_scale")
+                      if f"{base}.{s}" in ckpt.tensors), None)
+        fmt = format_of(scale) if scale is not None else None
+        if scale is None or scale.name != f"{base}.{fmt.scale_suffix}" or len(t.info.shape) != 2:
+            expected = fmt.scale_suffix if fmt else "weight_scale"
+            raise QstreamError(f"{name}: {t.info.dtype} with no {expected} beside it; the "
+                               f"{fmt.name if fmt else 'FP8'} checkpoint is incomplete or of a layout qstream "
+                               "does not know")
+        block = tuple(int(b) for b in fmt.block(qcfg, t.info.shape, scale.info.shape))
+        info = TensorInfo(name, "BF16", t.info.shape, 0, t.info.numel * 2)
+        stored = tuple(_renamed(ckpt.tensors[f"{base}.{s}"], f"{base}.{o}")
+                       for s, o in STORED_SUFFIXES.items() if f"{base}.{s}" in ckpt.tensors)
+        decoded[name] = DecodedTensor(info, t, scale, block, fmt.scale_decode, stored,
+                                      fmt.scheme(qcfg, base, block, t.info.shape))
+        consumed |= {f"{base}.{s}" for s in CONSUMED_SUFFIXES}
+    return decoded, consumed
 
 
 def _renamed(t: SourceTensor, name: str) -> SourceTensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from qstream.plan import Plan, QuantJob, estimate_bits_per_weight
+from qstream.ignore import scheme_format
+from qstream.plan import Plan, QuantJob, estimate_bits_per_weight, source_nbytes
 from qstream.selection import region_of, role_of
+from qstream.source_formats import DecodedTensor
 
 
 def human_bytes(n: float) -> str:
@@ -25,22 +27,30 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def plan_rows(plan: Plan) -> list[dict]:
     """Per (region, role, action): tensor count, parameters, bytes in and out."""
+    owner = {s.name: name for name, t in plan.source.tensors.items() for s in getattr(t, "stored", ())}
     out_bytes: dict[str, int] = defaultdict(int)
     for shard in plan.shards:
         for job in shard.jobs:
             src = job.source.name
-            out_bytes[src] += sum(e.nbytes for e in job.entries)
+            out_bytes[owner.get(src, src)] += sum(e.nbytes for e in job.entries)
     groups: dict[tuple[str, str, str], dict] = {}
     for name, t in plan.source.tensors.items():
         d = plan.decisions[name]
-        key = (region_of(name).value, role_of(name).value, "MXFP4" if d.quantize else t.info.dtype)
+        key = (region_of(name).value, role_of(name).value, "MXFP4" if d.quantize else _kept_precision(plan, t))
         g = groups.setdefault(key, {"region": key[0], "role": key[1], "precision": key[2], "tensors": 0,
                                     "params": 0, "bytes_in": 0, "bytes_out": 0})
         g["tensors"] += 1
         g["params"] += t.info.numel
-        g["bytes_in"] += t.info.nbytes
+        g["bytes_in"] += source_nbytes(t)
         g["bytes_out"] += out_bytes[name]
     return sorted(groups.values(), key=lambda g: (g["precision"] != "MXFP4", -g["bytes_in"]))
+
+
+def _kept_precision(plan: Plan, t) -> str:
+    """An unquantized tensor's output precision: its dtype, or for a decoded FP8 source weight what it became."""
+    if isinstance(t, DecodedTensor):
+        return f"{t.weight.info.dtype} (source)" if plan.keep_dtype == "source" else "BF16 (decoded)"
+    return t.info.dtype
 
 
 def plan_text(plan: Plan) -> str:
@@ -61,6 +71,10 @@ def plan_text(plan: Plan) -> str:
         "ignore (compressed-tensors, as vLLM matches it):",
         *(f"  {e}" for e in plan.ignore),
     ]
+    groups = plan.quantization_config()["config_groups"]
+    for g, scheme in groups.items() if len(groups) > 1 else ():
+        lines.append(f"{g}: {scheme['format']} ({scheme_format(scheme)}), targets:")
+        lines += [f"  {e}" for e in scheme["targets"]]
     return "\n".join(lines)
 
 

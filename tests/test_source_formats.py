@@ -175,6 +175,38 @@ def test_unselected_weights_keep_source_precision(tmp_path, tiny_qwen3_moe, layo
     assert verify(dst, src).ok, verify(dst, src).summary()
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny_qwen3_moe, layout) -> None:
+    """dequantize and eval's loader decode a kept weight to its format's definition, which is what
+    compressed-tensors' own decompressor gives from the output's tensors and config group."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from qstream.dequantize import dequantize_checkpoint
+    from qstream.models import load_model
+
+    src = tmp_path / "src"
+    expected = to_layout(tiny_qwen3_moe, src, layout)
+    q = tmp_path / "q"
+    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), q, device="cpu", progress=False)
+    report = dequantize_checkpoint(q, tmp_path / "dq", progress=False)
+    dense, out = _tensors(tmp_path / "dq"), _tensors(q)
+    group = json.loads((q / "config.json").read_text())["quantization_config"]["config_groups"]["group_1"]
+    scheme = QuantizationScheme.model_validate(group)
+    decompressor = BaseCompressor.get_value_from_registry(scheme.format)
+    kept = [n for n in expected if n in out]  # the quantized ones became weight_packed
+    assert kept and report["modules_decoded_from_fp8"] == len(kept)
+    for name in kept:
+        module = name.removesuffix(".weight")
+        theirs = decompressor.decompress({"weight": out[name], "weight_scale": out[f"{module}.weight_scale"]},
+                                         scheme)["weight"].to(torch.bfloat16)
+        assert torch.equal(dense[name], expected[name]) and torch.equal(dense[name], theirs), name
+    assert all(v.dtype == torch.bfloat16 for k, v in dense.items() if k in expected)
+    model = load_model(q, torch.bfloat16, torch.device("cpu"))
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], dense[n]) for n in kept)
+
+
 def test_mxfp8_decode_matches_compressed_tensors(tmp_path, tiny_qwen3_moe) -> None:
     """The decoded MXFP8 values equal compressed-tensors' own decompression."""
     from compressed_tensors.compressors.mxfp8.base import MXFP8QuantizationCompressor
