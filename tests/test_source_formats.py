@@ -235,3 +235,18 @@ def test_unsupported_format_lists_supported(tmp_path, tiny_llama) -> None:
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QstreamError, match=r"already quantized \(gptq\).*Supported inputs: .*fp8-block.*ct-mxfp8"):
         make_plan(open_checkpoint(src), Selection("mlp"), Rule.MSE3, 10**9)
+
+
+def test_e5m2_weights_cannot_be_kept(tmp_path, tiny_qwen3_moe) -> None:
+    """compressed-tensors' FP8 is E4M3: an E5M2 weight to keep is refused with the way out, which works."""
+    from tests.test_bad_input import assert_refused, qstream, rewrite_header, tree_hashes
+
+    src = tmp_path / "src"
+    to_layout(tiny_qwen3_moe, src, "fp8-block")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    rewrite_header(next(src.glob("*.safetensors")), lambda h: h[name].update(dtype="F8_E5M2"))  # same bytes
+    before, dst = tree_hashes(src), tmp_path / "dst"
+    msg = assert_refused(qstream("quantize", src, dst, "--no-progress"), name, src, before, dst)
+    assert "--keep-dtype bf16" in msg
+    ok = qstream("quantize", src, dst, "--keep-dtype", "bf16", "--no-progress")
+    assert ok.returncode == 0, ok.stderr
