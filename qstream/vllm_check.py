@@ -355,36 +355,52 @@ def _headers_only(v: _Vllm, shapes, state: _LoadState) -> Iterator[None]:
 
 
 class _NoKernel:
-    """Stands in for an MXFP4 GEMM kernel where vLLM has none: loading needs none, serving would."""
+    """Stands in for a GEMM kernel where vLLM has none: loading needs none, serving would."""
+
+    def input_quant_key(self):  # vLLM asks every FP8 kernel whether it takes pre-quantized input
+        return None
+
+
+# Where vLLM's compressed-tensors schemes choose their GEMM kernel: (scheme module, kernel factory, storage).
+_SCHEMES = "vllm.model_executor.layers.quantization.compressed_tensors.schemes."
+KERNEL_FACTORIES = (
+    (_SCHEMES + "compressed_tensors_w4a4_mxfp4", "init_mxfp4_linear_kernel", MXFP4),
+    (_SCHEMES + "compressed_tensors_w8a8_fp8", "init_fp8_linear_kernel", FP8),
+    (_SCHEMES + "compressed_tensors_w8a16_fp8", "init_wfp8_a16_linear_kernel", FP8),
+    (_SCHEMES + "compressed_tensors_w8a8_mxfp8", "init_mxfp8_linear_kernel", MXFP8),
+)
 
 
 @contextlib.contextmanager
 def _kernel_probe(report: VllmReport) -> Iterator[None]:
-    """Let vLLM choose its MXFP4 linear kernel as usual; where it finds none, note it and go on loading."""
-    try:
-        from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
-            compressed_tensors_w4a4_mxfp4 as scheme_module,
-        )
-    except ImportError:
-        yield
-        return
-    real = scheme_module.init_mxfp4_linear_kernel
+    """Let vLLM choose its MXFP4/FP8/MXFP8 linear kernels as usual; where it finds none, note it and go on."""
+    import importlib
 
-    def probing(*args, **kwargs):
+    patched = []
+    for module_name, factory, fmt in KERNEL_FACTORIES:
         try:
-            return real(*args, **kwargs)
-        except ValueError as exc:
-            note = ("vLLM has no MXFP4 linear kernel on this machine: it loads the checkpoint but could not "
-                    f"serve it here ({_one_line(exc)})")
-            if note not in report.notes:
-                report.notes.append(note)
-            return _NoKernel()
+            module = importlib.import_module(module_name)
+            real = getattr(module, factory)
+        except (ImportError, AttributeError):
+            continue
 
-    scheme_module.init_mxfp4_linear_kernel = probing
+        def probing(*args, _real=real, _fmt=fmt, **kwargs):
+            try:
+                return _real(*args, **kwargs)
+            except ValueError as exc:
+                note = (f"vLLM has no {_fmt} linear kernel on this machine: it loads the checkpoint but could not "
+                        f"serve it here ({_one_line(exc)})")
+                if note not in report.notes:
+                    report.notes.append(note)
+                return _NoKernel()
+
+        setattr(module, factory, probing)
+        patched.append((module, factory, real))
     try:
         yield
     finally:
-        scheme_module.init_mxfp4_linear_kernel = real
+        for module, factory, real in patched:
+            setattr(module, factory, real)
 
 
 # ---------------------------------------------------------------------------------------------------------

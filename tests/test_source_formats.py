@@ -174,3 +174,20 @@ def test_e5m2_weights_cannot_be_kept(tmp_path, tiny_qwen3_moe) -> None:
     assert "--keep-dtype bf16" in msg
     ok = qstream("quantize", src, dst, "--keep-dtype", "bf16", "--no-progress")
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("break_it,text", [
+    (lambda qc: qc["ignore"].append(qc["config_groups"]["group_1"]["targets"][0]), "FP8 on disk but matched by ignore"),
+    (lambda qc: qc["config_groups"]["group_1"].update(targets=["re:^nothing$"]), "FP8 on disk but targeted by no"),
+    (lambda qc: qc["config_groups"]["group_0"].update(targets=["Linear"]), "must name its modules"),
+])
+def test_verify_catches_a_mixed_config_that_misreads_kept_weights(tmp_path, tiny_qwen3_moe, break_it, text) -> None:
+    src = tmp_path / "src"
+    to_layout(tiny_qwen3_moe, src, "fp8-block")
+    dst = tmp_path / "q"
+    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    cfg = json.loads((dst / "config.json").read_text())
+    break_it(cfg["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    report = verify(dst)
+    assert not report.ok and any(text in f for f in report.failures), report.summary()

@@ -16,6 +16,7 @@ import torch
 from torch.nn import Parameter
 
 from qstream.mxfp4 import dequantize
+from tests_vllm.standin import DequantKernel
 
 
 def _decode_into(layer: torch.nn.Module, prefix: str, dtype: torch.dtype) -> None:
@@ -33,7 +34,6 @@ def install() -> None:
     from vllm.model_executor.kernels import linear as kernels
     from vllm.model_executor.kernels.linear.mxfp4 import MxFp4LinearKernel
     from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
         CompressedTensorsMoEMethod,
     )
@@ -42,24 +42,11 @@ def install() -> None:
     )
     from vllm.platforms import current_platform
 
-    class DequantMxfp4LinearKernel(MxFp4LinearKernel):
+    class DequantMxfp4LinearKernel(DequantKernel, MxFp4LinearKernel):
         """Decode at load, then vLLM's unquantized Linear (same GEMM as a bf16 checkpoint gets)."""
 
-        @classmethod
-        def is_supported(cls, compute_capability=None):
-            return current_platform.is_cpu(), "CPU only"
-
-        @classmethod
-        def can_implement(cls, config):
-            return True, None
-
-        def process_weights_after_loading(self, layer):
+        def decode(self, layer):
             _decode_into(layer, "", layer.params_dtype)
-            self.dense = UnquantizedLinearMethod()
-            self.dense.process_weights_after_loading(layer)
-
-        def apply_weights(self, layer, x, bias=None):
-            return self.dense.apply(layer, x, bias)
 
     class DequantMxfp4MoEMethod(UnquantizedFusedMoEMethod):
         """vLLM's MXFP4 expert parameters and loaders; at load, decode and run vLLM's unquantized MoE."""

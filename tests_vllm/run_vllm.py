@@ -1,10 +1,10 @@
 """Run one checkpoint in vLLM on this machine's CPU and write what it computed as JSON (one engine per process).
 
-    python -m tests_vllm.run_vllm MODEL OUT.json --prompt-ids IDS.json [--mxfp4-cpu]   # prompt logprobs
+    python -m tests_vllm.run_vllm MODEL OUT.json --prompt-ids IDS.json [--cpu-standins]   # prompt logprobs
     python -m tests_vllm.run_vllm MODEL OUT.json --prompts TEXT.json --max-tokens 32   # greedy text
 
 Prompt logprobs cover the whole vocabulary at every position, as vLLM computes them (float32).
-`--mxfp4-cpu` installs the test-only MXFP4 stand-ins (tests_vllm/mxfp4_cpu.py) first.
+`--cpu-standins` installs the test-only MXFP4, FP8 and MXFP8 stand-ins (tests_vllm/mxfp4_cpu.py, fp8_cpu.py) first.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ def main() -> None:
     group.add_argument("--prompt-ids", type=Path, help="JSON list of token-id lists: write their prompt logprobs")
     group.add_argument("--prompts", type=Path, help="JSON list of strings: write their greedy continuations")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--mxfp4-cpu", action="store_true")
+    ap.add_argument("--cpu-standins", action="store_true")
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # keep the engine (and our patches) in this process
     os.environ["TORCHDYNAMO_DISABLE"] = "1"  # vLLM torch.compiles its logprob ranking: 10 s per process on CPU
-    if args.mxfp4_cpu:
-        from tests_vllm.mxfp4_cpu import install
+    if args.cpu_standins:
+        from tests_vllm import fp8_cpu, mxfp4_cpu
 
-        install()
+        mxfp4_cpu.install()
+        fp8_cpu.install()
     from vllm import LLM, SamplingParams
 
     llm = LLM(

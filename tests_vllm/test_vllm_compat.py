@@ -12,12 +12,17 @@ from qstream.vllm_check import check_with_vllm
 from tests_vllm.broken import BREAKERS, make_broken
 from tests_vllm.conftest import LAYOUTS, run_vllm
 
-# What vLLM must build as MXFP4 (vLLM layer classes) for each layout's quantize preset.
+# What vLLM must build quantized (vLLM layer class -> storage) for each layout's quantize preset: MXFP4 where
+# qstream quantized, and the input's FP8/MXFP8 kept where it did not.
 QUANTIZED_KINDS = {
-    "qwen35_moe": {"RoutedExperts"},
-    "qwen3_moe": {"RoutedExperts"},
-    "mixtral": {"RoutedExperts"},
-    "llama": {"MergedColumnParallelLinear", "RowParallelLinear"},
+    "qwen35_moe": {"RoutedExperts": "MXFP4"},
+    "qwen3_moe": {"RoutedExperts": "MXFP4"},
+    "mixtral": {"RoutedExperts": "MXFP4"},
+    "llama": {"MergedColumnParallelLinear": "MXFP4", "RowParallelLinear": "MXFP4"},
+    "qwen3_moe_fp8_block": {"RoutedExperts": "MXFP4", "QKVParallelLinear": "FP8", "RowParallelLinear": "FP8"},
+    "llama_ct_fp8_channel": {"MergedColumnParallelLinear": "MXFP4", "RowParallelLinear": "FP8+MXFP4",
+                             "QKVParallelLinear": "FP8"},
+    "qwen3_moe_mxfp8": {"RoutedExperts": "MXFP4", "QKVParallelLinear": "MXFP8", "RowParallelLinear": "MXFP8"},
 }
 CLOSE = 0.1  # |logprob - bf16 source's| over the spread of the source's logprobs: MXFP4 gives 1-3%
 
@@ -28,15 +33,18 @@ def test_vllm_loads_qstream_output_as_meant(checkpoints, layout):
     assert report.ok, report.summary()
     assert report.vllm_version in report.summary()
     quantized = [r for r in report.modules if r.quantized]
-    assert {r.kind for r in quantized} == QUANTIZED_KINDS[layout]
-    assert all(r.holds == ("MXFP4",) for r in quantized)
+    kinds: dict[str, set[str]] = {}
+    for r in quantized:
+        kinds.setdefault(r.kind, set()).add(r.built)
+    assert {k: "+".join(sorted(v)) for k, v in kinds.items()} == QUANTIZED_KINDS[layout]
+    assert all(r.holds == (r.built,) for r in quantized)
     assert all(r.holds == ("BF16",) for r in report.modules if not r.quantized and r.holds)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_vllm_logprobs_equal_compressed_tensors_decoding(checkpoints, layout, prompt_ids, tmp_path):
     c = checkpoints(layout)
-    mxfp4 = run_vllm(c.quantized, tmp_path / "mxfp4.json", mxfp4_cpu=True, prompt_ids=prompt_ids)
+    mxfp4 = run_vllm(c.quantized, tmp_path / "mxfp4.json", cpu_standins=True, prompt_ids=prompt_ids)
     decoded = run_vllm(c.decompressed, tmp_path / "ct.json", prompt_ids=prompt_ids)
     source = run_vllm(c.source, tmp_path / "bf16.json", prompt_ids=prompt_ids)
     assert mxfp4 == decoded  # every position, every vocabulary entry, bit for bit
@@ -80,5 +88,5 @@ def test_vllm_itself_loads_a_missing_expert_silently(checkpoints, prompt_ids, tm
     """Why the check exists: vLLM serves this broken checkpoint without a word."""
     c = checkpoints("qwen3_moe")
     broken = make_broken(c.quantized, c.source, tmp_path / "broken", BREAKERS["missing_expert"])
-    assert run_vllm(broken, tmp_path / "out.json", mxfp4_cpu=True, prompt_ids=prompt_ids)
+    assert run_vllm(broken, tmp_path / "out.json", cpu_standins=True, prompt_ids=prompt_ids)
     assert not check_with_vllm(broken).ok

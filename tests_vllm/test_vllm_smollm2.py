@@ -40,6 +40,6 @@ def test_smollm2_passes_vllm_check_and_generates_as_decoded(smollm2, label, tmp_
     report = check_with_vllm(quantized)
     assert report.ok, report.summary()
     assert any(r.quantized for r in report.modules)
-    texts = run_vllm(quantized, tmp_path / "mxfp4.json", mxfp4_cpu=True, prompts=PROMPTS)
+    texts = run_vllm(quantized, tmp_path / "mxfp4.json", cpu_standins=True, prompts=PROMPTS)
     assert texts == run_vllm(decoded, tmp_path / "ct.json", prompts=PROMPTS)
     assert all(t.strip() for t in texts)
