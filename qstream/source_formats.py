@@ -290,17 +290,23 @@ def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTen
     decoded: dict[str, DecodedTensor] = {}
     consumed: set[str] = set()
     for name, t in ckpt.tensors.items():
-        if not (name.endswith(".weight") and t.info.dtype in FP8_DTYPES):
+        if t.info.dtype not in FP8_DTYPES:
             continue
+        if not name.endswith(".weight"):
+            raise QstreamError(f"{name}: {t.info.dtype} but not a `.weight` with a scale beside it; an FP8 layout "
+                               "qstream does not know (it reads per-module FP8 weights, as DeepSeek-V3 stores them)")
         base = name.removesuffix(".weight")
         scale = next((ckpt.tensors[f"{base}.{s}"] for s in ("weight_scale_inv", "weight_scale")
                       if f"{base}.{s}" in ckpt.tensors), None)
         fmt = format_of(scale) if scale is not None else None
-        if scale is None or scale.name != f"{base}.{fmt.scale_suffix}" or len(t.info.shape) != 2:
+        if scale is None or scale.name != f"{base}.{fmt.scale_suffix}":
             expected = fmt.scale_suffix if fmt else "weight_scale"
             raise QstreamError(f"{name}: {t.info.dtype} with no {expected} beside it; the "
                                f"{fmt.name if fmt else 'FP8'} checkpoint is incomplete or of a layout qstream "
                                "does not know")
+        if len(t.info.shape) != 2:
+            raise QstreamError(f"{name}: a {len(t.info.shape)}-D {t.info.dtype} weight; qstream decodes 2-D FP8 "
+                               "weights only (per-expert tensors, as DeepSeek-V3 and Qwen3-FP8 store them)")
         block = tuple(int(b) for b in fmt.block(qcfg, t.info.shape, scale.info.shape))
         info = TensorInfo(name, "BF16", t.info.shape, 0, t.info.numel * 2)
         stored = tuple(_renamed(ckpt.tensors[f"{base}.{s}"], f"{base}.{o}")
