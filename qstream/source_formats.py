@@ -65,14 +65,22 @@ class DecodedTensor(_Computed):
         return self.weight
 
     def read_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) as BF16: weight * scale of its (row block, column block)."""
+        """Rows [r0, r1) as BF16: weight * scale of its (row block, column block), multiplied in float32.
+
+        The scales are broadcast over column blocks in place rather than expanded to the weight's size,
+        so a chunk costs its float32 copy and its BF16 result, nothing more.
+        """
         bo, bi = self.block
         w = read_rows(self.weight.file, self.weight.info, r0, r1).float()
         s0, s1 = r0 // bo, (r1 - 1) // bo + 1
         s = self.scale_decode(read_rows(self.scale.file, self.scale.info, s0, s1).reshape(s1 - s0, -1))
-        s = s.repeat_interleave(bo, 0)[r0 - s0 * bo : r1 - s0 * bo]
-        s = s.repeat_interleave(bi, 1)[:, : w.shape[1]]
-        return (w * s).to(torch.bfloat16)
+        s = s.repeat_interleave(bo, 0)[r0 - s0 * bo : r1 - s0 * bo]  # [rows, column blocks]: small
+        rows, cols = w.shape
+        full = cols // bi * bi
+        w[:, :full].view(rows, -1, bi).mul_(s[:, : full // bi, None])
+        if full < cols:  # a ragged last column block
+            w[:, full:].mul_(s[:, full // bi : full // bi + 1])
+        return w.to(torch.bfloat16)
 
 
 @dataclass(frozen=True)

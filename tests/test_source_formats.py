@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from qstream.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
@@ -191,3 +192,18 @@ def test_verify_catches_a_mixed_config_that_misreads_kept_weights(tmp_path, tiny
     (dst / "config.json").write_text(json.dumps(cfg))
     report = verify(dst)
     assert not report.ok and any(text in f for f in report.failures), report.summary()
+
+
+def test_block_decode_with_ragged_blocks_is_the_definition(tmp_path) -> None:
+    """Rows and columns that do not fill their last 32x32 block, read in chunks that cut through blocks."""
+    from qstream.source_formats import DecodedTensor, _float
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(70, 100, generator=g) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(3, 4, generator=g) + 0.5
+    save_file({"m.weight": w, "m.weight_scale_inv": s}, tmp_path / "x.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    t = open_checkpoint(tmp_path).tensors
+    d = DecodedTensor(t["m.weight"].info, t["m.weight"], t["m.weight_scale_inv"], (32, 32), _float)
+    expected = (w.float() * s.repeat_interleave(32, 0)[:70].repeat_interleave(32, 1)[:, :100]).to(torch.bfloat16)
+    assert torch.equal(torch.cat([d.read_rows(0, 13), d.read_rows(13, 45), d.read_rows(45, 70)]), expected)
