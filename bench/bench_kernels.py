@@ -83,30 +83,19 @@ def cuda_rows(sweep: bool) -> tuple[list[dict], dict]:
     w = weights(EXPERT_SHAPE, "cuda")
     bw = cuda_copy_bandwidth(w.numel())
     floor_s = w.numel() * BYTES_PER_ELEMENT / bw
-    # (split tiles, blocks per program, warps): one block per thread needs blocks >= 32 * warps; split tiles
-    # put 8 blocks on a warp (4 threads each), so blocks >= 8 * warps
-    configs = ([(False, b, nw) for b in (32, 64, 128) for nw in (1, 2, 4) if b >= 32 * nw]
-               + [(True, b, nw) for b in (16, 32, 64, 128, 256) for nw in (1, 2, 4, 8) if b >= 8 * nw]) if sweep else [
-        (triton_mxfp4.SPLIT, None, None)]
+    configs = [(b, nw) for b in (32, 64, 128, 256) for nw in (1, 2, 4, 8) if b >= 32 * nw] if sweep else [
+        (triton_mxfp4.BLOCKS_PER_PROGRAM, triton_mxfp4.NUM_WARPS)]
     timings = []
-    ref = triton_mxfp4.launch(w, Rule.MSE3, split=False)
-    for split, blocks, nw in configs:
-        out = triton_mxfp4.launch(w, Rule.MSE3, blocks, nw, split=split)
-        same = torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
-        ms = do_bench(lambda: triton_mxfp4.launch(w, Rule.MSE3, blocks, nw, split=split), warmup=50, rep=300,
-                      return_mode="median")
-        timings.append({"split": split, "blocks": blocks, "num_warps": nw, "ms": ms,
-                        "floor_share": floor_s / (ms * 1e-3), "bytes_equal": same})
-        del out
-    del ref
+    for blocks, nw in configs:
+        ms = do_bench(lambda: triton_mxfp4.launch(w, Rule.MSE3, blocks, nw), warmup=50, rep=300, return_mode="median")
+        timings.append({"blocks": blocks, "num_warps": nw, "ms": ms, "floor_share": floor_s / (ms * 1e-3)})
     best = min(timings, key=lambda t: t["ms"])
     rows = []
     for rule in (Rule.MSE3, Rule.EVEN):
-        ms = do_bench(lambda: triton_mxfp4.launch(w, rule, best["blocks"], best["num_warps"], split=best["split"]),
+        ms = do_bench(lambda: triton_mxfp4.launch(w, rule, best["blocks"], best["num_warps"]),
                       warmup=50, rep=300, return_mode="median")
-        layout = "split tiles" if best["split"] else "block per thread"
-        rows.append({"case": f"kernel triton {rule.value} (cuda, {layout}, {best['blocks']} blocks/"
-                             f"{best['num_warps']} warps)", "elements": w.numel(), "seconds": ms * 1e-3})
+        rows.append({"case": f"kernel triton {rule.value} (cuda, {best['blocks']} blocks/{best['num_warps']} warps)",
+                     "elements": w.numel(), "seconds": ms * 1e-3})
     ms = do_bench(lambda: triton_mxfp4.quantize(w, Rule.MSE3), warmup=50, rep=300, return_mode="median")
     rows.append({"case": "triton_mxfp4.quantize incl. stats sync (cuda)", "elements": w.numel(), "seconds": ms * 1e-3})
     small = w[:32]  # the torch path's temporaries would not fit for the whole tensor
@@ -165,7 +154,7 @@ def fmt_rate(row: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="bit-identity of all backends on large random tensors")
-    ap.add_argument("--sweep", action="store_true", help="CUDA: time every layout x blocks-per-program x warps config")
+    ap.add_argument("--sweep", action="store_true", help="CUDA: time every blocks-per-program x warps config")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and triton_mxfp4.available() else "cpu"
@@ -181,8 +170,7 @@ def main() -> None:
         info = out["cuda_info"]
         if args.sweep:
             for t in sorted(info["sweep"], key=lambda t: t["ms"]):
-                print(f"  {'split' if t['split'] else 'thread'} blocks {t['blocks']:4d} warps {t['num_warps']}: "
-                      f"{t['ms']:.3f} ms, {100 * t['floor_share']:.1f}% of floor, bytes equal {t['bytes_equal']}")
+                print(f"  blocks {t['blocks']:4d} warps {t['num_warps']}: {t['ms']:.3f} ms, {100 * t['floor_share']:.1f}% of floor")
         print(f"copy bandwidth {info['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write); floor for "
               f"{EXPERT_SHAPE} = {info['floor_ms']:.3f} ms")
     for row in out["cpu"] + out.get("cuda", []):

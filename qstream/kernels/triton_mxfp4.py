@@ -30,8 +30,6 @@ NUM_WARPS = 1  # best of the sweep on H100 (bench_kernels.py --sweep): 1.107 ms 
 # rounded squares is within 33 * 2^-24 of exact): such programs redo the comparison in exact integers.
 TIE_MARGIN = 8e-6
 MAXNREG = 168  # registers per thread: the compiler alone takes 241 (12.5% occupancy on H100); 168 measured best
-SPLIT = True  # the [BLOCKS, 32]-tile kernel (several threads per block) rather than one block per thread
-SPLIT_BLOCKS, SPLIT_WARPS = 32, 4  # 8 elements per thread
 SKIP_R2 = True  # MSE3's R-2 candidate provably never wins (qstream.mxfp4.MSE3_SEARCHED); False computes it anyway
 
 
@@ -84,9 +82,9 @@ if triton is not None:
     def _error_exact(y0, eb22, s: tl.constexpr, BF16: tl.constexpr):
         """The same, exactly: integer sums of (d * 2^SHIFT)^2 over the elements with y0 > 1/16."""
         d = tl.where(y0 > 0.0625, _candidate(y0, eb22, s) - y0, 0.0)  # the rest round to 0 under every s
-        if BF16:  # |d| * 2^11 < 2^14: the magic add converts it to an int exactly; its square fits a uint32
+        if BF16:  # |d| * 2^11 < 2^14: the magic add converts it to an int exactly; 32 squares fit a uint32
             k = (d * 2048.0 + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-            err = tl.sum((k * k).to(tl.uint32).to(tl.uint64), axis=1)
+            err = tl.sum((k * k).to(tl.uint32), axis=1).to(tl.uint64)
         else:
             k = (d * 134217728.0).to(tl.int32).to(tl.int64)
             err = tl.sum((k * k).to(tl.uint64), axis=1)
@@ -217,91 +215,9 @@ if triton is not None:
         tl.store(counts_ptr + pid * 4 + 3, tl.sum(nonfinite).to(tl.int64))
 
 
-    @triton.jit
-    def _split_kernel(x_ptr, packed_ptr, scales_ptr, stats_ptr, counts_ptr, nblocks,
-                      RULE: tl.constexpr, BF16: tl.constexpr, BLOCKS: tl.constexpr, SKIP_R2: tl.constexpr):
-        """The same computation on [BLOCKS, 32] tiles, which Triton spreads over several threads per block
-        (16-byte loads, 8 elements a thread): per-block reductions become warp shuffles, and each thread
-        holds a quarter of a block, so more warps fit (the one-block-per-thread kernel is register-bound)."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCKS + tl.arange(0, BLOCKS)
-        valid = rows < nblocks
-        rows64 = rows.to(tl.int64)
-        cols = tl.arange(0, 32)
-        raw = tl.load(x_ptr + rows64[:, None] * 32 + cols[None, :], mask=valid[:, None], other=0)
-        if BF16:
-            x = (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            x = raw.to(tl.float32)
-        a = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-        amax = tl.max(a, axis=1)
-        nonfinite = tl.zeros([BLOCKS], dtype=tl.int32)
-        if tl.max((amax >= 0x7F800000).to(tl.int32)) > 0:
-            nonfinite = tl.sum((a >= 0x7F800000).to(tl.int32), axis=1)
-        f = (amax >> 23).to(tl.int32) - 127
-        mant = amax & 0x7FFFFF
-        r = f - 2 + (mant > 0x400000).to(tl.int32)
-        r = tl.where(amax < 0x800000, -127, tl.minimum(tl.maximum(r, -127), 126))
-        y0 = a.to(tl.float32, bitcast=True) * _pow2_neg(r)[:, None]
-        eb = (y0.to(tl.uint32, bitcast=True) & 0x7F800000) + (22 << 23)
-        if RULE == 3:
-            e0 = _error_fast(y0, eb, 0)
-            e1 = _error_fast(y0, eb, 1)
-            v2 = r - 2 >= -127
-            if SKIP_R2:
-                e2 = tl.full([BLOCKS], float("inf"), tl.float32)
-            else:
-                e2 = _error_fast(y0, eb, 2)
-            s = _pick(e0, e1, e2, r)
-            v1 = r - 1 >= -127
-            near = v1 & _close(e0, e1)
-            if not SKIP_R2:
-                near = near | (v2 & (_close(e0, e2) | _close(e1, e2)))
-            if tl.max(near.to(tl.int32)) > 0:
-                x0 = _error_exact(y0, eb, 0, BF16)
-                x1 = _error_exact(y0, eb, 1, BF16)
-                ok1 = v1 & (x1 < x0)
-                s = tl.where(ok1, 1, 0)
-                if not SKIP_R2:
-                    x2 = _error_exact(y0, eb, 2, BF16)
-                    s = tl.where(v2 & (x2 < tl.where(ok1, x1, x0)), 2, s)
-            e = r - s
-        elif RULE == 2:
-            e = r
-        else:
-            up = (mant >= 0x600000).to(tl.int32) if RULE == 1 else 0
-            e = tl.where(amax < 0x800000, -127, tl.minimum(tl.maximum(f - 2 + up, -127), 126))
-
-        off = r - e
-        floor22 = ((149 - off) << 23).to(tl.uint32)[:, None]
-        q, total, mb = _round(y0, eb, floor22)
-        q = tl.minimum(q, (6.0 * _pow2_neg(off))[:, None])
-        idx = tl.minimum(total.to(tl.uint32, bitcast=True) - mb + (mb >> 22) - (2 * (149 - off)).to(tl.uint32)[:, None], 7)
-        sign = (x.to(tl.uint32, bitcast=True) >> 28) & 8
-        codes = (idx | ((idx + 7) & sign)) << ((cols % 8) * 4)[None, :].to(tl.uint32)
-        words = tl.sum(tl.reshape(codes, [BLOCKS, 4, 8]), axis=2)
-        tl.store(packed_ptr + rows64[:, None] * 4 + tl.arange(0, 4)[None, :], words, mask=valid[:, None])
-        tl.store(scales_ptr + rows64, (e + 127).to(tl.uint8), mask=valid)
-
-        d = (q - y0).to(tl.float64)
-        y = y0.to(tl.float64)
-        scale2 = ((2 * r + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
-        tl.store(stats_ptr + pid * 2, tl.sum(tl.sum(d * d, axis=1) * scale2))
-        tl.store(stats_ptr + pid * 2 + 1, tl.sum(tl.sum(y * y, axis=1) * scale2))
-        field = tl.where(valid, 1 << (10 * tl.minimum(off, 2)), 0)
-        packed_counts = tl.sum(field)
-        tl.store(counts_ptr + pid * 4, (packed_counts & 1023).to(tl.int64))
-        tl.store(counts_ptr + pid * 4 + 1, ((packed_counts >> 10) & 1023).to(tl.int64))
-        tl.store(counts_ptr + pid * 4 + 2, ((packed_counts >> 20) & 1023).to(tl.int64))
-        tl.store(counts_ptr + pid * 4 + 3, tl.sum(nonfinite).to(tl.int64))
-
-
-def launch(w: torch.Tensor, rule: Rule, blocks: int | None = None, num_warps: int | None = None,
-           skip_r2: bool = SKIP_R2, maxnreg: int | None = None, split: bool = SPLIT):
+def launch(w: torch.Tensor, rule: Rule, blocks: int = BLOCKS_PER_PROGRAM, num_warps: int = NUM_WARPS,
+           skip_r2: bool = SKIP_R2, maxnreg: int | None = MAXNREG):
     """Run the kernel; returns (packed, scales, per-program stats [P, 2], per-program counts [P, 4])."""
-    defaults = (SPLIT_BLOCKS, SPLIT_WARPS, None) if split else (BLOCKS_PER_PROGRAM, NUM_WARPS, MAXNREG)
-    blocks, num_warps = blocks or defaults[0], num_warps or defaults[1]
-    maxnreg = maxnreg if maxnreg is not None else defaults[2]
     lead, n = tuple(w.shape[:-1]), w.shape[-1]
     nblocks = w.numel() // BLOCK
     programs = max(1, triton.cdiv(nblocks, blocks))
@@ -310,8 +226,7 @@ def launch(w: torch.Tensor, rule: Rule, blocks: int | None = None, num_warps: in
     stats = torch.empty(programs, 2, dtype=torch.float64, device=w.device)
     counts = torch.empty(programs, 4, dtype=torch.int64, device=w.device)
     bf16 = w.dtype is torch.bfloat16
-    kernel = _split_kernel if split else _mxfp4_kernel
-    kernel[(programs,)](w.view(torch.int16) if bf16 else w, packed.view(torch.int32), scales, stats, counts,
+    _mxfp4_kernel[(programs,)](w.view(torch.int16) if bf16 else w, packed.view(torch.int32), scales, stats, counts,
                                nblocks, RULE=RULE_CODES[rule], BF16=bf16, BLOCKS=blocks, SKIP_R2=skip_r2,
                                num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     return packed, scales, stats, counts
