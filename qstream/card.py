@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qstream.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
+from qstream.ignore import FP8, MXFP8, scheme_format
 from qstream.mxfp4 import BLOCK, Rule
 from qstream.selection import ROLES, Region, Role, region_of, role_of
 from qstream.summary import human_bytes, table
@@ -39,17 +40,32 @@ def _front_matter(readme: Path) -> dict[str, str]:
     return out
 
 
+SCALE_SUFFIXES = (".weight_scale", ".input_scale")
+
+
 def _params(dst: Path) -> dict[str, int]:
     """Parameters by (region, role), read from the output's own headers (packed MXFP4 counts 2 per byte)."""
     ckpt = open_checkpoint(dst, unfinished_ok=True)
     counts: dict[str, int] = defaultdict(int)
     for name, t in ckpt.tensors.items():
-        if name.endswith(".weight_scale") and f"{name.removesuffix('_scale')}_packed" in ckpt.tensors:
+        if name.endswith(SCALE_SUFFIXES):  # MXFP4 scales, and kept FP8 weights' scales: not parameters
             continue
         n = t.info.numel * (2 if name.endswith(".weight_packed") else 1)
         logical = re.sub(r"\.weight_packed$", ".weight", name)
         counts[f"{region_of(logical).value}/{role_of(logical).value}"] += n
     return dict(counts)
+
+
+def kept_formats(dst: Path) -> dict[str, str]:
+    """(region/role) -> FP8 or MXFP8, for components whose weights the output keeps in the source's FP8."""
+    ckpt = open_checkpoint(dst, unfinished_ok=True)
+    kept = {}
+    for name, t in ckpt.tensors.items():
+        if name.endswith(".weight") and t.info.dtype.startswith("F8"):
+            scale = ckpt.tensors.get(f"{name.removesuffix('weight')}weight_scale")
+            kept[f"{region_of(name).value}/{role_of(name).value}"] = (
+                MXFP8 if scale is not None and scale.info.dtype == "U8" else FP8)
+    return kept
 
 
 def model_facts(dst: Path) -> dict:
@@ -90,13 +106,14 @@ def _role_pattern(role: Role) -> str:
     return " or ".join(f"`{p}`" for p in pats) if pats else "(everything else)"
 
 
-def _quantized_table(report: dict, facts: dict) -> str:
+def _quantized_table(report: dict, facts: dict, kept: dict[str, str]) -> str:
     quantized = {(t["name"]) for t in report["tensors"]}
     rows: dict[tuple[str, str], list] = {}
     for key, n in sorted(facts["by_component"].items(), key=lambda kv: -kv[1]):
         region, role = key.split("/")
         is_q = any(region_of(q).value == region and role_of(q).value == role for q in quantized)
-        rows[(region, role)] = [f"{region} {role.replace('_', ' ')}", "MXFP4" if is_q else "unchanged",
+        precision = "MXFP4" if is_q else f"{kept[key]} (as the source)" if key in kept else "unchanged"
+        rows[(region, role)] = [f"{region} {role.replace('_', ' ')}", precision,
                                 _billions(n), _role_pattern(Role(role)) if region == "language" else f"{region}.*"]
     return table(["Component", "Precision", "Parameters", "Tensor name pattern"], list(rows.values()))
 
@@ -133,6 +150,10 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
 
     eval_data = read_saved(dst)
     facts = model_facts(dst)
+    kept = kept_formats(dst)
+    groups = list(json.loads((dst / "config.json").read_text())["quantization_config"]["config_groups"].values())[1:]
+    storage = ("`mxfp4-pack-quantized`" if not groups else "`mixed-precision` (`mxfp4-pack-quantized` beside the "
+               + ", ".join(f"`{g['format']}`" for g in groups) + " weights kept from the source)")
     carried = _front_matter(source_readme) if source_readme else {}
     base = Path(report["source"]).name
     name = name or dst.name
@@ -148,7 +169,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         f"# {name}", "",
         f"{base} with its {'routed MoE experts' if report['preset'] == 'experts' else report['preset'] + ' weights'} "
         f"in MXFP4 (4-bit E2M1, one power-of-two scale per {BLOCK} weights), stored as compressed-tensors "
-        f"`mxfp4-pack-quantized` for vLLM. {human_bytes(totals['bytes_in'])} -> {human_bytes(totals['bytes_out'])}.",
+        f"{storage} for vLLM. {human_bytes(totals['bytes_in'])} -> {human_bytes(totals['bytes_out'])}.",
         "", "## Model details", "",
         table(["", ""], [
             ["Architecture", f"`{facts['architecture']}` ({facts['model_type']})"],
@@ -161,7 +182,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
             ["Base model", front["base_model"]],
             ["License", front.get("license", "see the base model")],
         ]),
-        "", "## What's quantized", "", _quantized_table(report, facts), "",
+        "", "## What's quantized", "", _quantized_table(report, facts, kept), "",
         "## Method", "",
         f"- Format: MXFP4 (OCP Microscaling): E2M1 elements, E8M0 scale per block of {BLOCK} along the input "
         f"dimension; compressed-tensors `mxfp4-pack-quantized` (uint8 scales, even column in the low nibble).",
@@ -170,6 +191,9 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         f"relative weight error sum((Wq-W)^2)/sum(W^2) = {totals['rel_error']:.3e}.",
         "- Kept as they were (the `ignore` list, as vLLM matches it):",
         *(f"  - `{e}`" for e in report["ignore"]),
+        *(line for g in groups for line in (
+            f"- Kept in the source's {scheme_format(g)} (a `{g['format']}` config group naming its modules):",
+            *(f"  - `{e}`" for e in g["targets"]))),
         f"- Made with qstream {report['qstream_version']} in {totals['seconds']:.0f} s "
         f"(peak RSS {human_bytes(totals['peak_rss_bytes'])}).",
         "", "## Quality", "", _quality(eval_data, name), "",

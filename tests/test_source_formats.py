@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def test_unselected_weights_keep_source_precision(tmp_path, tiny_qwen3_moe, layo
 
     QuantizationConfig.model_validate(qc)
     assert verify(dst, src).ok, verify(dst, src).summary()
+    card = (dst / "README.md").read_text()  # says what is stored, from DST's own headers and config
+    assert re.search(rf"\| language attention +\| {fmt} \(as the source\) +\|", card) and "`mixed-precision`" in card
+    assert f"- Kept in the source's {fmt} (a `{ct_format}` config group naming its modules):" in card
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
