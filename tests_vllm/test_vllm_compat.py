@@ -90,3 +90,20 @@ def test_vllm_itself_loads_a_missing_expert_silently(checkpoints, prompt_ids, tm
     broken = make_broken(c.quantized, c.source, tmp_path / "broken", BREAKERS["missing_expert"])
     assert run_vllm(broken, tmp_path / "out.json", cpu_standins=True, prompt_ids=prompt_ids)
     assert not check_with_vllm(broken).ok
+
+
+def test_vllm_loads_kept_fp8_experts_beside_mxfp4_ones(vllm_installed, tmp_path):
+    """Excluding one layer's experts from an FP8 input keeps them FP8: vLLM takes that layer's MoE scheme as
+    FP8 and the other layers' as MXFP4, from one mixed-precision config."""
+    from tests.fp8_layouts import to_layout
+    from tests_vllm import fixtures
+    from tests_vllm.conftest import qstream
+
+    src = fixtures.build_qwen3_moe(tmp_path / "bf16")
+    to_layout(src, tmp_path / "fp8", "fp8-block")
+    qstream("quantize", tmp_path / "fp8", tmp_path / "q", "--no-progress", "--exclude", "*.layers.0.mlp.experts.*")
+    report = check_with_vllm(tmp_path / "q")
+    assert report.ok, report.summary()
+    experts = {r.name.split(".")[2]: r.built for r in report.modules if r.kind == "RoutedExperts"}
+    assert experts == {"0": "FP8", "1": "MXFP4", "2": "MXFP4", "3": "MXFP4"}
+    assert all(r.holds == (r.built,) for r in report.modules if r.quantized)
