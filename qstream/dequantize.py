@@ -127,6 +127,14 @@ def mxfp4_quantization_config(ckpt: Checkpoint) -> dict:
     return qc
 
 
+def is_mxfp4_checkpoint(ckpt: Checkpoint) -> bool:
+    """compressed-tensors with an MXFP4 group (alone or beside kept FP8/MXFP8): what `dense_jobs` reads."""
+    qc = ckpt.config.get("quantization_config")
+    groups = (qc or {}).get("config_groups") or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and any(
+        (g.get("format") or qc.get("format")) == MXFP4_FORMAT for g in groups.values() if isinstance(g, dict))
+
+
 def dense_config(config: dict) -> dict:
     """config.json of the dense checkpoint: the same keys in the same order, no quantization_config."""
     return {k: v for k, v in config.items() if k != "quantization_config"}

@@ -1,36 +1,57 @@
-"""Load checkpoints into transformers models for eval; MXFP4 weights are decoded by qstream as they load.
+"""Load checkpoints into transformers models for eval; quantized weights are decoded by qstream as they load.
 
-A plain checkpoint loads with `AutoModelForCausalLM.from_pretrained`. An MXFP4 checkpoint (compressed-tensors
-mxfp4-pack-quantized) loads through the same transformers loader with a lazy state dict: each
-`<m>.weight_packed`/`weight_scale` pair is offered as `<m>.weight` and decoded by qstream.mxfp4 only when
-transformers materializes that one tensor (as it materializes safetensors slices), so the model is built from
-our own decoding, never from compressed-tensors', with no dense copy on disk and never two copies in memory.
-transformers' own key mapping (fused experts, prefixes) applies exactly as for a plain checkpoint.
+A plain checkpoint (and gpt-oss, whose MXFP4 transformers reads itself) loads with
+`AutoModelForCausalLM.from_pretrained`. An MXFP4 checkpoint (compressed-tensors mxfp4-pack-quantized, with or
+without kept FP8 weights) and an FP8/MXFP8 input load through the same transformers loader with a lazy state
+dict: each `<m>.weight_packed`/`weight_scale` pair, or FP8 weight and scale, is offered as `<m>.weight` and
+decoded by qstream only when transformers materializes that one tensor (as it materializes safetensors
+slices), so the model is built from our own decoding, never from compressed-tensors', with no dense copy on
+disk and never two copies in memory. transformers' own key mapping (fused experts, prefixes) applies
+exactly as for a plain checkpoint, so an FP8 source and its MXFP4 output are scored on equal terms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from qstream.checkpoint import Checkpoint, open_checkpoint
-from qstream.dequantize import DequantJob, KeptJob, dense_jobs
+from qstream.dequantize import dense_jobs, is_mxfp4_checkpoint
 from qstream.errors import QstreamError
 from qstream.plan import CopyJob
+from qstream.source_formats import DecodedTensor, decode_checkpoint, quantization_config_of
 
 
 class _DecodedOnLoad:
     """Stands in for a safetensors slice: `x[...]` returns the dense weight, decoded then."""
 
-    def __init__(self, job: DequantJob | KeptJob) -> None:
-        self.job = job
+    def __init__(self, name: str, decode: Callable[[], torch.Tensor]) -> None:
+        self.name, self.decode = name, decode
 
     def __getitem__(self, index: object) -> torch.Tensor:
         if index is not Ellipsis:
-            raise TypeError(f"{self.job.module}: only [...] is supported, got {index!r}")
-        return self.job.dense(torch.bfloat16)
+            raise TypeError(f"{self.name}: only [...] is supported, got {index!r}")
+        return self.decode()
+
+
+def _lazy_weights(ckpt: Checkpoint, files: dict) -> dict[str, object]:
+    """name -> a safetensors slice, or a weight decoded by qstream when transformers asks for it: MXFP4
+    modules and kept FP8 weights of a qstream output, or the FP8/MXFP8 weights of a quantized input."""
+    if is_mxfp4_checkpoint(ckpt):
+        state: dict[str, object] = {}
+        for job in dense_jobs(ckpt):
+            if isinstance(job, CopyJob):
+                state[job.source.name] = files[job.source.file].get_slice(job.source.name)
+            else:
+                state[job.entries[0].name] = _DecodedOnLoad(job.module, functools.partial(job.dense, torch.bfloat16))
+        return state
+    return {name: _DecodedOnLoad(name, functools.partial(t.read_rows, 0, t.info.shape[0]))
+            if isinstance(t, DecodedTensor) else files[t.file].get_slice(name)
+            for name, t in decode_checkpoint(ckpt).tensors.items()}
 
 
 def _check_loaded(path: Path, info: dict) -> None:
@@ -42,12 +63,11 @@ def _check_loaded(path: Path, info: dict) -> None:
                            "is the checkpoint complete?")
 
 
-def _load_mxfp4(ckpt: Checkpoint, dtype: torch.dtype):
+def _load_decoded(ckpt: Checkpoint, dtype: torch.dtype):
     from safetensors import safe_open
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     path = ckpt.root
-    jobs = dense_jobs(ckpt)  # refuses anything but MXFP4; validates every packed/scale pair
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config  # the weights handed over are dense
     model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
@@ -57,12 +77,7 @@ def _load_mxfp4(ckpt: Checkpoint, dtype: torch.dtype):
         config = config.get_text_config()
     with contextlib.ExitStack() as stack:
         files = {f: stack.enter_context(safe_open(str(f), "pt")) for f in ckpt.weight_files}
-        state = {}
-        for job in jobs:
-            if isinstance(job, CopyJob):
-                state[job.source.name] = files[job.source.file].get_slice(job.source.name)
-            else:
-                state[job.entries[0].name] = _DecodedOnLoad(job)
+        state = _lazy_weights(ckpt, files)  # validates every packed/scale pair and FP8 scale first
         model, info = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
                                                 output_loading_info=True)
     return model, info
@@ -75,8 +90,9 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
 
     hf_logging.disable_progress_bar()  # one bar per model load would drown eval's own
     ckpt = open_checkpoint(Path(path))
-    if "quantization_config" in ckpt.config:
-        model, info = _load_mxfp4(ckpt, dtype)
+    qcfg = quantization_config_of(ckpt.config)
+    if qcfg is not None and qcfg.get("quant_method") != "mxfp4":  # gpt-oss's own MXFP4: transformers reads it
+        model, info = _load_decoded(ckpt, dtype)
     else:
         model, info = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=dtype, output_loading_info=True)
     _check_loaded(ckpt.root, info)

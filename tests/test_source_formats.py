@@ -134,6 +134,9 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     model = load_model(q, torch.bfloat16, torch.device("cpu"))
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], dense[n]) for n in kept)
+    source = dict(load_model(src, torch.bfloat16, torch.device("cpu")).named_parameters())  # eval's FP8 source
+    assert all(torch.equal(source[n], expected[n]) for n in expected if n in source)
+    assert sum(n in source for n in expected) >= len(kept)
 
 
 def test_mxfp8_decode_matches_compressed_tensors(tmp_path, tiny_qwen3_moe) -> None:
