@@ -30,6 +30,8 @@ MERGES: dict[str, str] = {
     "in_proj_z": "in_proj_qkvz",
     "in_proj_b": "in_proj_ba",
     "in_proj_a": "in_proj_ba",
+    "q_a_proj": "fused_qkv_a_proj",  # DeepSeek-V2/V3 MLA
+    "kv_a_proj_with_mqa": "fused_qkv_a_proj",
 }
 
 # HF prefix -> vLLM prefix: hf_to_vllm_mapper of the Qwen3-VL-style multimodal classes,
@@ -120,16 +122,18 @@ def build_cover(modules: list[Module], fmt: str) -> list[str]:
     other module: coarse entries where they hit no other module, exact alternatives elsewhere."""
     check_merges(modules)
     others = [v for m in modules if m.fmt != fmt for v in variants(m)]
+    mine = [m for m in modules if m.fmt == fmt]
     entries: list[str] = []
-    for m in modules:
-        if m.fmt != fmt or all(matches(entries, v) for v in variants(m)):
+    for m in mine:  # coarse entries first, so exact ones are written only for what they leave out
+        if all(matches(entries, v) for v in variants(m)):
             continue
-        coarse = [REGION_ENTRIES.get(m.region), ROLE_ENTRIES.get(m.role)]
-        entry = next(
-            (e for e in coarse if e and not any(matches([e], q) for q in others)),
-            _exact_entry(m),
-        )
-        entries.append(entry)
+        for e in (REGION_ENTRIES.get(m.region), ROLE_ENTRIES.get(m.role)):
+            if e and e not in entries and not any(matches([e], q) for q in others):
+                entries.append(e)
+                break
+    for m in mine:
+        if not all(matches(entries, v) for v in variants(m)):
+            entries.append(_exact_entry(m))
     return entries
 
 

@@ -49,7 +49,8 @@ ROLES: tuple[tuple[Role, re.Pattern[str]], ...] = (
     (Role.SHARED_EXPERT, re.compile(r"\.shared_experts?\.(?:gate_proj|up_proj|down_proj)\.weight$")),
     (Role.ROUTER, re.compile(r"\.(?:mlp|block_sparse_moe)\.(?:gate|router)\.weight$")),
     (Role.DENSE_MLP, re.compile(r"\.mlp\.(?:gate_proj|up_proj|down_proj)\.weight$")),
-    (Role.ATTENTION, re.compile(r"\.(?:self_attn|attn)\.(?:q_proj|k_proj|v_proj|o_proj|qkv|proj)\.weight$")),
+    (Role.ATTENTION, re.compile(r"\.(?:self_attn|attn)\.(?:q_proj|k_proj|v_proj|o_proj|qkv|proj"
+                                r"|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)\.weight$")),  # + DeepSeek's MLA
     (Role.LINEAR_ATTENTION, re.compile(r"\.linear_attn\.(?:in_proj_\w+|out_proj)\.weight$")),
     (Role.EMBEDDING, re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings)\.weight$")),
     (Role.LM_HEAD, re.compile(r"(?:^|\.)lm_head\.weight$")),

@@ -184,11 +184,10 @@ FP8_ARGS = {"num_bits": 8, "type": "float", "symmetric": True}
 def _fp8_block_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, int]) -> dict:
     """The compressed-tensors group that reads block FP8 as vLLM runs it (DeepSeek-style: weight blocks,
     activations quantized per token and `block[1]` columns on the fly, or per tensor with a static scale)."""
-    if q.get("weight_block_size"):
-        weights = {**FP8_ARGS, "strategy": "block", "block_structure": list(block)}
-    elif block == tuple(shape):
+    declared = bool(q.get("weight_block_size"))  # then every weight is block-scaled, whatever its shape
+    if not declared and block == tuple(shape):
         weights = {**FP8_ARGS, "strategy": "tensor"}
-    elif block == (1, shape[1]):
+    elif not declared and block == (1, shape[1]):
         weights = {**FP8_ARGS, "strategy": "channel"}
     else:
         weights = {**FP8_ARGS, "strategy": "block", "block_structure": list(block)}

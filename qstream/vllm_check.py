@@ -607,7 +607,9 @@ def _module_row(label: str, m, shapes, writes: dict[str, list[_Write]], canonica
     )
     params = [canonical[id(p)] for _, p in m.named_parameters(recurse=False)]
     sources = {s for p in params for w in writes.get(p, []) for s in w.sources}
-    holds = sorted({_format(s, shapes) for s in sources if s in shapes})
+    # biases (Linear biases, DeepSeek's e_score_correction_bias that its MoE layer shares) stay BF16 under
+    # every scheme: the weights and their scales say how a module is stored
+    holds = sorted({_format(s, shapes) for s in sources if s in shapes and not s.endswith("bias")})
     return ModuleRow(label, type(m).__name__, type(method).__name__, kernel_name, _built(m), tuple(holds))
 
 

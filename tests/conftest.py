@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import (
+    build_deepseek_v3,
     build_llama,
     build_mixtral,
     build_qwen3_moe,
@@ -40,3 +41,4 @@ tiny_mixtral = _checkpoint(build_mixtral, "MixtralForCausalLM, block_sparse_moe.
 tiny_llama = _checkpoint(build_llama, "Dense LlamaForCausalLM, every Linear input dim a multiple of 32.")
 tiny_llama_indivisible = _checkpoint(
     build_llama, "Dense LlamaForCausalLM with intermediate_size 80: mlp.down_proj.weight is [64, 80].", indivisible=True)
+tiny_deepseek_v3 = _checkpoint(build_deepseek_v3, "DeepseekV3ForCausalLM: MLA attention, dense layer 0, shared experts.")

@@ -350,3 +350,24 @@ def build_llama(
         tie_word_embeddings=tie_word_embeddings,
     )
     return _save(_seeded_model(LlamaForCausalLM, config, seed), out_dir, fused=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSeek-V3 (MLA attention, a dense first layer, shared + routed experts)
+
+
+def build_deepseek_v3(out_dir: Path, seed: int = 0) -> Path:
+    """Tiny DeepseekV3ForCausalLM: MLA projections (``self_attn.q_a_proj``, ``kv_a_proj_with_mqa``, ...), layer 0
+    dense (``mlp.gate_proj``), layer 1 MoE with ``mlp.shared_experts`` and per-expert tensors, model.safetensors."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
+        topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
+        topk_method="noaux_tc",  # as DeepSeek-V3's config.json says: vLLM then loads e_score_correction_bias
+        num_nextn_predict_layers=0,  # transformers writes no MTP layer, so the config must not declare one
+    )
+    return _save(_seeded_model(DeepseekV3ForCausalLM, config, seed), out_dir, fused=False)
+

@@ -214,3 +214,23 @@ def test_block_decode_with_ragged_blocks_is_the_definition(tmp_path) -> None:
     d = DecodedTensor(t["m.weight"].info, t["m.weight"], t["m.weight_scale_inv"], (32, 32), _float)
     expected = (w.float() * s.repeat_interleave(32, 0)[:70].repeat_interleave(32, 1)[:, :100]).to(torch.bfloat16)
     assert torch.equal(torch.cat([d.read_rows(0, 13), d.read_rows(13, 45), d.read_rows(45, 70)]), expected)
+
+
+def test_deepseek_v3_block_fp8_keeps_attention_and_dense_layers(tmp_path, tiny_deepseek_v3) -> None:
+    """DeepSeek-V3's own layout: MLA projections, the dense first layer and the shared expert stay block FP8,
+    named by coarse targets (vLLM fuses q_a_proj with kv_a_proj_with_mqa: both must stay FP8 together)."""
+    src = tmp_path / "src"
+    expected = to_layout(tiny_deepseek_v3, src, "fp8-block")
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in expected  # MLA counts as attention
+    dst = tmp_path / "q"
+    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["targets"] == [r"re:.*\.experts\..*"]
+    assert set(qc["config_groups"]["group_1"]["targets"]) == {
+        r"re:.*\.self_attn\..*", r"re:.*\.shared_experts?\..*", r"re:.*\.mlp\.(?:gate_proj|up_proj|down_proj|gate_up_proj)$"}
+    report = verify(dst, src)
+    assert report.ok, report.summary()
+    with pytest.raises(QstreamError, match="fused_qkv_a_proj: vLLM loads its parts as one module"):
+        make_plan(open_checkpoint(src), Selection("experts", include=("*.layers.0.self_attn.q_a_proj.weight",)),
+                  Rule.MSE3, 10**9)
+

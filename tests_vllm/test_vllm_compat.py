@@ -107,3 +107,19 @@ def test_vllm_loads_kept_fp8_experts_beside_mxfp4_ones(vllm_installed, tmp_path)
     experts = {r.name.split(".")[2]: r.built for r in report.modules if r.kind == "RoutedExperts"}
     assert experts == {"0": "FP8", "1": "MXFP4", "2": "MXFP4", "3": "MXFP4"}
     assert all(r.holds == (r.built,) for r in report.modules if r.quantized)
+
+
+def test_vllm_loads_deepseek_v3_with_mla_kept_in_fp8(vllm_installed, tmp_path):
+    """DeepSeek-V3's block-FP8 layout: vLLM builds the routed experts MXFP4 and the MLA projections (fused
+    q_a/kv_a included), the dense layer and the shared expert FP8, and loads every tensor where it belongs."""
+    from tests.fixtures import build_deepseek_v3
+    from tests.fp8_layouts import to_layout
+    from tests_vllm.conftest import qstream
+
+    to_layout(build_deepseek_v3(tmp_path / "bf16"), tmp_path / "fp8", "fp8-block")
+    qstream("quantize", tmp_path / "fp8", tmp_path / "q", "--no-progress")
+    report = check_with_vllm(tmp_path / "q")
+    assert report.ok, report.summary()
+    built = {(r.name.rsplit(".", 1)[-1], r.built) for r in report.modules if r.quantized}
+    assert ("routed_experts", "MXFP4") in built and ("fused_qkv_a_proj", "FP8") in built, report.summary()
+    assert all(r.holds == (r.built,) for r in report.modules if r.quantized)
