@@ -234,3 +234,24 @@ def test_deepseek_v3_block_fp8_keeps_attention_and_dense_layers(tmp_path, tiny_d
         make_plan(open_checkpoint(src), Selection("experts", include=("*.layers.0.self_attn.q_a_proj.weight",)),
                   Rule.MSE3, 10**9)
 
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_quantize_dequantize_quantize_from_fp8(tmp_path, tiny_qwen3_moe, layout) -> None:
+    """A mixed output, dequantized and quantized again, decodes to exactly what quantizing the FP8 input with
+    --keep-dtype bf16 decodes to: kept weights come back as the BF16 they stand for, MXFP4 as a fixed point."""
+    from qstream.dequantize import dequantize_checkpoint
+
+    src = tmp_path / "src"
+    to_layout(tiny_qwen3_moe, src, layout)
+
+    def quantize(source: Path, dst: Path, keep: str) -> Path:
+        run(make_plan(open_checkpoint(source), Selection("experts"), Rule.MSE3, 10**9, keep_dtype=keep), dst,
+            device="cpu", progress=False)
+        return dst
+
+    dequantize_checkpoint(quantize(src, tmp_path / "q1", "source"), tmp_path / "d1", progress=False)
+    dequantize_checkpoint(quantize(tmp_path / "d1", tmp_path / "q2", "source"), tmp_path / "d2", progress=False)
+    dequantize_checkpoint(quantize(src, tmp_path / "qb", "bf16"), tmp_path / "db", progress=False)
+    again, direct = _tensors(tmp_path / "d2"), _tensors(tmp_path / "db")
+    assert again.keys() == direct.keys() and all(torch.equal(again[k], direct[k]) for k in again)
