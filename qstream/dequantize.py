@@ -112,27 +112,30 @@ class KeptJob(_Dense):
         return self.weight.read_rows(r0, r1).to(dtype)
 
 
+def _group_formats(qc: dict) -> set[str]:
+    """The compressed-tensors formats of a quantization_config's groups (a group without one: the top-level)."""
+    groups = qc.get("config_groups") or {}
+    return {g.get("format") or qc.get("format") for g in groups.values() if isinstance(g, dict)}
+
+
+def is_mxfp4_checkpoint(ckpt: Checkpoint) -> bool:
+    """compressed-tensors with an MXFP4 group (alone or beside kept FP8/MXFP8): what `dense_jobs` reads."""
+    qc = ckpt.config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and MXFP4_FORMAT in _group_formats(qc)
+
+
 def mxfp4_quantization_config(ckpt: Checkpoint) -> dict:
     """The checkpoint's quantization_config if it is compressed-tensors mxfp4-pack-quantized, else an error."""
     path = ckpt.root / CONFIG_NAME
     qc = ckpt.config.get("quantization_config")
     if not isinstance(qc, dict):
         raise QstreamError(f"{path}: no quantization_config, so not an MXFP4 checkpoint; nothing to dequantize")
-    groups = qc.get("config_groups") or {}
-    formats = {g.get("format") or qc.get("format") for g in groups.values() if isinstance(g, dict)}
-    if qc.get("quant_method") != "compressed-tensors" or MXFP4_FORMAT not in formats or not formats <= READ_FORMATS:
+    formats = _group_formats(qc)
+    if not is_mxfp4_checkpoint(ckpt) or not formats <= READ_FORMATS:
         found = f"{qc.get('quant_method')}/{'+'.join(sorted(map(str, formats))) or qc.get('format')}"
         raise QstreamError(f"{path}: quantization_config is {found}, not compressed-tensors {MXFP4_FORMAT}; "
                            "qstream reads back only MXFP4 checkpoints (as `qstream quantize` writes them)")
     return qc
-
-
-def is_mxfp4_checkpoint(ckpt: Checkpoint) -> bool:
-    """compressed-tensors with an MXFP4 group (alone or beside kept FP8/MXFP8): what `dense_jobs` reads."""
-    qc = ckpt.config.get("quantization_config")
-    groups = (qc or {}).get("config_groups") or {}
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and any(
-        (g.get("format") or qc.get("format")) == MXFP4_FORMAT for g in groups.values() if isinstance(g, dict))
 
 
 def dense_config(config: dict) -> dict:

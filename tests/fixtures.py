@@ -155,6 +155,14 @@ def tensor_names(ckpt: Path) -> list[str]:
     return sorted(tensor_shapes(ckpt))
 
 
+def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file of the checkpoint (tiny checkpoints only)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Qwen3.5-MoE (Qwen/Qwen3.5-35B-A3B layout)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
 
 import qstream.dequantize as dq
 from qstream.checkpoint import open_checkpoint
@@ -20,20 +19,12 @@ from qstream.mxfp4 import Rule
 from qstream.pipeline import run
 from qstream.plan import make_plan
 from qstream.selection import Selection
-from tests.fixtures import SIDE_FILES
+from tests.fixtures import SIDE_FILES, load_tensors
 
 
 def quantize(src: Path, dst: Path, preset: str = "experts", rule: Rule = Rule.MSE3, max_shard: int = 10**9) -> Path:
     run(make_plan(open_checkpoint(src), Selection(preset), rule, max_shard), dst, device="cpu", progress=False)
     return dst
-
-
-def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def shard_bytes(ckpt: Path) -> dict[str, bytes]:
@@ -63,7 +54,7 @@ def test_dequantized_equals_compressed_tensors_decoding(fixture: str, preset: st
     assert not (out / "qstream_report.json").exists()  # describes the MXFP4 checkpoint, not this one
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
-    qt, dt, st = tensors(q), tensors(out), tensors(src)
+    qt, dt, st = load_tensors(q), load_tensors(out), load_tensors(src)
     packed = [k for k in qt if k.endswith(".weight_packed")]
     assert report["modules_dequantized"] == len(packed) > 0
     for name, t in dt.items():

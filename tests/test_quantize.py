@@ -19,6 +19,7 @@ from qstream.mxfp4 import Rule, dequantize, quantize
 from qstream.pipeline import REPORT_NAME, run
 from qstream.plan import make_plan
 from qstream.selection import Region, Role, Selection
+from tests.fixtures import load_tensors
 
 FIXTURES = {
     # fixture -> (preset, source tensors that must be quantized)
@@ -33,14 +34,6 @@ FIXTURES = {
 def quantize_dir(src: Path, dst: Path, preset: str, rule: Rule = Rule.MSE3, shard: int = 5 * 10**9, **kw) -> dict:
     plan = make_plan(open_checkpoint(src), Selection(preset, **kw), rule, shard)
     return run(plan, dst, device="cpu", progress=False)
-
-
-def tensors_of(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(ckpt_dir.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def expected_modules(name: str, w: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
@@ -73,7 +66,7 @@ def quantized(request, tmp_path_factory):
 
 def test_exactly_intended_tensors_change(quantized) -> None:
     src, dst, pattern, _ = quantized
-    s, q = tensors_of(src), tensors_of(dst)
+    s, q = load_tensors(src), load_tensors(dst)
     config = json.loads((src / "config.json").read_text())
     selected = [n for n in s if pattern.search(n)]
     assert selected, "fixture has no tensor the recipe should quantize"
@@ -122,7 +115,7 @@ def test_config_and_ignore_as_vllm_matches(quantized) -> None:
     parsed = QuantizationConfig.model_validate(qc)
     assert parsed.config_groups["group_0"].weights.group_size == 32
     # Rebuild the modules from the output's own tensor names, independently of the planner.
-    names = list(tensors_of(dst))
+    names = list(load_tensors(dst))
     modules: dict[str, Module] = {}
     for n in names:
         base = re.sub(r"\.(weight|weight_packed|weight_scale)$", "", n)
@@ -152,7 +145,7 @@ def test_compressed_tensors_decodes_to_our_floats(quantized) -> None:
     _, dst, _, _ = quantized
     qc = QuantizationConfig.model_validate(json.loads((dst / "config.json").read_text())["quantization_config"])
     scheme = qc.config_groups["group_0"]
-    q = tensors_of(dst)
+    q = load_tensors(dst)
     for name in [n for n in q if n.endswith(".weight_packed")][:40]:
         module = name.removesuffix(".weight_packed")
         packed, scale = q[name], q[f"{module}.weight_scale"]
@@ -188,7 +181,7 @@ def test_transformers_loads_and_logits_match_substituted_source(tmp_path, tiny_q
         )
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         state = {}
-        q = tensors_of(dst)
+        q = load_tensors(dst)
         for n in q:
             if n.endswith(".weight_packed"):
                 m = n.removesuffix(".weight_packed")
@@ -232,7 +225,7 @@ def test_sharding_by_size(tmp_path, tiny_qwen3_moe) -> None:
     shards = sorted(many.glob("*.safetensors"))
     assert len(shards) == report["totals"]["shards"] > 2
     assert all(s.stat().st_size < 64 * 1024 + 16 * 1024 for s in shards)
-    a, b = tensors_of(one), tensors_of(many)
+    a, b = load_tensors(one), load_tensors(many)
     assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qstream.checkpoint import open_checkpoint
@@ -19,15 +18,8 @@ from qstream.pipeline import run
 from qstream.plan import make_plan
 from qstream.selection import Selection
 from qstream.verify import verify
+from tests.fixtures import load_tensors
 from tests.fp8_layouts import LAYOUTS, to_layout
-
-def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_quantized_input_decoded_then_quantized_unselected_decoded(tmp_path, tiny_qwen3_moe, layout) -> None:
@@ -37,7 +29,7 @@ def test_quantized_input_decoded_then_quantized_unselected_decoded(tmp_path, tin
     dst = tmp_path / "q"
     report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9, keep_dtype="bf16"), dst,
                  device="cpu", progress=False)
-    out = _tensors(dst)
+    out = load_tensors(dst)
     assert not any(k.endswith(("_scale_inv", "input_scale")) for k in out)
     assert not any(k.endswith(".weight_scale") and k.removesuffix("_scale") + "_packed" not in out for k in out)
     assert all(v.dtype != torch.float8_e4m3fn for v in out.values())
@@ -69,11 +61,11 @@ def test_unselected_weights_keep_source_precision(tmp_path, tiny_qwen3_moe, layo
     module to the format it is stored in."""
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
-    source = _tensors(src)
+    source = load_tensors(src)
     dst = tmp_path / "q"
     report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
                  progress=False)
-    out = _tensors(dst)
+    out = load_tensors(dst)
     suffix = LAYOUTS[layout][1]
     kept = quantized = 0
     for name, ref in expected.items():
@@ -119,7 +111,7 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     q = tmp_path / "q"
     run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), q, device="cpu", progress=False)
     report = dequantize_checkpoint(q, tmp_path / "dq", progress=False)
-    dense, out = _tensors(tmp_path / "dq"), _tensors(q)
+    dense, out = load_tensors(tmp_path / "dq"), load_tensors(q)
     group = json.loads((q / "config.json").read_text())["quantization_config"]["config_groups"]["group_1"]
     scheme = QuantizationScheme.model_validate(group)
     decompressor = BaseCompressor.get_value_from_registry(scheme.format)
@@ -253,5 +245,5 @@ def test_quantize_dequantize_quantize_from_fp8(tmp_path, tiny_qwen3_moe, layout)
     dequantize_checkpoint(quantize(src, tmp_path / "q1", "source"), tmp_path / "d1", progress=False)
     dequantize_checkpoint(quantize(tmp_path / "d1", tmp_path / "q2", "source"), tmp_path / "d2", progress=False)
     dequantize_checkpoint(quantize(src, tmp_path / "qb", "bf16"), tmp_path / "db", progress=False)
-    again, direct = _tensors(tmp_path / "d2"), _tensors(tmp_path / "db")
+    again, direct = load_tensors(tmp_path / "d2"), load_tensors(tmp_path / "db")
     assert again.keys() == direct.keys() and all(torch.equal(again[k], direct[k]) for k in again)
