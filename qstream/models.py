@@ -23,7 +23,8 @@ from qstream.checkpoint import Checkpoint, open_checkpoint
 from qstream.dequantize import dense_jobs, is_mxfp4_checkpoint
 from qstream.errors import QstreamError
 from qstream.plan import CopyJob
-from qstream.source_formats import DecodedTensor, decode_checkpoint, quantization_config_of
+from qstream.mxfp4 import dequantize
+from qstream.source_formats import DecodedTensor, PackedExperts, decode_checkpoint, quantization_config_of
 
 
 class _DecodedOnLoad:
@@ -38,9 +39,17 @@ class _DecodedOnLoad:
         return self.decode()
 
 
-def _lazy_weights(ckpt: Checkpoint, files: dict) -> dict[str, object]:
+def _gpt_oss_dense(t: PackedExperts, dtype: torch.dtype) -> torch.Tensor:
+    """gpt-oss fused MXFP4 experts [E, out, in] decoded into the layout of its dense checkpoints, [E, in, out]."""
+    e, rows, n = t.info.shape
+    packed, scales = t.read_packed(0, e * rows, 1)
+    return dequantize(packed, scales, dtype).reshape(e, rows, n).transpose(1, 2)
+
+
+def lazy_state_dict(ckpt: Checkpoint, files: dict) -> dict[str, object]:
     """name -> a safetensors slice, or a weight decoded by qstream when transformers asks for it: MXFP4
-    modules and kept FP8 weights of a qstream output, or the FP8/MXFP8 weights of a quantized input."""
+    modules and kept FP8 weights of a qstream output, the FP8/MXFP8 weights of a quantized input, or gpt-oss's
+    MXFP4 experts (as its dense checkpoints store them). `files`: safe_open handles by path."""
     if is_mxfp4_checkpoint(ckpt):
         state: dict[str, object] = {}
         for job in dense_jobs(ckpt):
@@ -49,12 +58,19 @@ def _lazy_weights(ckpt: Checkpoint, files: dict) -> dict[str, object]:
             else:
                 state[job.entries[0].name] = _DecodedOnLoad(job.module, functools.partial(job.dense, torch.bfloat16))
         return state
+    decoded = decode_checkpoint(ckpt).tensors
+    if any(isinstance(t, PackedExperts) for t in decoded.values()):  # gpt-oss: biases stay fused as stored
+        state = {n: files[t.file].get_slice(n) for n, t in ckpt.tensors.items()
+                 if not n.endswith(("_blocks", "_scales"))}
+        state.update({n: _DecodedOnLoad(n, functools.partial(_gpt_oss_dense, t, torch.bfloat16))
+                      for n, t in decoded.items() if isinstance(t, PackedExperts)})
+        return state
     return {name: _DecodedOnLoad(name, functools.partial(t.read_rows, 0, t.info.shape[0]))
             if isinstance(t, DecodedTensor) else files[t.file].get_slice(name)
-            for name, t in decode_checkpoint(ckpt).tensors.items()}
+            for name, t in decoded.items()}
 
 
-def _check_loaded(path: Path, info: dict) -> None:
+def check_loaded(path: Path, info: dict) -> None:
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(info.get("mismatched_keys") or [])
     if missing or mismatched:
@@ -63,21 +79,37 @@ def _check_loaded(path: Path, info: dict) -> None:
                            "is the checkpoint complete?")
 
 
-def _load_decoded(ckpt: Checkpoint, dtype: torch.dtype):
-    from safetensors import safe_open
+def causal_lm_class(ckpt: Checkpoint, dense: bool = True):
+    """(transformers causal-LM class, its config) for a checkpoint, as AutoModelForCausalLM picks them: the
+    text model alone for a multimodal one. `dense`: the config loses its quantization_config, for weights
+    handed over decoded."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     path = ckpt.root
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config  # the weights handed over are dense
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as exc:
+        import transformers
+
+        raise QstreamError(f"{path / 'config.json'}: transformers {transformers.__version__} cannot read it "
+                           f"({str(exc).splitlines()[0]}); upgrade transformers or check model_type") from None
+    if dense and hasattr(config, "quantization_config"):
+        del config.quantization_config
     model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if model_cls is None:
         raise QstreamError(f"{path}: transformers has no causal LM for model_type {config.model_type!r}")
     if config.sub_configs.get("text_config") is model_cls.config_class:  # as AutoModelForCausalLM does
         config = config.get_text_config()
+    return model_cls, config
+
+
+def _load_decoded(ckpt: Checkpoint, dtype: torch.dtype):
+    from safetensors import safe_open
+
+    model_cls, config = causal_lm_class(ckpt)
     with contextlib.ExitStack() as stack:
         files = {f: stack.enter_context(safe_open(str(f), "pt")) for f in ckpt.weight_files}
-        state = _lazy_weights(ckpt, files)  # validates every packed/scale pair and FP8 scale first
+        state = lazy_state_dict(ckpt, files)  # validates every packed/scale pair and FP8 scale first
         model, info = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
                                                 output_loading_info=True)
     return model, info
@@ -95,5 +127,5 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
         model, info = _load_decoded(ckpt, dtype)
     else:
         model, info = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=dtype, output_loading_info=True)
-    _check_loaded(ckpt.root, info)
+    check_loaded(ckpt.root, info)
     return model.to(device).eval()

@@ -1,0 +1,140 @@
+"""Every token of a job through a StreamedModel, one part (embeddings, then each decoder layer) at a time.
+
+The job's sequences are independent (one causal mask each) and run in batches of equal-length sequences.
+Between parts the hidden states of all tokens wait in a HiddenStore. While a part computes, the next one is
+read on a background thread: on CUDA it is loaded onto the device beside the current one; on CPU its bytes
+are only read into the page cache and it is materialized after the current part is freed, so host memory
+holds one part, not two. Memory is the largest part plus one batch of activations, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from qstream.engine.hidden import HiddenStore
+from qstream.engine.model import EMBED, Part, StreamedModel
+
+DEFAULT_BATCH_TOKENS = 8192  # tokens per forward call (at least one whole sequence)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Token sequences run independently: sequence k is ids[begin_k:end_k]; rows of the store follow them."""
+
+    ids: torch.Tensor  # 1-D int64
+    spans: tuple[tuple[int, int], ...]
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        """First store row of each sequence (and the total as the last entry)."""
+        out = [0]
+        for b, e in self.spans:
+            out.append(out[-1] + e - b)
+        return out
+
+    @property
+    def tokens(self) -> int:
+        return self.offsets[-1]
+
+    def batches(self, batch_tokens: int) -> list[tuple[int, int, int]]:
+        """(first sequence, number of sequences, their length): runs of equal-length sequences of at most
+        `batch_tokens` tokens (one sequence at least)."""
+        out: list[tuple[int, int, int]] = []
+        for k, (b, e) in enumerate(self.spans):
+            n = e - b
+            if out and out[-1][2] == n and (out[-1][1] + 1) * n <= batch_tokens:
+                first, count, _ = out[-1]
+                out[-1] = (first, count + 1, n)
+            else:
+                out.append((k, 1, n))
+        return out
+
+    def batch_ids(self, first: int, count: int) -> torch.Tensor:
+        return torch.stack([self.ids[b:e] for b, e in self.spans[first:first + count]])
+
+
+class Observer(Protocol):
+    """Watches decoder layers: `layer_begin` right after the layer is loaded, `layer_end` after its last batch."""
+
+    def layer_begin(self, model: StreamedModel, index: int) -> None: ...
+
+    def layer_end(self, model: StreamedModel, index: int) -> None: ...
+
+
+@dataclass
+class PartTime:
+    part: str
+    wait_s: float  # reading/materializing not hidden behind the previous part's compute
+    compute_s: float
+    bytes: int
+
+
+@dataclass
+class RunStats:
+    tokens: int
+    parts: list[PartTime] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.wait_s + p.compute_s for p in self.parts)
+
+
+def parts_in_turn(model: StreamedModel, parts: Sequence[Part], times: list[float]) -> Iterator[Part]:
+    """Yield each part loaded, the next being read meanwhile; each is freed once the caller is done with it.
+    `times` receives, per part, the seconds spent waiting for it."""
+    ahead = model.device.type == "cuda"
+    fetch = model.load if ahead else model.warm
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qstream-read") as pool:
+        pending = pool.submit(fetch, parts[0])
+        for k, part in enumerate(parts):
+            t0 = time.perf_counter()
+            pending.result()
+            if not ahead:
+                model.load(part)
+            times.append(time.perf_counter() - t0)
+            pending = pool.submit(fetch, parts[k + 1]) if k + 1 < len(parts) else None
+            yield part
+            if ahead and pending is not None:
+                pending.result()  # the next part is in before this one goes: loading never races a free
+            model.free(part)
+
+
+@torch.inference_mode()
+def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer | None = None,
+        observe_from: int = 0, batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False) -> RunStats:
+    """Embeddings, then every decoder layer over every token of `job`; `store` ends holding the last layer's
+    output (before the final norm). `observer` watches layers from `observe_from` on."""
+    stats = RunStats(job.tokens)
+    parts: list[Part] = [EMBED, *range(model.n_layers)]
+    batches = job.batches(batch_tokens)
+    waits: list[float] = []
+    with tqdm(total=len(parts) * job.tokens, unit="tok", unit_scale=True, desc="layers", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for part in parts_in_turn(model, parts, waits):
+            t0 = time.perf_counter()
+            watched = observer is not None and isinstance(part, int) and part >= observe_from
+            if watched:
+                observer.layer_begin(model, part)  # type: ignore[union-attr]
+            for first, count, length in batches:
+                r0 = job.offsets[first]
+                if part == EMBED:
+                    out = model.embed(job.batch_ids(first, count))
+                else:
+                    h = store.read(r0, r0 + count * length).view(count, length, -1).to(model.device)
+                    out = model.layer_pass(int(part), h)
+                store.write(r0, out)
+                bar.update(count * length)
+            if watched:
+                observer.layer_end(model, part)  # type: ignore[union-attr]
+            name = part if isinstance(part, str) else f"layer {part}"
+            stats.parts.append(PartTime(name, waits[-1], time.perf_counter() - t0, model.part_bytes(part)))
+            bar.set_postfix_str(name)
+    return stats
