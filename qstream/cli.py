@@ -280,6 +280,53 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
         click.echo(f"updated {write_card(save_into, Path(src) / 'README.md')}")
 
 
+@cli.command("calibrate")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("stats", type=click.Path(path_type=Path))
+@click.option("--text-file", type=click.Path(path_type=Path), default=None,
+              help="Calibrate on this UTF-8 file (from its start) [default: the offline Wikipedia corpus, from its "
+                   "end, away from eval's default windows].")
+@click.option("--hf-cache", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Calibrate on a split from a Hugging Face datasets cache on disk.")
+@click.option("--hf-dataset", default="wikitext", show_default=True, help="Dataset name in --hf-cache.")
+@click.option("--hf-config", default="wikitext-2-raw-v1", show_default=True, help="Dataset config in --hf-cache.")
+@click.option("--hf-split", default="train", show_default=True, help="Split in --hf-cache.")
+@click.option("--samples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per window.")
+@click.option("--experts", type=click.Choice(["all", "routed"]), default="all", show_default=True,
+              help="all: every routed expert is measured on every token (the layer's output keeps the router's "
+                   "choice); routed: each expert on the tokens routed to it.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+              show_default=True, help="Compute dtype (auto: bfloat16).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the layers run.")
+@click.option("--batch-tokens", default=8192, show_default=True, help="Tokens per forward call.")
+@click.option("--hidden-budget", default="4GiB", show_default=True,
+              help="Hidden states of all tokens kept in memory up to this size, else in a file beside STATS.")
+@click.option("--overwrite", is_flag=True, help="Replace STATS if it exists (only once the new one is complete).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run of the same command from its first unfinished layer.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def calibrate_cmd(src: Path, stats: Path, text_file: Path | None, hf_cache: Path | None, hf_dataset: str,
+                  hf_config: str, hf_split: str, hidden_budget: str, overwrite: bool, resume: bool,
+                  no_progress: bool, **settings) -> None:
+    """Write STATS: per-input-channel activation statistics of every weight a preset could quantize
+    (routed experts included), measured by running text through SRC one decoder layer at a time.
+
+    \b
+    Examples:
+      qstream calibrate ./Qwen3.5-35B-A3B ./Qwen3.5-35B-A3B-calib --device cuda
+      qstream calibrate ./SmolLM2 ./SmolLM2-calib --samples 64 --seq-len 512
+      qstream calibrate ./M ./M-calib --text-file calib.txt --experts routed --resume
+    """
+    from qstream.calib.calibrate import Settings, calibrate, summary_text
+    from qstream.plan import parse_size
+
+    text = _text(text_file, hf_cache, hf_dataset, hf_config, hf_split)
+    summary = calibrate(src, stats, text, Settings(**settings, hidden_budget=parse_size(hidden_budget)),
+                        overwrite=overwrite, resume=resume, progress=not no_progress and sys.stderr.isatty())
+    click.echo(summary_text(summary, stats))
+
+
 @cli.command("compare-rules")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--preset", default="experts", show_default=True, help="What to quantize (as for quantize).")

@@ -2,10 +2,11 @@
 
 One protocol for every model: the source's tokenizer encodes the whole text once (no BOS or other special
 tokens added), the token stream is cut into windows (qstream.scoring), and every model sees exactly the
-same windows. All models are held at once (the source plus each checkpoint to compare; MXFP4 weights
-decoded as they load, see qstream.models), and each window runs through every model in turn, so the KL of
-a quantized model's next-token distribution from the source's is computed on the spot from both logits,
-with no cache of source log-probs (which would take tokens x vocab floats).
+same windows. The models run on the layer-streaming engine (qstream.engine.eval), one decoder layer of one
+model in memory at a time (MXFP4 and FP8 weights decoded as they load, see qstream.models): the source's last
+hidden states are kept, and the KL of a quantized model's next-token distribution from the source's is
+computed from both heads' logits a few rows at a time, with no cache of source log-probs (which would take
+tokens x vocab floats).
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from qstream.dequantize import EVAL_NAME
 from qstream.errors import QstreamError
 from qstream.pipeline import resolve_device
-from qstream.scoring import Totals, Window, score, windows
+from qstream.scoring import Totals, windows
 from qstream.summary import table
 from qstream.text_sources import Text
 
@@ -124,18 +123,10 @@ def tokenize(tokenizer_dir: Path, text: Text) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _window_logits(model, ids: torch.Tensor, w: Window, vocab: int | None, path: Path) -> torch.Tensor:
-    logits = model(input_ids=ids[None, w.begin:w.end], use_cache=False).logits[0, w.logit_rows()]
-    if vocab is not None and logits.shape[-1] != vocab:
-        raise QstreamError(f"{path}: vocabulary of {logits.shape[-1]} logits, the source has {vocab}; "
-                           "compare only checkpoints of the same model")
-    return logits
-
-
 def evaluate(source: Path, quantized: Sequence[Path], text: Text, protocol: Protocol = Protocol(),
              labels: Sequence[str] | None = None, progress: bool = True) -> EvalResult:
     """Score source and every checkpoint in `quantized` on the same windows of `text` (see module doc)."""
-    from qstream.models import load_model
+    from qstream.engine.eval import score_windows
 
     paths = [Path(source), *map(Path, quantized)]
     labels = list(labels) if labels is not None else [p.resolve().name for p in paths]
@@ -154,29 +145,8 @@ def evaluate(source: Path, quantized: Sequence[Path], text: Text, protocol: Prot
         wins = windows(ids.numel(), protocol.seq_len, stride, protocol.max_windows)
     except ValueError as exc:  # the protocol is checked above: only a text of under 2 tokens gets here
         raise QstreamError(f"{_text_name(text.source)}: {exc}") from None
-    models = [load_model(p, dtype, device) for p in paths]
-    vocab_limit = min(m.get_input_embeddings().num_embeddings for m in models)
-    if int(ids.max()) >= vocab_limit:
-        raise QstreamError(f"{paths[0]}: its tokenizer yields id {int(ids.max())}, beyond a model's "
-                           f"{vocab_limit} embeddings; the tokenizer does not belong to these models")
-    ids = ids.to(device)
-    totals = [Totals() for _ in paths]
-    seconds = [0.0] * len(paths)
+    totals, seconds = score_windows(paths, ids, wins, dtype, device, progress)
     scored = sum(w.n_scored for w in wins)
-    with torch.inference_mode(), tqdm(total=scored, unit="tok", unit_scale=True, desc="eval",
-                                      disable=not progress, dynamic_ncols=True) as bar:
-        for w in wins:
-            targets = ids[w.first_target:w.end]
-            ref = None
-            for i, (model, path) in enumerate(zip(models, paths, strict=True)):
-                t0 = time.perf_counter()
-                logits = _window_logits(model, ids, w, None if ref is None else ref.shape[-1], path)
-                totals[i].add(score(logits, targets, ref))
-                if i == 0:
-                    ref = logits
-                seconds[i] += time.perf_counter() - t0
-            bar.update(w.n_scored)
-            bar.set_postfix(ppl=f"{math.exp(totals[0].nll / totals[0].tokens):.3f}")
     proto = {
         "text": text.describe(), "tokenizer": str(paths[0]), "bos": BOS_HANDLING,
         "tokens_in_text": int(ids.numel()), "seq_len": protocol.seq_len, "stride": stride,

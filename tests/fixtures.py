@@ -379,3 +379,24 @@ def build_deepseek_v3(out_dir: Path, seed: int = 0) -> Path:
     )
     return _save(_seeded_model(DeepseekV3ForCausalLM, config, seed), out_dir, fused=False)
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-Next (Gated DeltaNet + gated attention, 512 routed experts in the real model)
+
+
+def build_qwen3_next(out_dir: Path, seed: int = 0) -> Path:
+    """Tiny Qwen3NextForCausalLM: linear-attention (Gated DeltaNet) layers with a full-attention layer every 4th,
+    routed experts stored per expert (``mlp.experts.{e}.gate_proj.weight``, as Qwen/Qwen3-Next-80B-A3B) beside
+    ``mlp.shared_expert`` and ``mlp.shared_expert_gate``; fused ``linear_attn.in_proj_qkvz`` / ``in_proj_ba``."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=32,
+        linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        max_position_embeddings=512, tie_word_embeddings=False,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    )
+    return _save(_seeded_model(Qwen3NextForCausalLM, config, seed), out_dir, fused=False)

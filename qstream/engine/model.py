@@ -74,7 +74,7 @@ class StreamedModel:
         self._lazy: dict[str, object] = {}
         self._sources_of: dict[str, list[str]] = {}
         self._map_sources()
-        self.loaded: set[Part] = set()
+        self._materialized: set[Part] = set()
         for layer in self.layers:
             layer.forward = _dormant
         self.text.norm.forward = _dormant
@@ -215,7 +215,7 @@ class StreamedModel:
                 self._tie(target, source)
         for module in p.modules:
             self._init_buffers(module)
-        self.loaded.add(part)
+        self._materialized.add(part)
 
     def _tie(self, target: str, source: str) -> None:
         src = self.model.get_parameter(source)
@@ -238,11 +238,20 @@ class StreamedModel:
                 module._buffers[n] = torch.empty_like(module._buffers[n], device=self.device)
             self.model._init_weights(module)
 
+    @contextlib.contextmanager
+    def loaded(self, part: Part) -> Iterator[None]:
+        """`part` materialized for the duration."""
+        self.load(part)
+        try:
+            yield
+        finally:
+            self.free(part)
+
     def free(self, part: Part) -> None:
         """Send `part` back to the meta device, releasing its memory."""
         for module in self._parts[part].modules:
             module.to("meta")
-        self.loaded.discard(part)
+        self._materialized.discard(part)
 
     def warm(self, part: Part) -> int:
         """Read `part`'s stored bytes once so that loading it finds them in the page cache; returns bytes."""
@@ -305,7 +314,7 @@ class StreamedModel:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for part in list(self.loaded):
+        for part in list(self._materialized):
             self.free(part)
         self._stack.close()
 

@@ -1,0 +1,1 @@
+"""Calibration: activation statistics of quantizable weights, measured through the streaming engine (issue 13)."""
