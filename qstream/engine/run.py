@@ -87,10 +87,9 @@ class RunStats:
         return sum(p.wait_s + p.compute_s for p in self.parts)
 
 
-def parts_in_turn(model: StreamedModel, parts: Sequence[Part], times: list[float]) -> Iterator[Part]:
-    """Yield each part loaded, the next being read meanwhile; each is freed once the caller is done with it.
-    `times` receives, per part, the seconds spent waiting for it."""
-    ahead = model.device.type == "cuda"
+def parts_in_turn(model: StreamedModel, parts: Sequence[Part], times: list[float], ahead: bool) -> Iterator[Part]:
+    """Yield each part loaded, the next being read meanwhile (loaded if `ahead`, else only read into the page
+    cache); each is freed once the caller is done with it. `times` receives the seconds spent waiting per part."""
     fetch = model.load if ahead else model.warm
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qstream-read") as pool:
         pending = pool.submit(fetch, parts[0])
@@ -109,16 +108,19 @@ def parts_in_turn(model: StreamedModel, parts: Sequence[Part], times: list[float
 
 @torch.inference_mode()
 def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer | None = None,
-        observe_from: int = 0, batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False) -> RunStats:
+        observe_from: int = 0, batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False,
+        ahead: bool | None = None) -> RunStats:
     """Embeddings, then every decoder layer over every token of `job`; `store` ends holding the last layer's
-    output (before the final norm). `observer` watches layers from `observe_from` on."""
+    output (before the final norm). `observer` watches layers from `observe_from` on. `ahead`: load the next
+    part beside the current one (default: on CUDA, whose memory is not the host's)."""
     stats = RunStats(job.tokens)
     parts: list[Part] = [EMBED, *range(model.n_layers)]
     batches = job.batches(batch_tokens)
     waits: list[float] = []
+    ahead = model.device.type == "cuda" if ahead is None else ahead
     with tqdm(total=len(parts) * job.tokens, unit="tok", unit_scale=True, desc="layers", disable=not progress,
               dynamic_ncols=True) as bar:
-        for part in parts_in_turn(model, parts, waits):
+        for part in parts_in_turn(model, parts, waits, ahead):
             t0 = time.perf_counter()
             watched = observer is not None and isinstance(part, int) and part >= observe_from
             if watched:
