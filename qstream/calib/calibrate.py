@@ -112,16 +112,17 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
     if is_mxfp4_checkpoint(ckpt):
         raise QstreamError(f"{ckpt.root}: already MXFP4; calibrate the checkpoint it was quantized from")
     wanted = wanted_tensors(ckpt)
-    ids, text_info = calibration_ids(ckpt.root, text, settings.samples, settings.seq_len)
-    job = Job(ids, tuple((k * settings.seq_len, (k + 1) * settings.seq_len) for k in range(settings.samples)))
-    with staging(ckpt.root, Path(dst), overwrite, "qstream calibrate", _fingerprint(ckpt, text_info, settings, device),
-                 resume, bookkeeping=("layer-*.safetensors", "qstream-hidden-*")) as tmp:
-        for stale in tmp.glob("qstream-hidden-*"):  # a killed run's spilled hidden states
-            stale.unlink()
-        with StreamedModel(ckpt.root, dtype, device) as model:
-            if int(ids.max()) >= model.vocab_size:
-                raise QstreamError(f"{ckpt.root}: its tokenizer yields id {int(ids.max())}, beyond the model's "
-                                   f"{model.vocab_size} embeddings; the tokenizer does not belong to this model")
+    with StreamedModel(ckpt.root, dtype, device) as model:  # checks the model class and every layer's weights
+        ids, text_info = calibration_ids(ckpt.root, text, settings.samples, settings.seq_len)
+        if int(ids.max()) >= model.vocab_size:
+            raise QstreamError(f"{ckpt.root}: its tokenizer yields id {int(ids.max())}, beyond the model's "
+                               f"{model.vocab_size} embeddings; the tokenizer does not belong to this model")
+        job = Job(ids, tuple((k * settings.seq_len, (k + 1) * settings.seq_len) for k in range(settings.samples)))
+        fingerprint = _fingerprint(ckpt, text_info, settings, device)
+        with staging(ckpt.root, Path(dst), overwrite, "qstream calibrate", fingerprint, resume,
+                     bookkeeping=("layer-*.safetensors", "qstream-hidden-*")) as tmp:
+            for stale in tmp.glob("qstream-hidden-*"):  # a killed run's spilled hidden states
+                stale.unlink()
             done = [(tmp / layer_file(i)).exists() for i in range(model.n_layers)]
             first = done.index(False) if False in done else model.n_layers
             stats = None
@@ -129,15 +130,14 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
                 with HiddenStore(job.tokens, model.hidden_size, dtype, settings.hidden_budget, tmp) as store:
                     stats = run(model, job, store, Collector(wanted, settings.experts, tmp), first,
                                 settings.batch_tokens, progress)
-            layers = model.n_layers
-            model_type = model.model.config.model_type
-        names = merge_layers(tmp, layers, tmp / STATS_NAME)
-        summary = _summary(ckpt, model_type, text_info, settings, device, dtype, wanted, names, tmp / STATS_NAME)
-        write_json(tmp / SUMMARY_NAME, summary)
-        report = {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
-                  "resumed_from_layer": first if resume else None, "tokens": job.tokens,
-                  "parts": [asdict(p) for p in stats.parts] if stats else []}
-        write_json(tmp / REPORT_NAME, report)
+            names = merge_layers(tmp, model.n_layers, tmp / STATS_NAME)
+            summary = _summary(ckpt, model.model.config.model_type, text_info, settings, device, dtype, wanted,
+                               names, tmp / STATS_NAME)
+            write_json(tmp / SUMMARY_NAME, summary)
+            report = {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
+                      "resumed_from_layer": first if resume else None, "tokens": job.tokens,
+                      "parts": [asdict(p) for p in stats.parts] if stats else []}
+            write_json(tmp / REPORT_NAME, report)
     return {**summary, "report": report}
 
 

@@ -9,7 +9,8 @@ A Linear's input is caught by a forward pre-hook. A fused experts module (transf
 `gate_up_proj`/`up_proj` and `down_proj` [E, ...], `_apply_gate`) is caught with its routing; in `all` mode
 every expert also computes its gate/up projection and gating on every token, so its down projection gets the
 statistics of all tokens, while the layer's own forward keeps the true routing for its output. In `routed`
-mode an expert sees only the tokens routed to it. Sums are float64, in batch order: the same bytes run to run.
+mode an expert sees only the tokens routed to it. Each batch sums into its own float64 partials, which are
+added in batch order whichever thread ran the batch: the same bytes run to run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +41,21 @@ def x2_sum(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Acc:
-    """Running sums for one input: x2 [in] or [E, in], tokens [] or [E], routed ([E]) for experts."""
+    """Sums for one input: x2 [in] or [E, in], tokens [] or [E], routed ([E]) for experts."""
 
     x2: torch.Tensor
     tokens: torch.Tensor
     routed: torch.Tensor | None = None
+
+    def zeros(self) -> _Acc:
+        return _Acc(torch.zeros_like(self.x2), torch.zeros_like(self.tokens),
+                    None if self.routed is None else torch.zeros_like(self.routed))
+
+    def add(self, other: _Acc) -> None:
+        self.x2 += other.x2
+        self.tokens += other.tokens
+        if self.routed is not None:
+            self.routed += other.routed  # type: ignore[operator]
 
 
 @dataclass
@@ -52,7 +64,7 @@ class _Target:
 
     param: str
     sources: list[str]
-    acc: _Acc
+    total: _Acc
     experts: int = 0  # > 0: a fused experts parameter [E, ...]
 
 
@@ -72,6 +84,10 @@ class Collector:
         self.wanted, self.experts, self.out_dir = wanted, experts, Path(out_dir)
         self._targets: list[_Target] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._local = threading.local()  # .partial: the running batch's sums, by id of target
+        self._lock = threading.Lock()
+        self._finished: dict[int, dict[int, _Acc]] = {}  # batches done but not yet added
+        self._next = 0  # the next batch to add
 
     # ---- Observer -----------------------------------------------------------------------------------
 
@@ -88,10 +104,26 @@ class Collector:
             elif _is_experts(module):
                 self._watch_experts(model, name, module)
 
+    def batch_begin(self, batch: int) -> None:
+        self._local.partial = {}
+
+    def batch_end(self, batch: int) -> None:
+        """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing."""
+        with self._lock:
+            self._finished[batch] = self._local.partial
+            while self._next in self._finished:
+                by_id = {id(t): t for t in self._targets}
+                for key, acc in self._finished.pop(self._next).items():
+                    by_id[key].total.add(acc)
+                self._next += 1
+
     def layer_end(self, model: StreamedModel, index: int) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._finished:
+            raise RuntimeError(f"layer {index}: batches {sorted(self._finished)} finished after a missing one")
+        self._next = 0
         tensors: dict[str, torch.Tensor] = {}
         for t in self._targets:
             tensors.update(self._per_source(t))
@@ -108,12 +140,19 @@ class Collector:
         self._targets.append(t)
         return t
 
-    @staticmethod
-    def _linear_hook(t: _Target) -> Callable:
+    def _acc(self, t: _Target) -> _Acc:
+        """The running batch's sums for `t`."""
+        partial = self._local.partial
+        if id(t) not in partial:
+            partial[id(t)] = t.total.zeros()
+        return partial[id(t)]
+
+    def _linear_hook(self, t: _Target) -> Callable:
         def hook(module: nn.Linear, args: tuple) -> None:
             x = args[0].reshape(-1, module.in_features)
-            t.acc.x2 += x2_sum(x)
-            t.acc.tokens += x.shape[0]
+            acc = self._acc(t)
+            acc.x2 += x2_sum(x)
+            acc.tokens += x.shape[0]
         return hook
 
     def _watch_experts(self, model: StreamedModel, name: str, experts: nn.Module) -> None:
@@ -145,30 +184,31 @@ class Collector:
                       t_up: _Target | None, t_down: _Target | None) -> None:
         """One batch: routed counts, then every expert's inputs over all tokens (`all`) or its own."""
         n_exp = (t_up or t_down).experts  # type: ignore[union-attr]
+        up, down = (None if t is None else self._acc(t) for t in (t_up, t_down))
         routed = torch.bincount(index.reshape(-1), minlength=n_exp)[:n_exp]
         everyone = self.experts == "all"
-        for t in (t_up, t_down):
-            if t is not None:
-                t.acc.routed += routed  # type: ignore[operator]
-        if everyone and t_up is not None:  # the same input for every expert's gate/up projection
-            t_up.acc.x2 += x2_sum(x)
-            t_up.acc.tokens += x.shape[0]
+        for acc in (up, down):
+            if acc is not None:
+                acc.routed += routed  # type: ignore[operator]
+        if everyone and up is not None:  # the same input for every expert's gate/up projection
+            up.x2 += x2_sum(x)
+            up.tokens += x.shape[0]
         for e in range(n_exp):
             xe = x if everyone else x[(index == e).any(-1)]
             if xe.shape[0] == 0:
                 continue
-            if t_up is not None and not everyone:
-                t_up.acc.x2[e] += x2_sum(xe)
-                t_up.acc.tokens[e] += xe.shape[0]
-            if t_down is not None:
-                t_down.acc.x2[e] += x2_sum(down_input(experts, e, xe))
-                t_down.acc.tokens[e] += xe.shape[0]
+            if up is not None and not everyone:
+                up.x2[e] += x2_sum(xe)
+                up.tokens[e] += xe.shape[0]
+            if down is not None:
+                down.x2[e] += x2_sum(down_input(experts, e, xe))
+                down.tokens[e] += xe.shape[0]
 
     # ---- results ------------------------------------------------------------------------------------
 
     def _per_source(self, t: _Target) -> dict[str, torch.Tensor]:
         """The target's sums under each source's name, in the source's shape ([in] or fused [E, in])."""
-        x2, tokens, routed = (v.cpu() if v is not None else None for v in (t.acc.x2, t.acc.tokens, t.acc.routed))
+        x2, tokens, routed = (v.cpu() if v is not None else None for v in (t.total.x2, t.total.tokens, t.total.routed))
         out: dict[str, torch.Tensor] = {}
         for s in t.sources:
             shape = self.wanted[s]

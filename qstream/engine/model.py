@@ -292,10 +292,10 @@ class StreamedModel:
             for m in modules:
                 m.forward = _dormant
 
-    def layer_pass(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder layer `index` on hidden states [b, L, H], through the text model's own forward."""
-        with self.live(self.layers[index]):
-            return self.text(inputs_embeds=hidden, use_cache=False).last_hidden_state
+    def layer_pass(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The live decoder layer (see `live`) on hidden states [b, L, H], through the text model's own forward;
+        safe to call from several threads at once."""
+        return self.text(inputs_embeds=hidden, use_cache=False).last_hidden_state
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The text model's output (its final norm applied) from the last layer's hidden states [b, L, H]."""

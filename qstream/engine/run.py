@@ -1,6 +1,9 @@
 """Every token of a job through a StreamedModel, one part (embeddings, then each decoder layer) at a time.
 
 The job's sequences are independent (one causal mask each) and run in batches of equal-length sequences.
+On CPU the batches run on several threads at once, each op single-threaded: PyTorch's multi-threaded CPU
+kernels round differently with the thread count (an elementwise op split mid-row takes its scalar tail
+path), single-threaded ones round the same everywhere, so results do not depend on the machine's cores.
 Between parts the hidden states of all tokens wait in a HiddenStore. While a part computes, the next one is
 read on a background thread: on CUDA it is loaded onto the device beside the current one; on CPU its bytes
 are only read into the page cache and it is materialized after the current part is freed, so host memory
@@ -9,6 +12,7 @@ holds one part, not two. Memory is the largest part plus one batch of activation
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,9 +66,14 @@ class Job:
 
 
 class Observer(Protocol):
-    """Watches decoder layers: `layer_begin` right after the layer is loaded, `layer_end` after its last batch."""
+    """Watches decoder layers: `layer_begin` right after the layer is loaded, `layer_end` after its last batch;
+    `batch_begin`/`batch_end` around each batch's forward, in the thread that runs it (batches may overlap)."""
 
     def layer_begin(self, model: StreamedModel, index: int) -> None: ...
+
+    def batch_begin(self, batch: int) -> None: ...
+
+    def batch_end(self, batch: int) -> None: ...
 
     def layer_end(self, model: StreamedModel, index: int) -> None: ...
 
@@ -106,34 +115,57 @@ def parts_in_turn(model: StreamedModel, parts: Sequence[Part], times: list[float
             model.free(part)
 
 
-@torch.inference_mode()
+@contextlib.contextmanager
+def _single_threaded_ops(on: bool) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    if on:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer | None = None,
         observe_from: int = 0, batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False,
-        ahead: bool | None = None) -> RunStats:
+        ahead: bool | None = None, workers: int | None = None) -> RunStats:
     """Embeddings, then every decoder layer over every token of `job`; `store` ends holding the last layer's
     output (before the final norm). `observer` watches layers from `observe_from` on. `ahead`: load the next
-    part beside the current one (default: on CUDA, whose memory is not the host's)."""
+    part beside the current one (default: on CUDA, whose memory is not the host's). `workers`: batches run at
+    once (default: one on CUDA, torch's thread count on CPU, each op then single-threaded)."""
+    cuda = model.device.type == "cuda"
+    workers = (1 if cuda else torch.get_num_threads()) if workers is None else workers
     stats = RunStats(job.tokens)
     parts: list[Part] = [EMBED, *range(model.n_layers)]
     batches = job.batches(batch_tokens)
     waits: list[float] = []
-    ahead = model.device.type == "cuda" if ahead is None else ahead
+
+    def one(k: int, watched: bool, part: Part, bar: tqdm) -> None:
+        first, count, length = batches[k]
+        r0 = job.offsets[first]
+        with torch.inference_mode():
+            if watched:
+                observer.batch_begin(k)  # type: ignore[union-attr]
+            if part == EMBED:
+                out = model.embed(job.batch_ids(first, count))
+            else:
+                out = model.layer_pass(store.read(r0, r0 + count * length).view(count, length, -1).to(model.device))
+            if watched:
+                observer.batch_end(k)  # type: ignore[union-attr]
+            store.write(r0, out)
+        bar.update(count * length)
+
     with tqdm(total=len(parts) * job.tokens, unit="tok", unit_scale=True, desc="layers", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for part in parts_in_turn(model, parts, waits, ahead):
+              dynamic_ncols=True) as bar, _single_threaded_ops(not cuda), \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qstream-batch") as pool:
+        for part in parts_in_turn(model, parts, waits, cuda if ahead is None else ahead):
             t0 = time.perf_counter()
             watched = observer is not None and isinstance(part, int) and part >= observe_from
             if watched:
                 observer.layer_begin(model, part)  # type: ignore[union-attr]
-            for first, count, length in batches:
-                r0 = job.offsets[first]
-                if part == EMBED:
-                    out = model.embed(job.batch_ids(first, count))
-                else:
-                    h = store.read(r0, r0 + count * length).view(count, length, -1).to(model.device)
-                    out = model.layer_pass(int(part), h)
-                store.write(r0, out)
-                bar.update(count * length)
+            with model.live(*([] if part == EMBED else [model.layers[part]])):
+                for done in [pool.submit(one, k, watched, part, bar) for k in range(len(batches))]:
+                    done.result()
             if watched:
                 observer.layer_end(model, part)  # type: ignore[union-attr]
             name = part if isinstance(part, str) else f"layer {part}"
