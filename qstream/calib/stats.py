@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -54,8 +55,8 @@ class _Acc:
     def add(self, other: _Acc) -> None:
         self.x2 += other.x2
         self.tokens += other.tokens
-        if self.routed is not None:
-            self.routed += other.routed  # type: ignore[operator]
+        if self.routed is not None and other.routed is not None:
+            self.routed += other.routed
 
 
 @dataclass
@@ -155,7 +156,7 @@ class Collector:
             acc.tokens += x.shape[0]
         return hook
 
-    def _watch_experts(self, model: StreamedModel, name: str, experts: nn.Module) -> None:
+    def _watch_experts(self, model: StreamedModel, name: str, experts: Any) -> None:
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
         up, down = getattr(experts, up_name), experts.down_proj
         n_exp = up.shape[0]
@@ -180,7 +181,7 @@ class Collector:
 
         self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _expert_stats(self, experts: nn.Module, x: torch.Tensor, index: torch.Tensor,
+    def _expert_stats(self, experts: Any, x: torch.Tensor, index: torch.Tensor,
                       t_up: _Target | None, t_down: _Target | None) -> None:
         """One batch: routed counts, then every expert's inputs over all tokens (`all`) or its own."""
         n_exp = (t_up or t_down).experts  # type: ignore[union-attr]
@@ -235,7 +236,7 @@ def _is_experts(module: nn.Module) -> bool:
     return hasattr(module, "has_gate") and isinstance(down, torch.Tensor) and down.dim() == 3
 
 
-def down_input(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+def down_input(experts: Any, e: int, x: torch.Tensor) -> torch.Tensor:
     """What expert e's down projection receives for tokens x [n, hidden]: its gate/up projection then its own
     gating (`_apply_gate`, or the activation alone for ungated experts), as transformers' experts compute it."""
     w = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]

@@ -43,7 +43,7 @@ class HiddenStore:
         if self._mem is not None:
             return self._mem[r0:r1].clone()
         out = torch.empty(r1 - r0, self.width, dtype=self.dtype)
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        view = out.view(torch.uint8).numpy().data.cast("B")
         done, offset = 0, r0 * self.row_bytes
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done)
@@ -58,7 +58,7 @@ class HiddenStore:
         if self._mem is not None:
             self._mem[r0:r0 + rows.shape[0]] = rows
             return
-        view = memoryview(rows.contiguous().view(torch.uint8).numpy()).cast("B")
+        view = rows.contiguous().view(torch.uint8).numpy().data.cast("B")
         done, offset = 0, r0 * self.row_bytes
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], offset + done)

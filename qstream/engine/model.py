@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,8 +64,8 @@ class StreamedModel:
         self.ckpt: Checkpoint = open_checkpoint(Path(path))
         self.dtype, self.device = dtype, torch.device(device)
         self._stack = contextlib.ExitStack()
-        self.model = self._build()
-        self.text = getattr(self.model, self.model.base_model_prefix)
+        self.model: Any = self._build()  # a transformers PreTrainedModel
+        self.text: Any = getattr(self.model, self.model.base_model_prefix)
         layers = getattr(self.text, "layers", None)
         if not isinstance(layers, nn.ModuleList):
             raise QstreamError(f"{self.ckpt.root}: {type(self.text).__name__} keeps no decoder layers in "
@@ -81,7 +82,7 @@ class StreamedModel:
 
     # ---- construction -------------------------------------------------------------------------------
 
-    def _build(self) -> nn.Module:
+    def _build(self) -> Any:
         from transformers.utils.generic import ContextManagers
 
         model_cls, config = causal_lm_class(self.ckpt)
@@ -119,7 +120,7 @@ class StreamedModel:
         files = {f: self._stack.enter_context(safe_open(str(f), "pt")) for f in self.ckpt.weight_files}
         self._lazy = lazy_state_dict(self.ckpt, files)
         mapping = get_model_conversion_mapping(self.model, None, None)
-        self._mapping = mapping
+        self._mapping: Any = mapping
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
         meta = dict(self._state_items())
@@ -228,14 +229,14 @@ class StreamedModel:
         """Non-persistent buffers (rotary frequencies, ...) are computed, never loaded: the model's own
         initializer fills them, as after `from_pretrained`."""
         for module in root.modules():
-            meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+            meta = {n: b for n, b in module._buffers.items() if b is not None and b.is_meta}
             if not meta:
                 continue
             if next(module.parameters(recurse=False), None) is not None:
-                raise QstreamError(f"{type(module).__name__}: computed buffers {meta} beside parameters; the "
+                raise QstreamError(f"{type(module).__name__}: computed buffers {list(meta)} beside parameters; the "
                                    "streaming engine cannot initialize them without re-initializing the weights")
-            for n in meta:
-                module._buffers[n] = torch.empty_like(module._buffers[n], device=self.device)
+            for n, b in meta.items():
+                module._buffers[n] = torch.empty_like(b, device=self.device)
             self.model._init_weights(module)
 
     @contextlib.contextmanager

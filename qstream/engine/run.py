@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
@@ -101,10 +101,11 @@ def parts_in_turn(model: StreamedModel, parts: Sequence[Part], times: list[float
     cache); each is freed once the caller is done with it. `times` receives the seconds spent waiting per part."""
     fetch = model.load if ahead else model.warm
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qstream-read") as pool:
-        pending = pool.submit(fetch, parts[0])
+        pending: Future | None = pool.submit(fetch, parts[0])
         for k, part in enumerate(parts):
             t0 = time.perf_counter()
-            pending.result()
+            if pending is not None:
+                pending.result()
             if not ahead:
                 model.load(part)
             times.append(time.perf_counter() - t0)
@@ -160,14 +161,15 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qstream-batch") as pool:
         for part in parts_in_turn(model, parts, waits, cuda if ahead is None else ahead):
             t0 = time.perf_counter()
-            watched = observer is not None and isinstance(part, int) and part >= observe_from
+            layer = part if isinstance(part, int) else None
+            watched = observer is not None and layer is not None and layer >= observe_from
             if watched:
-                observer.layer_begin(model, part)  # type: ignore[union-attr]
-            with model.live(*([] if part == EMBED else [model.layers[part]])):
+                observer.layer_begin(model, layer)  # type: ignore[union-attr, arg-type]
+            with model.live(*([] if layer is None else [model.layers[layer]])):
                 for done in [pool.submit(one, k, watched, part, bar) for k in range(len(batches))]:
                     done.result()
             if watched:
-                observer.layer_end(model, part)  # type: ignore[union-attr]
+                observer.layer_end(model, layer)  # type: ignore[union-attr, arg-type]
             name = part if isinstance(part, str) else f"layer {part}"
             stats.parts.append(PartTime(name, waits[-1], time.perf_counter() - t0, model.part_bytes(part)))
             bar.set_postfix_str(name)
