@@ -7,19 +7,21 @@ dict: each `<m>.weight_packed`/`weight_scale` pair, or FP8 weight and scale, is 
 decoded by qstream only when transformers materializes that one tensor (as it materializes safetensors
 slices), so the model is built from our own decoding, never from compressed-tensors', with no dense copy on
 disk and never two copies in memory. transformers' own key mapping (fused experts, prefixes) applies
-exactly as for a plain checkpoint, so an FP8 source and its MXFP4 output are scored on equal terms.
+exactly as for a plain checkpoint, so an FP8 source and its MXFP4 output are scored on equal terms. The
+streaming engine (qstream.engine) builds its parts from the same lazy state dict, a few tensors at a time;
+every tensor is read into fresh memory, never mapped, so a freed part leaves nothing resident.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from qstream.checkpoint import Checkpoint, open_checkpoint
+from qstream.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from qstream.dequantize import dense_jobs, is_mxfp4_checkpoint
 from qstream.errors import QstreamError
 from qstream.plan import CopyJob
@@ -46,27 +48,35 @@ def _gpt_oss_dense(t: PackedExperts, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(packed, scales, dtype).reshape(e, rows, n).transpose(1, 2)
 
 
-def lazy_state_dict(ckpt: Checkpoint, files: dict) -> dict[str, object]:
-    """name -> a safetensors slice, or a weight decoded by qstream when transformers asks for it: MXFP4
+def _stored(t: SourceTensor) -> torch.Tensor:
+    """A tensor as stored, read into fresh memory (not a view of a mapped file: freeing it frees the memory)."""
+    shape = t.info.shape
+    return t.read_rows(0, math.prod(shape[:-1]) if shape else 1).reshape(shape)
+
+
+def lazy_state_dict(ckpt: Checkpoint) -> dict[str, object]:
+    """name -> a tensor read (and decoded) by qstream when transformers asks for it: as stored, or the MXFP4
     modules and kept FP8 weights of a qstream output, the FP8/MXFP8 weights of a quantized input, or gpt-oss's
-    MXFP4 experts (as its dense checkpoints store them). `files`: safe_open handles by path."""
+    MXFP4 experts (as its dense checkpoints store them)."""
+    def stored(t: SourceTensor) -> _DecodedOnLoad:
+        return _DecodedOnLoad(t.name, functools.partial(_stored, t))
+
     if is_mxfp4_checkpoint(ckpt):
         state: dict[str, object] = {}
         for job in dense_jobs(ckpt):
             if isinstance(job, CopyJob):
-                state[job.source.name] = files[job.source.file].get_slice(job.source.name)
+                state[job.source.name] = stored(job.source)  # type: ignore[arg-type]  # plain in an MXFP4 output
             else:
                 state[job.entries[0].name] = _DecodedOnLoad(job.module, functools.partial(job.dense, torch.bfloat16))
         return state
     decoded = decode_checkpoint(ckpt).tensors
     if any(isinstance(t, PackedExperts) for t in decoded.values()):  # gpt-oss: biases stay fused as stored
-        state = {n: files[t.file].get_slice(n) for n, t in ckpt.tensors.items()
-                 if not n.endswith(("_blocks", "_scales"))}
+        state = {n: stored(t) for n, t in ckpt.tensors.items() if not n.endswith(("_blocks", "_scales"))}
         state.update({n: _DecodedOnLoad(n, functools.partial(_gpt_oss_dense, t, torch.bfloat16))
                       for n, t in decoded.items() if isinstance(t, PackedExperts)})
         return state
     return {name: _DecodedOnLoad(name, functools.partial(t.read_rows, 0, t.info.shape[0]))
-            if isinstance(t, DecodedTensor) else files[t.file].get_slice(name)
+            if isinstance(t, DecodedTensor) else stored(t)  # type: ignore[arg-type]
             for name, t in decoded.items()}
 
 
@@ -104,15 +114,9 @@ def causal_lm_class(ckpt: Checkpoint, dense: bool = True):
 
 
 def _load_decoded(ckpt: Checkpoint, dtype: torch.dtype):
-    from safetensors import safe_open
-
     model_cls, config = causal_lm_class(ckpt)
-    with contextlib.ExitStack() as stack:
-        files = {f: stack.enter_context(safe_open(str(f), "pt")) for f in ckpt.weight_files}
-        state = lazy_state_dict(ckpt, files)  # validates every packed/scale pair and FP8 scale first
-        model, info = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
-                                                output_loading_info=True)
-    return model, info
+    state = lazy_state_dict(ckpt)  # validates every packed/scale pair and FP8 scale first
+    return model_cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device):

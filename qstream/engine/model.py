@@ -54,7 +54,7 @@ class _Part:
 class StreamedModel:
     """A causal LM from `path` on the meta device; parts are loaded, used and freed one at a time.
 
-    Use as a context manager (it holds the checkpoint's files open).
+    Use as a context manager: entering loads the resident part, leaving frees every part.
     """
 
     def __init__(self, path: Path, dtype: torch.dtype, device: torch.device) -> None:
@@ -63,7 +63,6 @@ class StreamedModel:
         hf_logging.disable_progress_bar()
         self.ckpt: Checkpoint = open_checkpoint(Path(path))
         self.dtype, self.device = dtype, torch.device(device)
-        self._stack = contextlib.ExitStack()
         self.model: Any = self._build()  # a transformers PreTrainedModel
         self.text: Any = getattr(self.model, self.model.base_model_prefix)
         layers = getattr(self.text, "layers", None)
@@ -113,12 +112,10 @@ class StreamedModel:
 
     def _map_sources(self) -> None:
         """Each checkpoint tensor to the model parameter transformers' key mapping loads it into."""
-        from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        files = {f: self._stack.enter_context(safe_open(str(f), "pt")) for f in self.ckpt.weight_files}
-        self._lazy = lazy_state_dict(self.ckpt, files)
+        self._lazy = lazy_state_dict(self.ckpt)
         mapping = get_model_conversion_mapping(self.model, None, None)
         self._mapping: Any = mapping
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
@@ -317,7 +314,6 @@ class StreamedModel:
     def __exit__(self, *exc: object) -> None:
         for part in list(self._materialized):
             self.free(part)
-        self._stack.close()
 
 
 def _holds_tensors(m: nn.Module) -> bool:
