@@ -48,18 +48,19 @@ def _gpt_oss_dense(t: PackedExperts, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(packed, scales, dtype).reshape(e, rows, n).transpose(1, 2)
 
 
-def _stored(t: SourceTensor) -> torch.Tensor:
+def read_stored(t: SourceTensor) -> torch.Tensor:
     """A tensor as stored, read into fresh memory (not a view of a mapped file: freeing it frees the memory)."""
     shape = t.info.shape
     return t.read_rows(0, math.prod(shape[:-1]) if shape else 1).reshape(shape)
 
 
-def lazy_state_dict(ckpt: Checkpoint) -> dict[str, object]:
-    """name -> a tensor read (and decoded) by qstream when transformers asks for it: as stored, or the MXFP4
-    modules and kept FP8 weights of a qstream output, the FP8/MXFP8 weights of a quantized input, or gpt-oss's
-    MXFP4 experts (as its dense checkpoints store them)."""
+def lazy_state_dict(ckpt: Checkpoint, read: Callable[[SourceTensor], torch.Tensor] = read_stored
+                    ) -> dict[str, object]:
+    """name -> a tensor read (and decoded) by qstream when transformers asks for it: as stored (by `read`), or
+    the MXFP4 modules and kept FP8 weights of a qstream output, the FP8/MXFP8 weights of a quantized input, or
+    gpt-oss's MXFP4 experts (as its dense checkpoints store them)."""
     def stored(t: SourceTensor) -> _DecodedOnLoad:
-        return _DecodedOnLoad(t.name, functools.partial(_stored, t))
+        return _DecodedOnLoad(t.name, functools.partial(read, t))
 
     if is_mxfp4_checkpoint(ckpt):
         state: dict[str, object] = {}
