@@ -40,35 +40,43 @@ READ_CHUNK = 16 << 20  # bytes per read: warming the page cache, reading onto a 
 class DeviceReader:
     """Reads stored tensors straight onto a device through one reused host buffer per thread (pinned for CUDA):
     no fresh host memory per tensor, so a CUDA load runs at the page cache's speed rather than the rate at
-    which the host can fault in new pages."""
+    which the host can fault in new pages. On CUDA the copies go on a side stream of the reading thread, so
+    they never queue behind the layer computing on the default stream; the tensor is recorded as used by the
+    default stream, so its memory is not handed back to the side stream while kernels there still read it."""
 
     def __init__(self, device: torch.device, chunk: int = READ_CHUNK) -> None:
         self.device, self.chunk = device, chunk
         self._local = threading.local()
 
-    def _buffer(self) -> torch.Tensor:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        return buf
+    def _per_thread(self) -> tuple[torch.Tensor, Any]:
+        if not hasattr(self._local, "buf"):
+            cuda = self.device.type == "cuda"
+            self._local.buf = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=cuda)
+            self._local.stream = torch.cuda.Stream(self.device) if cuda else None
+        return self._local.buf, self._local.stream
 
     def __call__(self, t: SourceTensor) -> torch.Tensor:
-        buf = self._buffer()
+        buf, stream = self._per_thread()
         view = buf.numpy().data.cast("B")
-        out = torch.empty(t.info.nbytes, dtype=torch.uint8, device=self.device)
         fd = os.open(t.file, os.O_RDONLY)
         try:
-            for b in range(0, t.info.nbytes, self.chunk):
-                n = min(self.chunk, t.info.nbytes - b)
-                got = 0
-                while got < n:
-                    k = os.preadv(fd, [view[got:n]], t.info.start + b + got)
-                    if k <= 0:
-                        raise QstreamError(f"{t.file}: tensor {t.name!r} ends early; the file is truncated")
-                    got += k
-                out[b:b + n].copy_(buf[:n])  # waits for the copy: the buffer is reused next
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                out = torch.empty(t.info.nbytes, dtype=torch.uint8, device=self.device)
+                for b in range(0, t.info.nbytes, self.chunk):
+                    n = min(self.chunk, t.info.nbytes - b)
+                    got = 0
+                    while got < n:
+                        k = os.preadv(fd, [view[got:n]], t.info.start + b + got)
+                        if k <= 0:
+                            raise QstreamError(f"{t.file}: tensor {t.name!r} ends early; the file is truncated")
+                        got += k
+                    out[b:b + n].copy_(buf[:n], non_blocking=stream is not None)
+                    if stream is not None:
+                        stream.synchronize()  # the buffer is refilled next
         finally:
             os.close(fd)
+        if stream is not None:
+            out.record_stream(torch.cuda.default_stream(self.device))
         return out.view(t.info.torch_dtype).reshape(t.info.shape)
 
 
