@@ -67,18 +67,39 @@ def wanted_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
 
 
 def calibration_ids(src: Path, text: Text, samples: int, seq_len: int) -> tuple[torch.Tensor, dict]:
-    """samples x seq_len token ids, from the end of the default corpus or the start of a given text."""
+    """samples x seq_len token ids, from the end of the default corpus or the start of a given text.
+
+    Only the part needed is tokenized (tokenizing a whole corpus holds its offsets and strings: about 0.7 GB
+    for the Wikipedia one): from a paragraph boundary, growing until it holds enough tokens."""
     if samples < 1 or seq_len < 2:
         raise QstreamError(f"--samples {samples} / --seq-len {seq_len}: need at least 1 sample of 2 tokens")
-    ids = tokenize(src, text)
     need = samples * seq_len
+    from_end = text.source.get("kind") == "wikipedia"
+    chars = need * 6  # about 4 characters per token in English: more than enough but for odd tokenizers
+    while True:
+        part = _part(text.text, chars, from_end)
+        ids = tokenize(src, Text(part, text.source))
+        if ids.numel() >= need or len(part) == len(text.text):
+            break
+        chars *= 2
     if ids.numel() < need:
         raise QstreamError(f"{_where(text)}: {ids.numel():,} tokens, but --samples {samples} x --seq-len {seq_len} "
                            f"need {need:,}; give more text or lower --samples / --seq-len")
-    from_end = text.source.get("kind") == "wikipedia"
     taken = ids[-need:] if from_end else ids[:need]
-    return taken.clone(), {**text.describe(), "tokens_in_text": int(ids.numel()),
-                           "taken": f"{'last' if from_end else 'first'} {need} tokens"}
+    where = "last" if from_end else "first"
+    return taken.clone(), {**text.describe(), "taken": f"{where} {need} tokens of the {where} {len(part)} characters"
+                           + (" (from a paragraph boundary)" if len(part) < len(text.text) else "")}
+
+
+def _part(text: str, chars: int, from_end: bool) -> str:
+    """About `chars` characters from one end of `text`, cut at a blank line (the whole text if that is short)."""
+    if chars >= len(text):
+        return text
+    if from_end:
+        cut = text.find("\n\n", len(text) - chars)
+        return text if cut < 0 else text[cut + 2:]
+    cut = text.rfind("\n\n", 0, chars)
+    return text if cut < 0 else text[:cut]
 
 
 def _where(text: Text) -> str:
