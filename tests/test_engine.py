@@ -116,6 +116,20 @@ def test_eval_equals_in_memory_eval(tiny_qwen35: Path, tmp_path: Path) -> None:
     assert totals[1].kl > 0
 
 
+def test_missing_expert(tiny_qwen3_moe: Path, tmp_path: Path) -> None:
+    """A layer short of one expert is found when the layer loads (its experts stack to the wrong shape)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen3_moe, broken)
+    f = broken / "model.safetensors"
+    save_file({k: v for k, v in load_file(f).items() if ".layers.2.mlp.experts.3." not in k}, f,
+              metadata={"format": "pt"})
+    with StreamedModel(broken, torch.float32, CPU) as model:
+        job = Job(torch.zeros(8, dtype=torch.long), ((0, 8),))
+        with HiddenStore(job.tokens, model.hidden_size, torch.float32) as store, \
+                pytest.raises(QstreamError, match=r"layers\.2\.mlp\.experts\.down_proj has shape \[7, 64, 32\], the model wants \[8"):
+            run(model, job, store)
+
+
 def test_missing_layer_and_unknown_model(tiny_llama: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)

@@ -115,7 +115,6 @@ class StreamedModel:
                                "`.layers`; the streaming engine cannot run this architecture")
         self.layers: nn.ModuleList = layers
         self._parts = self._split()
-        self._lazy: dict[str, object] = {}
         self._sources_of: dict[str, list[str]] = {}
         self._map_sources()
         self._materialized: set[Part] = set()
@@ -160,7 +159,7 @@ class StreamedModel:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
         cuda = self.device.type == "cuda"
-        self._lazy = lazy_state_dict(self.ckpt, DeviceReader(self.device) if cuda else read_stored)
+        self._lazy: dict[str, object] = lazy_state_dict(self.ckpt, DeviceReader(self.device) if cuda else read_stored)
         mapping = get_model_conversion_mapping(self.model, None, None)
         self._mapping: Any = mapping
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
@@ -189,18 +188,22 @@ class StreamedModel:
                 where = f"decoder layer {key}" if isinstance(key, int) else key
                 raise QstreamError(f"{self.ckpt.root}: no tensor for {missing[0]} ({where}) in the checkpoint; it is "
                                    f"incomplete, or not the {self.model.config.model_type} its config.json names")
-            part.ranges = self._byte_ranges(part.sources)
+        self._byte_ranges()
 
-    def _byte_ranges(self, names: list[str]) -> list[tuple[Path, int, int]]:
-        """Where the stored tensors behind `names` lie (an FP8 weight with its scales, an MXFP4 pair, ...)."""
-        wanted = set(names)
-        out = []
+    def _byte_ranges(self) -> None:
+        """Where each part's stored tensors lie (an FP8 weight with its scales, an MXFP4 pair, ...), to read
+        them ahead."""
+        parts_of: dict[str, list[_Part]] = {}
+        for p in self._parts.values():
+            for name in p.sources:
+                parts_of.setdefault(name, []).append(p)
         for raw, t in self.ckpt.tensors.items():
             base = raw.rpartition(".")[0]
             keys = (raw, base + ".weight", raw.rpartition("_")[0])  # as stored, <m>.weight_*, gpt-oss <x>_blocks
-            if any(k in wanted for k in keys):
-                out.append((t.file, t.info.start, t.info.end))
-        return sorted(out)
+            for part in next((parts_of[k] for k in keys if k in parts_of), []):
+                part.ranges.append((t.file, t.info.start, t.info.end))
+        for p in self._parts.values():
+            p.ranges.sort()
 
     # ---- facts --------------------------------------------------------------------------------------
 
@@ -244,15 +247,14 @@ class StreamedModel:
                                      dtype_plan=self.model._get_dtype_plan(self.dtype), weight_mapping=self._mapping)
         state = {n: self._lazy[n] for n in p.sources}
         info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
-        bad = sorted(t for t in p.targets if t in info.missing_keys and t not in self.model.all_tied_weights_keys)
-        mismatched = sorted(m for m in info.mismatched_keys if m[0] in p.targets)
-        errors = {k: v for k, v in info.conversion_errors.items()}
-        if mismatched or errors or bad:
-            what = (f"{mismatched[0][0]} has shape {list(mismatched[0][1])}, the model wants {list(mismatched[0][2])}"
-                    if mismatched else f"{next(iter(errors))}: {next(iter(errors.values()))}" if errors
-                    else f"{bad[0]} was not loaded")
-            raise QstreamError(f"{self.ckpt.root}: {what}; the checkpoint does not fit the model its config.json "
-                               "describes (incomplete or mixed up?)")
+        problems = [f"{n} has shape {list(got)}, the model wants {list(want)}"
+                    for n, got, want in sorted(info.mismatched_keys) if n in p.targets]
+        problems += [f"{n}: {e}" for n, e in sorted(info.conversion_errors.items())]
+        problems += [f"{t} was not loaded" for t in sorted(p.targets & info.missing_keys)
+                     if t not in self.model.all_tied_weights_keys]
+        if problems:
+            raise QstreamError(f"{self.ckpt.root}: {problems[0]}; the checkpoint does not fit the model its "
+                               "config.json describes (incomplete or mixed up?)")
         for target, source in self.model.all_tied_weights_keys.items():
             if target in p.targets and target not in self._sources_of:  # tied: share the source's weight
                 self._tie(target, source)
