@@ -125,8 +125,9 @@ def test_missing_expert(tiny_qwen3_moe: Path, tmp_path: Path) -> None:
               metadata={"format": "pt"})
     with StreamedModel(broken, torch.float32, CPU) as model:
         job = Job(torch.zeros(8, dtype=torch.long), ((0, 8),))
+        wrong = r"layers\.2\.mlp\.experts\.down_proj has shape \[7, 64, 32\], the model wants \[8"
         with HiddenStore(job.tokens, model.hidden_size, torch.float32) as store, \
-                pytest.raises(QstreamError, match=r"layers\.2\.mlp\.experts\.down_proj has shape \[7, 64, 32\], the model wants \[8"):
+                pytest.raises(QstreamError, match=wrong):
             run(model, job, store)
 
 
