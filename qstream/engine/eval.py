@@ -36,7 +36,8 @@ def score_windows(paths: Sequence[Path], ids: torch.Tensor, wins: Sequence[Windo
                   device: torch.device, progress: bool = False, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                   hidden_budget: int = DEFAULT_BUDGET, spill_dir: Path | None = None
                   ) -> tuple[list[Totals], list[float]]:
-    """Totals and seconds per model (paths[0] the source) over windows `wins` of token ids `ids`."""
+    """Totals and seconds per model (paths[0] the source) over windows `wins` of token ids `ids`. Batches run
+    in turn on torch's threads: a few windows make too few batches to spread over the cores."""
     job = Job(ids, tuple((w.begin, w.end) for w in wins))
     totals = [Totals() for _ in paths]
     seconds = [0.0] * len(paths)
@@ -49,7 +50,7 @@ def score_windows(paths: Sequence[Path], ids: torch.Tensor, wins: Sequence[Windo
         step = max(1, CHUNK_ELEMENTS // src.output_vocab)
         src_store = stack.enter_context(HiddenStore(job.tokens, src.hidden_size, dtype, hidden_budget, tmp))
         t0 = time.perf_counter()
-        run(src, job, src_store, batch_tokens=batch_tokens, progress=progress)
+        run(src, job, src_store, batch_tokens=batch_tokens, progress=progress, workers=1)
         with src.loaded(HEAD):
             for k, w in enumerate(wins):
                 for r0, tgt, n in _rows(job, k, w, step):
@@ -63,7 +64,7 @@ def score_windows(paths: Sequence[Path], ids: torch.Tensor, wins: Sequence[Windo
                 if model.output_vocab != src.output_vocab or int(ids.max()) >= model.vocab_size:
                     raise QstreamError(f"{path}: vocabulary of {model.output_vocab} logits, the source has "
                                        f"{src.output_vocab}; compare only checkpoints of the same model")
-                run(model, job, store, batch_tokens=batch_tokens, progress=progress)
+                run(model, job, store, batch_tokens=batch_tokens, progress=progress, workers=1)
                 with src.loaded(HEAD), model.loaded(HEAD):
                     for k, w in enumerate(wins):
                         for r0, tgt, n in _rows(job, k, w, step):

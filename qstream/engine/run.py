@@ -1,9 +1,10 @@
 """Every token of a job through a StreamedModel, one part (embeddings, then each decoder layer) at a time.
 
 The job's sequences are independent (one causal mask each) and run in batches of equal-length sequences.
-On CPU the batches run on several threads at once, each op single-threaded: PyTorch's multi-threaded CPU
-kernels round differently with the thread count (an elementwise op split mid-row takes its scalar tail
-path), single-threaded ones round the same everywhere, so results do not depend on the machine's cores.
+With several workers (the CPU default) the batches run on several threads at once, each op single-threaded:
+PyTorch's multi-threaded CPU kernels round differently with the thread count (an elementwise op split
+mid-row takes its scalar tail path), single-threaded ones round the same everywhere, so results do not
+depend on the machine's cores. With one worker, batches run in turn on torch's own threads.
 Between parts the hidden states of all tokens wait in a HiddenStore. While a part computes, the next one is
 read on a background thread: on CUDA it is loaded onto the device beside the current one; on CPU its bytes
 are only read into the page cache and it is materialized after the current part is freed, so host memory
@@ -133,7 +134,7 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
     """Embeddings, then every decoder layer over every token of `job`; `store` ends holding the last layer's
     output (before the final norm). `observer` watches layers from `observe_from` on. `ahead`: load the next
     part beside the current one (default: on CUDA, whose memory is not the host's). `workers`: batches run at
-    once (default: one on CUDA, torch's thread count on CPU, each op then single-threaded)."""
+    once (default: one on CUDA, torch's thread count on CPU); with more than one, each op is single-threaded."""
     cuda = model.device.type == "cuda"
     workers = (1 if cuda else torch.get_num_threads()) if workers is None else workers
     stats = RunStats(job.tokens)
@@ -157,7 +158,7 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
         bar.update(count * length)
 
     with tqdm(total=len(parts) * job.tokens, unit="tok", unit_scale=True, desc="layers", disable=not progress,
-              dynamic_ncols=True) as bar, _single_threaded_ops(not cuda), \
+              dynamic_ncols=True) as bar, _single_threaded_ops(workers > 1), \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qstream-batch") as pool:
         for part in parts_in_turn(model, parts, waits, cuda if ahead is None else ahead):
             t0 = time.perf_counter()
