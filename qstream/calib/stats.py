@@ -97,9 +97,9 @@ class Collector:
         dev = model.device
         for name, module in model.layers[index].named_modules(prefix=path):
             if isinstance(module, nn.Linear):
-                t = self._target(model, f"{name}.weight", _Acc(torch.zeros(module.in_features, dtype=torch.float64,
-                                                                           device=dev),
-                                                                torch.zeros((), dtype=torch.int64, device=dev)))
+                zero = _Acc(torch.zeros(module.in_features, dtype=torch.float64, device=dev),
+                            torch.zeros((), dtype=torch.int64, device=dev))
+                t = self._target(model, f"{name}.weight", zero)
                 if t is not None:
                     self._handles.append(module.register_forward_pre_hook(self._linear_hook(t)))
             elif _is_experts(module):
@@ -112,8 +112,8 @@ class Collector:
         """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing."""
         with self._lock:
             self._finished[batch] = self._local.partial
+            by_id = {id(t): t for t in self._targets}
             while self._next in self._finished:
-                by_id = {id(t): t for t in self._targets}
                 for key, acc in self._finished.pop(self._next).items():
                     by_id[key].total.add(acc)
                 self._next += 1
