@@ -77,10 +77,17 @@ def test_spilled_store_and_load_ahead(tiny_qwen35: Path) -> None:
     assert_same_forward(tiny_qwen35, budget=0, ahead=True, batch_tokens=1)
 
 
-@pytest.mark.parametrize("fixture,preset", [("tiny_qwen35", "experts"), ("tiny_llama", "mlp")])
-def test_mxfp4_checkpoint(fixture: str, preset: str, request, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def qwen35_mxfp4(tiny_qwen35: Path, tmp_path_factory) -> Path:
+    """Every Linear of the tiny Qwen3.5-MoE in MXFP4 (floor rule: far enough from the source for a KL above
+    float noise)."""
+    return quantize(tiny_qwen35, tmp_path_factory.mktemp("q35") / "q", "all-linear", Rule.FLOOR)
+
+
+def test_mxfp4_checkpoint(qwen35_mxfp4: Path, tiny_llama: Path, tmp_path: Path) -> None:
     """A qstream MXFP4 output runs on qstream's decoding, as models.load_model decodes it."""
-    assert_same_forward(quantize(request.getfixturevalue(fixture), tmp_path / "q", preset))
+    assert_same_forward(qwen35_mxfp4)
+    assert_same_forward(quantize(tiny_llama, tmp_path / "q", "mlp"))
 
 
 def test_fp8_source(tiny_qwen3_moe: Path, tmp_path: Path) -> None:
@@ -89,13 +96,13 @@ def test_fp8_source(tiny_qwen3_moe: Path, tmp_path: Path) -> None:
     assert_same_forward(src)
 
 
-def test_eval_equals_in_memory_eval(tiny_qwen35: Path, tmp_path: Path) -> None:
+def test_eval_equals_in_memory_eval(tiny_qwen35: Path, qwen35_mxfp4: Path) -> None:
     """qstream.evaluate's scores (now on the engine) equal the loop it replaced: every model whole in memory,
     each window through each model, scored from full logits. One window per forward, as that loop ran them:
     other batches round differently, which moves a KL this small (5e-5 nats per token) by about 3e-4 of itself."""
     from qstream.engine.eval import score_windows
 
-    q = quantize(tiny_qwen35, tmp_path / "q", "all-linear", Rule.FLOOR)  # far enough for a KL above the noise
+    q = qwen35_mxfp4
     ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1))
     wins = windows(ids.numel(), 64, 48, 5)  # overlapping windows, a short last one
     totals, _ = score_windows([tiny_qwen35, q], ids, wins, torch.float32, CPU, batch_tokens=64, hidden_budget=0)
