@@ -27,6 +27,7 @@ from qstream.engine.run import Job, run
 from qstream.evaluate import tokenize
 from qstream.models import load_model
 from qstream.text_sources import Text
+from tests.fixtures import build_qwen3_next
 from tests.test_evaluate import PROSE, byte_tokenizer
 from tests.test_gpt_oss import build_gpt_oss
 
@@ -109,7 +110,7 @@ def oracle_stats(path: Path, ids: torch.Tensor, mode: str) -> dict[str, torch.Te
 
 def model_name(source: str) -> tuple[str, int | None]:
     """Independently of the engine's mapping: a source weight's parameter in the causal LM (and expert index)."""
-    name = source.replace("model.language_model.", "model.")
+    name = source.replace("model.language_model.", "model.").replace(".block_sparse_moe.", ".mlp.")  # Mixtral
     parts = name.split(".")
     if "experts" in parts and parts[parts.index("experts") + 1].isdigit():  # per-expert on disk
         i = parts.index("experts")
@@ -120,11 +121,13 @@ def model_name(source: str) -> tuple[str, int | None]:
 
 
 @pytest.mark.parametrize("mode", ["all", "routed"])
-@pytest.mark.parametrize("fixture", ["tiny_qwen3_moe", "tiny_qwen35", "gpt_oss", "tiny_deepseek_v3"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen3_moe", "tiny_mixtral", "tiny_qwen35", "qwen3_next", "gpt_oss",
+                                     "tiny_deepseek_v3"])
 def test_statistics_match_the_whole_model(fixture: str, mode: str, request, tmp_path: Path) -> None:
     """Every quantizable weight's x^2 sums and token counts, and every expert's routed count, equal what the whole
-    model's own modules see (fused and per-expert experts, gpt-oss's transposed biased experts, MLA)."""
-    path = build_gpt_oss(tmp_path / "gpt-oss") if fixture == "gpt_oss" else request.getfixturevalue(fixture)
+    model's own modules see (fused and per-expert experts, gpt-oss's transposed biased experts, MLA, DeltaNet)."""
+    builders = {"gpt_oss": build_gpt_oss, "qwen3_next": build_qwen3_next}
+    path = builders[fixture](tmp_path / fixture) if fixture in builders else request.getfixturevalue(fixture)
     ids = torch.randint(0, 128, (SPANS[-1][1],), generator=torch.Generator().manual_seed(0))
     got = engine_stats(path, ids, mode, tmp_path)
     want = oracle_stats(path, ids, mode)
