@@ -14,8 +14,8 @@ import triton
 
 sys.path.insert(0, ".")
 from bench.bench_kernels import EXPERT_SHAPE, weights  # noqa: E402
-from qstream.kernels import triton_mxfp4 as T  # noqa: E402
-from qstream.mxfp4 import BLOCK, Rule  # noqa: E402
+from qstream.format.kernels import triton_mxfp4 as T  # noqa: E402
+from qstream.format.mxfp4 import BLOCK, Rule  # noqa: E402
 
 CONFIGS = [(32, 1, reg) for reg in (None, 128, 144, 160, 168, 176)] + [
     (64, 2, None), (64, 2, 168), (32, 2, 128), (128, 4, 128)]

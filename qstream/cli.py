@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule
-from qstream.plan import KEEP_DTYPES
+from qstream.format.mxfp4 import Rule
+from qstream.planning.plan import KEEP_DTYPES
 
 RULES = [r.value for r in Rule]
 
@@ -36,7 +36,7 @@ def cli() -> None:
 
 
 def selection_options(f):
-    from qstream.selection import DEFAULT_PRESET, PRESETS
+    from qstream.planning.selection import DEFAULT_PRESET, PRESETS
 
     presets_help = "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
     for opt in reversed([
@@ -58,9 +58,9 @@ def selection_options(f):
 
 def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule: str, max_shard_size: str,
           keep_dtype: str):
-    from qstream.checkpoint import open_checkpoint
-    from qstream.plan import make_plan, parse_size
-    from qstream.selection import Selection
+    from qstream.io.checkpoint import open_checkpoint
+    from qstream.planning.plan import make_plan, parse_size
+    from qstream.planning.selection import Selection
 
     sel = Selection(preset, tuple(include), tuple(exclude), skip_indivisible)
     return make_plan(open_checkpoint(src), sel, Rule(rule), parse_size(max_shard_size), keep_dtype)
@@ -85,8 +85,8 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./M ./M-MXFP4 --exclude '*layers.0.*' --max-shard-size 2GB
       qstream quantize ./Kimi-K2 ./Kimi-K2-MXFP4 --resume   # after a crash: finish it
     """
-    from qstream.pipeline import run
-    from qstream.summary import run_text
+    from qstream.convert.pipeline import run
+    from qstream.report.summary import run_text
 
     plan = _plan(src, **kw)
     report = run(plan, dst, device=device, overwrite=overwrite, resume=resume,
@@ -106,7 +106,7 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
       qstream plan ./Qwen3.5-35B-A3B
       qstream plan ./SmolLM2 --preset mlp --json
     """
-    from qstream.summary import plan_text
+    from qstream.report.summary import plan_text
 
     plan = _plan(src, **kw)
     if as_json:
@@ -128,7 +128,7 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
 def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> None:
     """The whole story on the real SmolLM2-135M and its exact MoE (fetched from PyPI): quantize, eval, card, rules."""
     from qstream.demo import run_demo
-    from qstream.evaluate import Protocol
+    from qstream.evals.evaluate import Protocol
 
     run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))
 
@@ -151,7 +151,7 @@ def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm:
       qstream verify ./Qwen3.5-35B-A3B-MXFP4
       qstream verify ./Qwen3.5-35B-A3B-MXFP4 --source ./Qwen3.5-35B-A3B --json
     """
-    from qstream.verify import verify
+    from qstream.check.verify import verify
 
     check_with_vllm = _vllm_checker() if vllm else None  # a flag that cannot work fails before the long part
     report = verify(dst, source, device=device)
@@ -170,11 +170,11 @@ def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm:
 
 
 def _vllm_checker():
-    """qstream.vllm_check.check_with_vllm(dst) -> result with .ok and .summary(); imported only for --vllm."""
+    """qstream.check.vllm.check_with_vllm(dst) -> result with .ok and .summary(); imported only for --vllm."""
     try:
-        from qstream.vllm_check import check_with_vllm
+        from qstream.check.vllm import check_with_vllm
     except ImportError as exc:
-        raise QstreamError(f"--vllm: cannot import qstream.vllm_check ({exc}); drop --vllm or update qstream") from exc
+        raise QstreamError(f"--vllm: cannot import qstream.check.vllm ({exc}); drop --vllm or update qstream") from exc
     return check_with_vllm
 
 
@@ -192,9 +192,9 @@ def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, n
       qstream dequantize ./Qwen3.5-35B-A3B-MXFP4 ./Qwen3.5-35B-A3B-MXFP4-bf16
       qstream dequantize ./SmolLM2-MXFP4 ./SmolLM2-dq --max-shard-size 500MB
     """
-    from qstream.dequantize import dequantize_checkpoint
-    from qstream.plan import parse_size
-    from qstream.summary import human_bytes
+    from qstream.convert.dequantize import dequantize_checkpoint
+    from qstream.planning.plan import parse_size
+    from qstream.report.summary import human_bytes
 
     r = dequantize_checkpoint(src, dst, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                               progress=not no_progress and sys.stderr.isatty())
@@ -231,7 +231,7 @@ _EVAL_OPTIONS = [
 
 
 def _text(text_file: Path | None, hf_cache: Path | None, hf_dataset: str, hf_config: str, hf_split: str):
-    from qstream import text_sources
+    from qstream.evals import text_sources
 
     if text_file and hf_cache:
         raise QstreamError("--text-file and --hf-cache both given; pass one of them")
@@ -263,7 +263,7 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
       qstream eval ./Qwen3.5-35B-A3B ./Qwen3.5-35B-A3B-MXFP4 --text-file wiki.test.raw --device cuda
       qstream eval ./M ./M-MXFP4 --hf-cache ~/.cache/huggingface/datasets --json eval.json --card ./M-MXFP4
     """
-    from qstream.evaluate import Protocol, evaluate, save_into as save
+    from qstream.evals.evaluate import Protocol, evaluate, save_into as save
 
     if save_into and Path(save_into).resolve() not in {q.resolve() for q in quantized}:
         raise QstreamError(f"--card {save_into}: not among the QUANTIZED arguments; add it to them")
@@ -274,7 +274,7 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
     if json_path:
         Path(json_path).write_text(json.dumps(result.as_json(), indent=2) + "\n")
     if save_into:
-        from qstream.card import write_card
+        from qstream.report.card import write_card
 
         click.echo(f"saved {save(result, save_into)}")
         click.echo(f"updated {write_card(save_into, Path(src) / 'README.md')}")
@@ -301,8 +301,8 @@ def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, work
     """
     from qstream.assets import cache_dir
     from qstream.compare import compare_rules
-    from qstream.evaluate import Protocol
-    from qstream.selection import Selection
+    from qstream.evals.evaluate import Protocol
+    from qstream.planning.selection import Selection
 
     try:
         chosen = [Rule(r.strip()) for r in rules.split(",") if r.strip()]
@@ -328,7 +328,7 @@ def card_cmd(dst: Path, source_readme: Path | None) -> None:
     Examples:
       qstream card ./Qwen3.5-35B-A3B-MXFP4
     """
-    from qstream.card import write_card
+    from qstream.report.card import write_card
 
     if source_readme is None:
         try:

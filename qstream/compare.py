@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qstream.checkpoint import open_checkpoint
-from qstream.evaluate import EvalResult, Protocol, evaluate
-from qstream.mxfp4 import Rule
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
-from qstream.summary import table
-from qstream.text_sources import Text
+from qstream.io.checkpoint import open_checkpoint
+from qstream.evals.evaluate import EvalResult, Protocol, evaluate
+from qstream.format.mxfp4 import Rule
+from qstream.convert.pipeline import run
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
+from qstream.report.summary import table
+from qstream.evals.text_sources import Text
 
 SHARD_BYTES = 5 * 10**9
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import click
 
 from qstream import assets
-from qstream.card import write_card
-from qstream.checkpoint import open_checkpoint
+from qstream.report.card import write_card
+from qstream.io.checkpoint import open_checkpoint
 from qstream.compare import compare_rules
-from qstream.evaluate import Protocol, evaluate, save_into
-from qstream.mxfp4 import Rule
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
-from qstream.summary import plan_text, run_text
-from qstream.text_sources import wikipedia
+from qstream.evals.evaluate import Protocol, evaluate, save_into
+from qstream.format.mxfp4 import Rule
+from qstream.convert.pipeline import run
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
+from qstream.report.summary import plan_text, run_text
+from qstream.evals.text_sources import wikipedia
 
 SHARD_BYTES = 5 * 10**9
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from qstream.cli import cli
 from qstream.errors import QstreamError
 

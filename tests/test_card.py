@@ -13,11 +13,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from qstream.checkpoint import open_checkpoint
-from qstream.mxfp4 import Rule
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
+from qstream.io.checkpoint import open_checkpoint
+from qstream.format.mxfp4 import Rule
+from qstream.convert.pipeline import run
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
 from tests.test_evaluate import PROSE, lm  # noqa: F401 - lm is a fixture
 
 

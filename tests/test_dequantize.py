@@ -10,15 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import qstream.dequantize as dq
-from qstream.checkpoint import open_checkpoint
+import qstream.convert.dequantize as dq
+from qstream.io.checkpoint import open_checkpoint
 from qstream.cli import cli
-from qstream.dequantize import dense_jobs, dequantize_checkpoint
+from qstream.convert.dequantize import dense_jobs, dequantize_checkpoint
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
+from qstream.format.mxfp4 import Rule
+from qstream.convert.pipeline import run
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
 from tests.fixtures import SIDE_FILES, load_tensors
 
 

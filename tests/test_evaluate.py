@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from qstream.cli import cli
 from qstream.errors import QstreamError
-from qstream.evaluate import EVAL_SCHEMA, Protocol, evaluate, read_saved, save_into
-from qstream.models import load_model
-from qstream.scoring import Window, windows
-from qstream.text_sources import HF_JOIN, Text, from_file, from_hf_cache
+from qstream.evals.evaluate import EVAL_SCHEMA, Protocol, evaluate, read_saved, save_into
+from qstream.evals.models import load_model
+from qstream.evals.scoring import Window, windows
+from qstream.evals.text_sources import HF_JOIN, Text, from_file, from_hf_cache
 from tests.test_dequantize import quantize
 
 # Real English prose (about 1.9k bytes = tokens under the byte-level tokenizer below).
@@ -303,7 +303,7 @@ SMOL_PROTOCOL = Protocol(seq_len=1024, max_windows=4, **CPU32)
 
 @pytest.mark.slow
 def test_smollm2_mxfp4_perplexity_and_kl(smollm2) -> None:
-    from qstream.text_sources import wikipedia
+    from qstream.evals.text_sources import wikipedia
 
     dense, q, _ = smollm2
     result = evaluate(dense, [q], wikipedia(max_chars=40_000), SMOL_PROTOCOL, labels=["BF16", "MXFP4 mlp"])
@@ -318,7 +318,7 @@ def test_smollm2_mxfp4_perplexity_and_kl(smollm2) -> None:
 @pytest.mark.slow
 def test_smollm2_moe_oracle(smollm2) -> None:
     """ASSETS.md's exact oracle: the quantized upcycled MoE computes what the quantized dense model does."""
-    from qstream.text_sources import wikipedia
+    from qstream.evals.text_sources import wikipedia
 
     _, q, moe_q = smollm2
     result = evaluate(q, [moe_q], wikipedia(max_chars=40_000), SMOL_PROTOCOL, labels=["dense MXFP4", "MoE MXFP4"])
@@ -332,7 +332,7 @@ def test_smollm2_moe_oracle(smollm2) -> None:
 def test_smollm2_requantize(smollm2, tmp_path: Path) -> None:
     """On real weights: dequantize -> quantize loses nothing (relative error 0) and is a byte fixed point after
     one round; print how many mse3 blocks the first round moves (largest code 3 -> the exponent below)."""
-    from qstream.dequantize import dequantize_checkpoint
+    from qstream.convert.dequantize import dequantize_checkpoint
 
     _, q1, _ = smollm2
     dequantize_checkpoint(q1, tmp_path / "d1", progress=False)

@@ -10,12 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qstream.checkpoint import open_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule, dequantize, quantize
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
+from qstream.format.mxfp4 import Rule, dequantize, quantize
+from qstream.convert.pipeline import run
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
 
 
 def build_gpt_oss(out: Path) -> Path:

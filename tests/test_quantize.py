@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qstream.checkpoint import open_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.ignore import BF16, MXFP4, Module, matches, targeting_problems
-from qstream.mxfp4 import Rule, dequantize, quantize
-from qstream.pipeline import REPORT_NAME, run
-from qstream.plan import make_plan
-from qstream.selection import Region, Role, Selection
+from qstream.planning.targets import BF16, MXFP4, Module, matches, targeting_problems
+from qstream.format.mxfp4 import Rule, dequantize, quantize
+from qstream.convert.pipeline import REPORT_NAME, run
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Region, Role, Selection
 from tests.fixtures import load_tensors
 
 FIXTURES = {

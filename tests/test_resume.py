@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from qstream.checkpoint import open_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.pipeline import REPORT_NAME
-from qstream.staging import temp_dir_for
+from qstream.convert.pipeline import REPORT_NAME
+from qstream.io.staging import temp_dir_for
 
 ARGS = ["--max-shard-size", "48KiB", "--no-progress"]
 
@@ -23,9 +23,9 @@ ARGS = ["--max-shard-size", "48KiB", "--no-progress"]
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    import qstream.pipeline as pipeline
-    import qstream.safetensors_io as io
-    import qstream.staging as staging
+    import qstream.convert.pipeline as pipeline
+    import qstream.io.safetensors_io as io
+    import qstream.io.staging as staging
     limit = int(os.environ["KILL_AT"])
     count = 0
     def counted(fn):

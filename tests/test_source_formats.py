@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qstream.checkpoint import open_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule, quantize
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
-from qstream.verify import verify
+from qstream.format.mxfp4 import Rule, quantize
+from qstream.convert.pipeline import run
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
+from qstream.check.verify import verify
 from tests.fixtures import load_tensors
 from tests.fp8_layouts import LAYOUTS, to_layout
 
@@ -103,8 +103,8 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    from qstream.dequantize import dequantize_checkpoint
-    from qstream.models import load_model
+    from qstream.convert.dequantize import dequantize_checkpoint
+    from qstream.evals.models import load_model
 
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
@@ -139,7 +139,7 @@ def test_mxfp8_decode_matches_compressed_tensors(tmp_path, tiny_qwen3_moe) -> No
     src = tmp_path / "src"
     to_layout(tiny_qwen3_moe, src, "ct-mxfp8")
     ckpt = open_checkpoint(src)
-    from qstream.source_formats import decode_checkpoint
+    from qstream.io.source_formats import decode_checkpoint
 
     decoded = decode_checkpoint(ckpt)
     scheme = QuantizationConfig.model_validate(LAYOUTS["ct-mxfp8"][0]).config_groups["group_0"]
@@ -195,7 +195,7 @@ def test_verify_catches_a_mixed_config_that_misreads_kept_weights(tmp_path, tiny
 
 def test_block_decode_with_ragged_blocks_is_the_definition(tmp_path) -> None:
     """Rows and columns that do not fill their last 32x32 block, read in chunks that cut through blocks."""
-    from qstream.source_formats import DecodedTensor, _float
+    from qstream.io.source_formats import DecodedTensor, _float
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(70, 100, generator=g) * 50).to(torch.float8_e4m3fn)
@@ -232,7 +232,7 @@ def test_deepseek_v3_block_fp8_keeps_attention_and_dense_layers(tmp_path, tiny_d
 def test_quantize_dequantize_quantize_from_fp8(tmp_path, tiny_qwen3_moe, layout) -> None:
     """A mixed output, dequantized and quantized again, decodes to exactly what quantizing the FP8 input with
     --keep-dtype bf16 decodes to: kept weights come back as the BF16 they stand for, MXFP4 as a fixed point."""
-    from qstream.dequantize import dequantize_checkpoint
+    from qstream.convert.dequantize import dequantize_checkpoint
 
     src = tmp_path / "src"
     to_layout(tiny_qwen3_moe, src, layout)

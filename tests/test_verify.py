@@ -21,12 +21,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER, open_checkpoint
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER, open_checkpoint
 from qstream.cli import cli
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule, pack_codes, quantize, unpack_codes
-from qstream.pipeline import REPORT_NAME as PIPELINE_REPORT_NAME
-from qstream.verify import REPORT_NAME, block_errors, compare_chunk, verify, verify_written
+from qstream.format.mxfp4 import Rule, pack_codes, quantize, unpack_codes
+from qstream.convert.pipeline import REPORT_NAME as PIPELINE_REPORT_NAME
+from qstream.check.verify import REPORT_NAME, block_errors, compare_chunk, verify, verify_written
 
 L0 = "model.language_model.layers.0"
 EXPERT = f"{L0}.mlp.experts.1.gate_proj"  # a quantized module of tiny_qwen35 (split from fused gate_up_proj)
@@ -308,14 +308,14 @@ def test_cli_exit_codes_and_output(qwen35_out: Path, broken: Path, tiny_qwen35: 
 
 
 def test_cli_vllm_flag(qwen35_out: Path, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "qstream.vllm_check", None)  # as if the module were absent
+    monkeypatch.setitem(sys.modules, "qstream.check.vllm", None)  # as if the module were absent
     res = CliRunner().invoke(cli, ["verify", str(qwen35_out), "--vllm"])
-    assert res.exit_code == 2 and "cannot import qstream.vllm_check" in res.output
+    assert res.exit_code == 2 and "cannot import qstream.check.vllm" in res.output
     verdicts = iter([True, False])
-    fake = types.ModuleType("qstream.vllm_check")
+    fake = types.ModuleType("qstream.check.vllm")
     fake.check_with_vllm = lambda dst: types.SimpleNamespace(ok=(ok := next(verdicts)),
                                                              summary=lambda: f"vllm: {'OK' if ok else 'FAILED'} {dst}")
-    monkeypatch.setitem(sys.modules, "qstream.vllm_check", fake)
+    monkeypatch.setitem(sys.modules, "qstream.check.vllm", fake)
     res = CliRunner().invoke(cli, ["verify", str(qwen35_out), "--vllm"])
     assert res.exit_code == 0 and res.output.rstrip().endswith(f"vllm: OK {qwen35_out}")
     res = CliRunner().invoke(cli, ["verify", str(qwen35_out), "--vllm", "--json"])

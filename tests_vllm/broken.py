@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qstream.mxfp4 import Rule, quantize
+from qstream.format.mxfp4 import Rule, quantize
 
 Breaker = Callable[[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]], None]
 ROUTER = re.compile(r"^model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.gate\.weight$")

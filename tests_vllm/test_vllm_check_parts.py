@@ -1,4 +1,4 @@
-"""The parts of qstream.vllm_check that need no model: coverage arithmetic and the missing-vLLM error."""
+"""The parts of qstream.check.vllm that need no model: coverage arithmetic and the missing-vLLM error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from qstream.vllm_check import _coverage, _runs, _Write
+from qstream.check.vllm import _coverage, _runs, _Write
 
 
 def _view_write(param: torch.Tensor, view: torch.Tensor, source: str) -> _Write:
@@ -36,7 +36,7 @@ def test_missing_vllm_is_a_one_line_error_naming_the_install():
     code = (
         "import sys; sys.modules['vllm'] = None\n"
         "from qstream.errors import QstreamError\n"
-        "from qstream.vllm_check import check_with_vllm\n"
+        "from qstream.check.vllm import check_with_vllm\n"
         "try:\n    check_with_vllm('.')\n"
         "except QstreamError as e:\n    print(e)\n"
     )

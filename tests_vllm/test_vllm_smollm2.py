@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from qstream import assets
-from qstream.vllm_check import check_with_vllm
+from qstream.check.vllm import check_with_vllm
 from tests_vllm.conftest import qstream, run_vllm
 from tests_vllm.decompress import decompress
 

@@ -1,9 +1,9 @@
 """Perplexity of a source checkpoint and of quantized ones on the same tokens, with KL and top-1 agreement.
 
 One protocol for every model: the source's tokenizer encodes the whole text once (no BOS or other special
-tokens added), the token stream is cut into windows (qstream.scoring), and every model sees exactly the
+tokens added), the token stream is cut into windows (qstream.evals.scoring), and every model sees exactly the
 same windows. All models are held at once (the source plus each checkpoint to compare; MXFP4 weights
-decoded as they load, see qstream.models), and each window runs through every model in turn, so the KL of
+decoded as they load, see qstream.evals.models), and each window runs through every model in turn, so the KL of
 a quantized model's next-token distribution from the source's is computed on the spot from both logits,
 with no cache of source log-probs (which would take tokens x vocab floats).
 """
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.dequantize import EVAL_NAME
+from qstream.convert.dequantize import EVAL_NAME
 from qstream.errors import QstreamError
-from qstream.pipeline import resolve_device
-from qstream.scoring import Totals, Window, score, windows
-from qstream.summary import table
-from qstream.text_sources import Text
+from qstream.convert.pipeline import resolve_device
+from qstream.evals.scoring import Totals, Window, score, windows
+from qstream.report.summary import table
+from qstream.evals.text_sources import Text
 
 BOS_HANDLING = "none added: the whole text is tokenized once with add_special_tokens=False"
 KL_DEFINITION = "mean over scored tokens of KL(source || model) of next-token distributions, nats, full vocabulary"
@@ -135,7 +135,7 @@ def _window_logits(model, ids: torch.Tensor, w: Window, vocab: int | None, path:
 def evaluate(source: Path, quantized: Sequence[Path], text: Text, protocol: Protocol = Protocol(),
              labels: Sequence[str] | None = None, progress: bool = True) -> EvalResult:
     """Score source and every checkpoint in `quantized` on the same windows of `text` (see module doc)."""
-    from qstream.models import load_model
+    from qstream.evals.models import load_model
 
     paths = [Path(source), *map(Path, quantized)]
     labels = list(labels) if labels is not None else [p.resolve().name for p in paths]

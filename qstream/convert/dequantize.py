@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
-from qstream.mxfp4 import BLOCK, dequantize
-from qstream.pipeline import CHUNK_ELEMENTS, REPORT_NAME
-from qstream.staging import copy_side_files, staging
-from qstream.plan import CopyJob, Shard, pack_shards
-from qstream.safetensors_io import OutEntry, ShardWriter, read_rows
-from qstream.source_formats import DecodedTensor, decode_kept
+from qstream.format.mxfp4 import BLOCK, dequantize
+from qstream.convert.pipeline import CHUNK_ELEMENTS, REPORT_NAME
+from qstream.io.staging import copy_side_files, staging
+from qstream.planning.plan import CopyJob, Shard, pack_shards
+from qstream.io.safetensors_io import OutEntry, ShardWriter, read_rows
+from qstream.io.source_formats import DecodedTensor, decode_kept
 
 PACKED, SCALE = ".weight_packed", ".weight_scale"
 MXFP4_FORMAT = "mxfp4-pack-quantized"

@@ -12,13 +12,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from qstream.checkpoint import Checkpoint, SourceTensor
+from qstream.io.checkpoint import Checkpoint, SourceTensor
 from qstream.errors import QstreamError
-from qstream.ignore import BF16, MXFP4, Module, build_cover, build_ignore, scheme_format, targeting_problems
-from qstream.mxfp4 import BLOCK, Rule
-from qstream.safetensors_io import OutEntry
-from qstream.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
-from qstream.source_formats import DecodedTensor, PackedExperts, decode_checkpoint
+from qstream.planning.targets import BF16, MXFP4, Module, build_cover, build_ignore, scheme_format, targeting_problems
+from qstream.format.mxfp4 import BLOCK, Rule
+from qstream.io.safetensors_io import OutEntry
+from qstream.planning.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
+from qstream.io.source_formats import DecodedTensor, PackedExperts, decode_checkpoint
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
 FLOAT_DTYPES = ("BF16", "F16", "F32")

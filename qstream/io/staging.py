@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from qstream.checkpoint import CONFIG_NAME, IN_PROGRESS_MARKER, INDEX_NAME
+from qstream.io.checkpoint import CONFIG_NAME, IN_PROGRESS_MARKER, INDEX_NAME
 from qstream.errors import QstreamError
 
 PLAN_NAME = ".qstream-plan.json"  # the fingerprint a resumed run must match

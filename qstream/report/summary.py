@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from qstream.ignore import scheme_format
-from qstream.plan import Plan, QuantJob, estimate_bits_per_weight, source_nbytes
-from qstream.selection import region_of, role_of
-from qstream.source_formats import DecodedTensor
+from qstream.planning.targets import scheme_format
+from qstream.planning.plan import Plan, QuantJob, estimate_bits_per_weight, source_nbytes
+from qstream.planning.selection import region_of, role_of
+from qstream.io.source_formats import DecodedTensor
 
 
 def human_bytes(n: float) -> str:

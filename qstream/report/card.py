@@ -12,12 +12,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from qstream.checkpoint import open_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.ignore import FP8, MXFP8, scheme_format
-from qstream.mxfp4 import BLOCK, Rule
-from qstream.selection import ROLES, Region, Role, region_of, role_of
-from qstream.summary import human_bytes, table
+from qstream.planning.targets import FP8, MXFP8, scheme_format
+from qstream.format.mxfp4 import BLOCK, Rule
+from qstream.planning.selection import ROLES, Region, Role, region_of, role_of
+from qstream.report.summary import human_bytes, table
 
 CARD_NAME = "README.md"
 FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
@@ -146,7 +146,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         report = json.loads((dst / "qstream_report.json").read_text())
     except FileNotFoundError:
         raise QstreamError(f"{dst}: no qstream_report.json; `qstream card` documents outputs of `qstream quantize`") from None
-    from qstream.evaluate import read_saved
+    from qstream.evals.evaluate import read_saved
 
     eval_data = read_saved(dst)
     facts = model_facts(dst)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from qstream.checkpoint import Checkpoint, SourceTensor
+from qstream.io.checkpoint import Checkpoint, SourceTensor
 from qstream.errors import QstreamError
-from qstream.ignore import MERGES, matches
-from qstream.safetensors_io import TensorInfo, read_rows
+from qstream.planning.targets import MERGES, matches
+from qstream.io.safetensors_io import TensorInfo, read_rows
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 GPT_OSS = "gpt-oss mxfp4: *_blocks/*_scales experts, converted losslessly"

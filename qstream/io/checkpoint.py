@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from qstream.errors import QstreamError
-from qstream.safetensors_io import TensorInfo, read_header, read_rows
+from qstream.io.safetensors_io import TensorInfo, read_header, read_rows
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

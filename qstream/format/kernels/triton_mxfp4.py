@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, check_shape
+from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, check_shape
 
 try:
     import triton
@@ -30,7 +30,7 @@ NUM_WARPS = 1  # best of the sweep on H100 (bench_kernels.py --sweep): 1.107 ms 
 # rounded squares is within 33 * 2^-24 of exact): such programs redo the comparison in exact integers.
 TIE_MARGIN = 8e-6
 MAXNREG = 168  # registers per thread: the compiler alone takes 241 (12.5% occupancy on H100); 168 measured best
-SKIP_R2 = True  # MSE3's R-2 candidate provably never wins (qstream.mxfp4.MSE3_SEARCHED); False computes it anyway
+SKIP_R2 = True  # MSE3's R-2 candidate provably never wins (qstream.format.mxfp4.MSE3_SEARCHED); False computes it anyway
 
 
 def available() -> bool:
@@ -167,7 +167,7 @@ if triton is not None:
             e0 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 0)
             e1 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 1)
             v2 = r - 2 >= -127
-            if SKIP_R2:  # R-2 never wins (see qstream.mxfp4.MSE3_SEARCHED): its candidate is not computed
+            if SKIP_R2:  # R-2 never wins (see qstream.format.mxfp4.MSE3_SEARCHED): its candidate is not computed
                 e2 = tl.full([BLOCKS], float("inf"), tl.float32)
             else:
                 e2 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 2)
@@ -233,9 +233,9 @@ def launch(w: torch.Tensor, rule: Rule, blocks: int = BLOCKS_PER_PROGRAM, num_wa
 
 
 def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
-    """Same contract and bytes as `qstream.mxfp4.quantize`; needs triton (and CUDA, or TRITON_INTERPRET=1)."""
+    """Same contract and bytes as `qstream.format.mxfp4.quantize`; needs triton (and CUDA, or TRITON_INTERPRET=1)."""
     if triton is None:
-        raise RuntimeError("triton is not installed; use qstream.mxfp4.quantize or the CPU kernel")
+        raise RuntimeError("triton is not installed; use qstream.format.mxfp4.quantize or the CPU kernel")
     check_shape(tuple(w.shape))
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         w = w.float()

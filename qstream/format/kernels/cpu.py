@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qstream.assets import cache_dir
-from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, check_shape
+from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, check_shape
 
 SOURCE = Path(__file__).with_name("mxfp4_cpu.c")
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
@@ -78,7 +78,7 @@ def library() -> ctypes.CDLL:
 
 
 def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3, threads: int | None = None) -> Quantized:
-    """Same contract and bytes as `qstream.mxfp4.quantize`, for CPU tensors; raises BuildError if no compiler."""
+    """Same contract and bytes as `qstream.format.mxfp4.quantize`, for CPU tensors; raises BuildError if no compiler."""
     check_shape(tuple(w.shape))
     if w.dtype not in DTYPE_CODES:
         w = w.float()

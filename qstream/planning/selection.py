@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from qstream.errors import QstreamError
-from qstream.mxfp4 import BLOCK
+from qstream.format.mxfp4 import BLOCK
 
 
 class Region(str, enum.Enum):

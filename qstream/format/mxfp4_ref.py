@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import torch
 
-from qstream.mxfp4 import BLOCK, E2M1_MAGNITUDES, E8M0_BIAS, E_MAX, E_MIN, MSE3_OFFSETS, Rule, pack_codes
+from qstream.format.mxfp4 import BLOCK, E2M1_MAGNITUDES, E8M0_BIAS, E_MAX, E_MIN, MSE3_OFFSETS, Rule, pack_codes
 
 
 def block_exponent_ref(amax: float, rule: Rule) -> int:

@@ -1,6 +1,6 @@
 """Fast MXFP4 quantizers behind one call: Triton on CUDA, the C kernel on CPU, torch everywhere else.
 
-Every backend writes the bytes of `qstream.mxfp4_ref.quantize_ref` (tests hold them to it bit for bit),
+Every backend writes the bytes of `qstream.format.mxfp4_ref.quantize_ref` (tests hold them to it bit for bit),
 so the choice changes speed only, never the output.
 """
 
@@ -12,13 +12,13 @@ from collections.abc import Callable
 
 import torch
 
-from qstream.mxfp4 import Quantized, Rule, quantize
+from qstream.format.mxfp4 import Quantized, Rule, quantize
 
 
 @functools.cache
 def _cpu_kernel():
     """The C kernel module once it builds and loads, else None (warned about once)."""
-    from qstream.kernels import cpu
+    from qstream.format.kernels import cpu
 
     try:
         cpu.library()
@@ -30,7 +30,7 @@ def _cpu_kernel():
 
 @functools.cache
 def _triton_kernel():
-    from qstream.kernels import triton_mxfp4
+    from qstream.format.kernels import triton_mxfp4
 
     return triton_mxfp4 if triton_mxfp4.available() else None
 
@@ -51,5 +51,5 @@ def backend_name(device: torch.device | str) -> str:
 
 
 def quantize_fast(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
-    """`qstream.mxfp4.quantize` with the fastest backend for w's device; same bytes, same statistics."""
+    """`qstream.format.mxfp4.quantize` with the fastest backend for w's device; same bytes, same statistics."""
     return _backend(w.device)[1](w, rule)
