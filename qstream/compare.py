@@ -13,9 +13,9 @@ from pathlib import Path
 from qstream.io.checkpoint import open_checkpoint
 from qstream.evals.evaluate import EvalResult, Protocol, evaluate
 from qstream.format.mxfp4 import Rule
-from qstream.convert.pipeline import run
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
+from qstream.quantize import quantize_checkpoint
 from qstream.report.summary import table
 from qstream.evals.text_sources import Text
 
@@ -56,7 +56,7 @@ def compare_rules(src: Path, workdir: Path, selection: Selection, rules: list[Ru
     outs, errors, shares = [], {}, {}
     for rule in rules:
         dst = workdir / f"{src.name}-mxfp4-{rule.value}"
-        report = run(make_plan(ckpt, selection, rule, SHARD_BYTES), dst, device=device, overwrite=True,
+        report = quantize_checkpoint(make_plan(ckpt, selection, rule, SHARD_BYTES), dst, device=device, overwrite=True,
                      progress=progress)
         errors[rule.value] = report["totals"]["rel_error"]
         blocks = [0.0, 0.0, 0.0]

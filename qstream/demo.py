@@ -14,14 +14,15 @@ from pathlib import Path
 import click
 
 from qstream import assets
+from qstream.common import cache_dir
 from qstream.report.card import write_card
 from qstream.io.checkpoint import open_checkpoint
 from qstream.compare import compare_rules
 from qstream.evals.evaluate import Protocol, evaluate, save_into
 from qstream.format.mxfp4 import Rule
-from qstream.convert.pipeline import run
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
+from qstream.quantize import quantize_checkpoint
 from qstream.report.summary import plan_text, run_text
 from qstream.evals.text_sources import wikipedia
 
@@ -30,7 +31,7 @@ SHARD_BYTES = 5 * 10**9
 
 def run_demo(workdir: Path | None, experts: int, protocol: Protocol) -> dict:
     """Build, quantize, evaluate, write cards, compare rules; returns the numbers it printed."""
-    work = Path(workdir) if workdir else assets.cache_dir() / "demo"
+    work = Path(workdir) if workdir else cache_dir() / "demo"
     work.mkdir(parents=True, exist_ok=True)
     tty = sys.stderr.isatty()
     say = lambda msg: click.echo(f"\n== {msg}", err=True)  # noqa: E731
@@ -44,7 +45,7 @@ def run_demo(workdir: Path | None, experts: int, protocol: Protocol) -> dict:
         dst = work / f"{src.name}-mxfp4"
         say(f"[3/5] quantize {src.name} with --preset {preset} -> {dst}")
         click.echo(plan_text(plan))
-        report = run(plan, dst, device="auto", overwrite=True, progress=tty)
+        report = quantize_checkpoint(plan, dst, device="auto", overwrite=True, progress=tty)
         click.echo(run_text(report, str(dst)))
         out[label] = dst
     say("[4/5] perplexity and KL on the same tokens (offline Wikipedia text)")

@@ -14,10 +14,10 @@ from qstream.assets import (
     COMPLETE_MARKER,
     build_smollm2_dense,
     build_smollm2_moe,
-    cache_dir,
     fetch_pypi_member,
     wiki_text,
 )
+from qstream.common import cache_dir
 from qstream.errors import QstreamError
 
 SENTENCE = "The capital of France is Paris, a city famous for its museums and its long history."

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from qstream.io.checkpoint import open_checkpoint
 from qstream.format.mxfp4 import Rule
-from qstream.convert.pipeline import run
+from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from tests.test_evaluate import PROSE, lm  # noqa: F401 - lm is a fixture
@@ -40,7 +40,7 @@ def test_card_after_quantize(tmp_path, tiny_qwen35) -> None:
     shutil.copytree(tiny_qwen35, src)
     (src / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: Qwen/Qwen3.5-tiny\n---\n# upstream card\n")
     dst = tmp_path / "Qwen3.5-tiny-MXFP4"
-    report = run(make_plan(open_checkpoint(src), Selection(), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    report = quantize_checkpoint(make_plan(open_checkpoint(src), Selection(), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
     card = (dst / "README.md").read_text()
     cfg = json.loads((src / "config.json").read_text())["text_config"]
     total, language, routed = source_counts(src)

@@ -16,14 +16,14 @@ from qstream.cli import cli
 from qstream.convert.dequantize import dense_jobs, dequantize_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import Rule
-from qstream.convert.pipeline import run
+from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from tests.fixtures import SIDE_FILES, load_tensors
 
 
 def quantize(src: Path, dst: Path, preset: str = "experts", rule: Rule = Rule.MSE3, max_shard: int = 10**9) -> Path:
-    run(make_plan(open_checkpoint(src), Selection(preset), rule, max_shard), dst, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection(preset), rule, max_shard), dst, device="cpu", progress=False)
     return dst
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qstream.convert.pipeline import REPORT_NAME
+from qstream.common import REPORT_NAME
 
 
 def outputs(d: Path) -> dict[str, bytes]:

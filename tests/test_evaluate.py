@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from qstream.cli import cli
 from qstream.errors import QstreamError
-from qstream.evals.evaluate import EVAL_SCHEMA, Protocol, evaluate, read_saved, save_into
+from qstream.common import EVAL_SCHEMA, read_saved
+from qstream.evals.evaluate import Protocol, evaluate, save_into
 from qstream.evals.models import load_model
 from qstream.evals.scoring import Window, windows
 from qstream.evals.text_sources import HF_JOIN, Text, from_file, from_hf_cache

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import Rule, dequantize, quantize
-from qstream.convert.pipeline import run
+from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 
@@ -57,7 +57,7 @@ def transformers_decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Ten
 def test_gpt_oss_converts_losslessly(tmp_path) -> None:
     src = build_gpt_oss(tmp_path / "gpt-oss")
     dst = tmp_path / "q"
-    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
+    report = quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
                  progress=False)
     with safe_open(src / "model.safetensors", "pt") as h:
         s = {k: h.get_tensor(k) for k in h.keys()}

@@ -16,7 +16,8 @@ from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
 from qstream.planning.targets import BF16, MXFP4, Module, matches, targeting_problems
 from qstream.format.mxfp4 import Rule, dequantize, quantize
-from qstream.convert.pipeline import REPORT_NAME, run
+from qstream.common import REPORT_NAME
+from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Region, Role, Selection
 from tests.fixtures import load_tensors
@@ -33,7 +34,7 @@ FIXTURES = {
 
 def quantize_dir(src: Path, dst: Path, preset: str, rule: Rule = Rule.MSE3, shard: int = 5 * 10**9, **kw) -> dict:
     plan = make_plan(open_checkpoint(src), Selection(preset, **kw), rule, shard)
-    return run(plan, dst, device="cpu", progress=False)
+    return quantize_checkpoint(plan, dst, device="cpu", progress=False)
 
 
 def expected_modules(name: str, w: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:

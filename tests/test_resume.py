@@ -14,7 +14,7 @@ import pytest
 
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.convert.pipeline import REPORT_NAME
+from qstream.common import REPORT_NAME
 from qstream.io.staging import temp_dir_for
 
 ARGS = ["--max-shard-size", "48KiB", "--no-progress"]

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import Rule, quantize
-from qstream.convert.pipeline import run
+from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from qstream.check.verify import verify
@@ -27,7 +27,7 @@ def test_quantized_input_decoded_then_quantized_unselected_decoded(tmp_path, tin
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
     dst = tmp_path / "q"
-    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9, keep_dtype="bf16"), dst,
+    report = quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9, keep_dtype="bf16"), dst,
                  device="cpu", progress=False)
     out = load_tensors(dst)
     assert not any(k.endswith(("_scale_inv", "input_scale")) for k in out)
@@ -63,7 +63,7 @@ def test_unselected_weights_keep_source_precision(tmp_path, tiny_qwen3_moe, layo
     expected = to_layout(tiny_qwen3_moe, src, layout)
     source = load_tensors(src)
     dst = tmp_path / "q"
-    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
+    report = quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
                  progress=False)
     out = load_tensors(dst)
     suffix = LAYOUTS[layout][1]
@@ -109,7 +109,7 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
     q = tmp_path / "q"
-    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), q, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), q, device="cpu", progress=False)
     report = dequantize_checkpoint(q, tmp_path / "dq", progress=False)
     dense, out = load_tensors(tmp_path / "dq"), load_tensors(q)
     group = json.loads((q / "config.json").read_text())["quantization_config"]["config_groups"]["group_1"]
@@ -185,7 +185,7 @@ def test_verify_catches_a_mixed_config_that_misreads_kept_weights(tmp_path, tiny
     src = tmp_path / "src"
     to_layout(tiny_qwen3_moe, src, "fp8-block")
     dst = tmp_path / "q"
-    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
     cfg = json.loads((dst / "config.json").read_text())
     break_it(cfg["quantization_config"])
     (dst / "config.json").write_text(json.dumps(cfg))
@@ -215,7 +215,7 @@ def test_deepseek_v3_block_fp8_keeps_attention_and_dense_layers(tmp_path, tiny_d
     expected = to_layout(tiny_deepseek_v3, src, "fp8-block")
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in expected  # MLA counts as attention
     dst = tmp_path / "q"
-    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["targets"] == [r"re:.*\.experts\..*"]
     assert set(qc["config_groups"]["group_1"]["targets"]) == {
@@ -238,7 +238,7 @@ def test_quantize_dequantize_quantize_from_fp8(tmp_path, tiny_qwen3_moe, layout)
     to_layout(tiny_qwen3_moe, src, layout)
 
     def quantize(source: Path, dst: Path, keep: str) -> Path:
-        run(make_plan(open_checkpoint(source), Selection("experts"), Rule.MSE3, 10**9, keep_dtype=keep), dst,
+        quantize_checkpoint(make_plan(open_checkpoint(source), Selection("experts"), Rule.MSE3, 10**9, keep_dtype=keep), dst,
             device="cpu", progress=False)
         return dst
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from qstream.common import read_report, resolve_device
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
 from qstream.planning.targets import BF16, FP8, MXFP4, MXFP8, check_merges, scheme_format, targeting_problems
@@ -40,7 +41,6 @@ CHUNK_ELEMENTS = 4 * 1024 * 1024  # source elements (or scale bytes) held at onc
 HASH_CHUNK = 16 * 1024 * 1024
 ERROR_TOLERANCE = 1e-9  # relative slack on a block's squared error: float64 summation only
 LISTED = 20  # failures printed per check; --json lists all
-REPORT_NAME = "qstream_report.json"  # = pipeline.REPORT_NAME; not imported, as pipeline calls verify_written
 
 # The compressed-tensors block vLLM reads (FORMAT.md section 2), written out here on purpose
 # rather than imported from the planner: a checker sharing the producer's table cannot catch it.
@@ -108,8 +108,6 @@ def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
     `parse_with_compressed_tensors` also runs compressed-tensors' own config parser when it is installed
     (importing it costs ~180 MiB, which `quantize` does not spend on its own, fixed, config).
     """
-    from qstream.convert.pipeline import resolve_device  # pipeline imports this module
-
     dst = Path(dst)
     src = open_checkpoint(Path(source)) if source is not None else None  # a bad SRC is a usage error
     dev = resolve_device(device)
@@ -387,7 +385,7 @@ CHEAP_CHECKS = (
 def _recorded_rule(dst: Path) -> Rule | None:
     """The rule DST was written with, from its report; None if unknown."""
     try:
-        return Rule(json.loads((dst / REPORT_NAME).read_text())["rule"])
+        return Rule(read_report(dst)["rule"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

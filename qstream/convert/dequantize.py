@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qstream.common import EVAL_NAME, REPORT_NAME
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import BLOCK, dequantize
-from qstream.convert.pipeline import CHUNK_ELEMENTS, REPORT_NAME
+from qstream.convert.pipeline import CHUNK_ELEMENTS
 from qstream.io.staging import copy_side_files, staging
 from qstream.planning.plan import CopyJob, Shard, pack_shards
 from qstream.io.safetensors_io import OutEntry, ShardWriter, read_rows
@@ -33,8 +34,7 @@ PACKED, SCALE = ".weight_packed", ".weight_scale"
 MXFP4_FORMAT = "mxfp4-pack-quantized"
 READ_FORMATS = {MXFP4_FORMAT, "float-quantized", "mxfp8-quantized"}  # MXFP4 with FP8/MXFP8 kept beside it
 DENSE_DTYPE = "BF16"
-EVAL_NAME = "qstream_eval.json"  # measurements of a quantized checkpoint: they do not describe its dequantization
-NOT_CARRIED = frozenset({REPORT_NAME, EVAL_NAME})
+NOT_CARRIED = frozenset({REPORT_NAME, EVAL_NAME})  # measurements of the quantized checkpoint, not of its decoding
 
 
 class _Dense:

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME
+from qstream.common import REPORT_NAME, resolve_device
 from qstream.errors import QstreamError
 from qstream.format.kernels import quantize_fast
 from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule
@@ -30,7 +31,6 @@ from qstream.io.source_formats import PackedExperts
 from qstream.io.staging import copy_side_files, staging, write_json
 from qstream.convert.streams import OrderedWriter, prefetch
 
-REPORT_NAME = "qstream_report.json"
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements quantized at once: bounds working memory
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
 READ_AHEAD = 2  # chunks read ahead of the quantizer
@@ -71,14 +71,6 @@ class TensorStats:
             "rel_error": self.sq_error / self.sq_norm if self.sq_norm else 0.0,
             "exponent_share": {f"R-{s}": c / blocks for s, c in enumerate(self.offsets)},
         }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QstreamError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 def _row_chunks(shape: tuple[int, ...], r0: int, r1: int) -> Iterator[tuple[int, int]]:
@@ -188,11 +180,12 @@ def fingerprint(plan: Plan) -> dict:
 
 
 def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True,
-        resume: bool = False) -> dict:
+        resume: bool = False, finish: Callable[[Path], None] | None = None) -> dict:
     """Quantize per the plan into dst; returns the report that is also written to dst.
 
     Every run records its fingerprint, so a run killed at any point can be finished by the
-    same command with `resume=True`, redoing at most the shard that was in flight.
+    same command with `resume=True`, redoing at most the shard that was in flight. `finish`
+    gets the complete but unpublished output directory (the command's own last steps).
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
@@ -219,11 +212,8 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         side_files = copy_side_files(plan.source.root, tmp)
         report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
         write_json(tmp / REPORT_NAME, report)
-        from qstream.report.card import write_card
-        from qstream.check.verify import verify_written
-
-        verify_written(tmp)  # the cheap checks of `qstream verify`, before anything is published
-        write_card(tmp, plan.source.root / "README.md", name=Path(dst).name)
+        if finish is not None:
+            finish(tmp)
     return report
 
 

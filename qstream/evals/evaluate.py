@@ -22,17 +22,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.convert.dequantize import EVAL_NAME
+from qstream.common import EVAL_NAME, EVAL_SCHEMA, resolve_device, table
 from qstream.errors import QstreamError
-from qstream.convert.pipeline import resolve_device
 from qstream.evals.scoring import Totals, Window, score, windows
-from qstream.report.summary import table
 from qstream.evals.text_sources import Text
 
 BOS_HANDLING = "none added: the whole text is tokenized once with add_special_tokens=False"
 KL_DEFINITION = "mean over scored tokens of KL(source || model) of next-token distributions, nats, full vocabulary"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EVAL_SCHEMA = "qstream-eval/1"
 
 
 @dataclass(frozen=True)
@@ -208,17 +205,3 @@ def save_into(result: EvalResult, dst: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise QstreamError(f"{out}: cannot write ({exc.strerror}); is {dst} writable?") from None
     return out
-
-
-def read_saved(dst: Path) -> dict | None:
-    """DST/qstream_eval.json as save_into wrote it, or None when DST holds no eval results."""
-    path = Path(dst) / EVAL_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QstreamError(f"{path}: unreadable ({exc}); re-run `qstream eval ... --save-into {dst}`") from None
-    if not isinstance(data, dict) or data.get("schema") != EVAL_SCHEMA:
-        raise QstreamError(f"{path}: not a {EVAL_SCHEMA} file; re-run `qstream eval ... --save-into {dst}`")
-    return data

@@ -21,7 +21,7 @@ import torch
 
 from qstream.io.checkpoint import Checkpoint, SourceTensor
 from qstream.errors import QstreamError
-from qstream.planning.targets import MERGES, matches
+from qstream.format.names import matches, merged_name
 from qstream.io.safetensors_io import TensorInfo, read_rows
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -204,7 +204,7 @@ def _fp8_block_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple
 def _ct_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, int]) -> dict:
     """The source's own config group for `module`: the first naming it, else the one targeting Linear."""
     groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
-    names = (module, _merged_name(module))
+    names = (module, merged_name(module))
     group = next((g for g in groups if any(matches(g.get("targets") or [], n) for n in names)), None) or next(
         (g for g in groups if "Linear" in (g.get("targets") or [])), None)
     if group is None:
@@ -327,11 +327,6 @@ def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTen
 def _renamed(t: SourceTensor, name: str) -> SourceTensor:
     """The same bytes seen under an output name (DeepSeek's weight_scale_inv is compressed-tensors' weight_scale)."""
     return t if t.name == name else SourceTensor(t.file, replace(t.info, name=name))
-
-
-def _merged_name(module: str) -> str:
-    parent, _, leaf = module.rpartition(".")
-    return f"{parent}.{MERGES[leaf]}" if leaf in MERGES else module
 
 
 def _without_quantization(config: dict) -> dict:

@@ -17,22 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from qstream.errors import QstreamError
+from qstream.format.names import MERGES, matches, merged_name
 from qstream.planning.selection import Region, Role
-
-# Shard name -> the merged module vLLM builds from it.
-MERGES: dict[str, str] = {
-    "q_proj": "qkv_proj",
-    "k_proj": "qkv_proj",
-    "v_proj": "qkv_proj",
-    "gate_proj": "gate_up_proj",
-    "up_proj": "gate_up_proj",
-    "in_proj_qkv": "in_proj_qkvz",
-    "in_proj_z": "in_proj_qkvz",
-    "in_proj_b": "in_proj_ba",
-    "in_proj_a": "in_proj_ba",
-    "q_a_proj": "fused_qkv_a_proj",  # DeepSeek-V2/V3 MLA
-    "kv_a_proj_with_mqa": "fused_qkv_a_proj",
-}
 
 # HF prefix -> vLLM prefix: hf_to_vllm_mapper of the Qwen3-VL-style multimodal classes,
 # then of the text-only Qwen3.5 classes. vLLM does not rewrite `re:` entries with them.
@@ -100,17 +86,9 @@ def variants(module: Module) -> tuple[str, ...]:
     if module.role is Role.ROUTED_EXPERT:
         names = [f"{module.name}.{probe}" for probe in EXPERT_PROBES]
     else:
-        parent, _, leaf = module.name.rpartition(".")
-        names = [module.name]
-        if leaf in MERGES:
-            names.append(f"{parent}.{MERGES[leaf]}" if parent else MERGES[leaf])
+        names = list(dict.fromkeys([module.name, merged_name(module.name)]))
     renamed = [new + n[len(old) :] for n in names for old, new in PREFIX_RENAMES if n.startswith(old)]
     return tuple(dict.fromkeys(names + renamed))
-
-
-def matches(entries: Iterable[str], name: str) -> bool:
-    """vLLM's rule: `re:` entries are re.match'ed, others compared for equality."""
-    return any(re.match(e[3:], name) if e.startswith("re:") else e == name for e in entries)
 
 
 def _exact_entry(module: Module) -> str:
@@ -157,9 +135,8 @@ def check_merges(modules: list[Module]) -> None:
     """vLLM merges q/k/v (and the like) into one module: its parts must agree on precision."""
     groups: dict[str, set[str]] = {}
     for m in modules:
-        parent, _, leaf = m.name.rpartition(".")
-        if leaf in MERGES and m.role is not Role.ROUTED_EXPERT:
-            groups.setdefault(f"{parent}.{MERGES[leaf]}", set()).add(m.fmt)
+        if m.name.rpartition(".")[2] in MERGES and m.role is not Role.ROUTED_EXPERT:
+            groups.setdefault(merged_name(m.name), set()).add(m.fmt)
     mixed = [g for g, states in groups.items() if len(states) > 1]
     if mixed:
         raise QstreamError(

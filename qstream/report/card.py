@@ -12,12 +12,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from qstream.common import human_bytes, read_report, read_saved, table
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
 from qstream.planning.targets import FP8, MXFP8, scheme_format
 from qstream.format.mxfp4 import BLOCK, Rule
 from qstream.planning.selection import ROLES, Region, Role, region_of, role_of
-from qstream.report.summary import human_bytes, table
 
 CARD_NAME = "README.md"
 FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
@@ -143,11 +143,9 @@ def _quality(eval_data: dict | None, name: str) -> str:
 def render(dst: Path, source_readme: Path | None = None, name: str | None = None) -> str:
     """The card's markdown text; `name` is the published directory's name (dst may still be a temp dir)."""
     try:
-        report = json.loads((dst / "qstream_report.json").read_text())
+        report = read_report(dst)
     except FileNotFoundError:
         raise QstreamError(f"{dst}: no qstream_report.json; `qstream card` documents outputs of `qstream quantize`") from None
-    from qstream.evals.evaluate import read_saved
-
     eval_data = read_saved(dst)
     facts = model_facts(dst)
     kept = kept_formats(dst)

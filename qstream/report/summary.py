@@ -4,25 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from qstream.common import human_bytes, table
 from qstream.planning.targets import scheme_format
 from qstream.planning.plan import Plan, QuantJob, estimate_bits_per_weight, source_nbytes
 from qstream.planning.selection import region_of, role_of
 from qstream.io.source_formats import DecodedTensor
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain aligned text table (markdown-compatible)."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def plan_rows(plan: Plan) -> list[dict]:

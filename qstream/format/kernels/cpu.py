@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from qstream.assets import cache_dir
+from qstream.common import cache_dir
 from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, check_shape
 
 SOURCE = Path(__file__).with_name("mxfp4_cpu.c")

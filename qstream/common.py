@@ -1,0 +1,71 @@
+"""Names that several rooms need, kept at the bottom so no room imports a higher one for them.
+
+Output file names and their readers (the quantize report, stored eval results), where qstream caches
+things, the device a command runs on, and plain text tables. Nothing here knows about tensors' formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from qstream.errors import QstreamError
+
+REPORT_NAME = "qstream_report.json"  # what `quantize` measured: per tensor and totals (with times and memory)
+EVAL_NAME = "qstream_eval.json"  # what `eval --card DST` measured on DST
+EVAL_SCHEMA = "qstream-eval/1"
+
+
+def read_report(dst: Path) -> dict:
+    """DST/qstream_report.json as `quantize` wrote it (OSError or ValueError if absent or unreadable)."""
+    return json.loads((Path(dst) / REPORT_NAME).read_text())
+
+
+def read_saved(dst: Path) -> dict | None:
+    """DST/qstream_eval.json as `eval --card` saved it, or None when DST holds no eval results."""
+    path = Path(dst) / EVAL_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QstreamError(f"{path}: unreadable ({exc}); re-run `qstream eval ... --save-into {dst}`") from None
+    if not isinstance(data, dict) or data.get("schema") != EVAL_SCHEMA:
+        raise QstreamError(f"{path}: not a {EVAL_SCHEMA} file; re-run `qstream eval ... --save-into {dst}`")
+    return data
+
+
+def cache_dir() -> Path:
+    """Where wheels, extracted files and built kernels live: `$QSTREAM_CACHE`, else `~/.cache/qstream`."""
+    env = os.environ.get("QSTREAM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "qstream"
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA when torch sees it, else CPU; asking for CUDA without one is the user's error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QstreamError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned text table (markdown-compatible)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
