@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from qstream.errors import QstreamError
-from qstream.format.mxfp4 import Rule
+from qstream.format.rules import Rule
 from qstream.planning.plan import KEEP_DTYPES
 
 RULES = [r.value for r in Rule]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qstream.io.checkpoint import open_checkpoint
 from qstream.evals.evaluate import EvalResult, Protocol, evaluate
-from qstream.format.mxfp4 import Rule
+from qstream.format.rules import Rule
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from qstream.quantize import quantize_checkpoint

@@ -19,7 +19,7 @@ from qstream.report.card import write_card
 from qstream.io.checkpoint import open_checkpoint
 from qstream.compare import compare_rules
 from qstream.evals.evaluate import Protocol, evaluate, save_into
-from qstream.format.mxfp4 import Rule
+from qstream.format.rules import Rule
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from qstream.quantize import quantize_checkpoint

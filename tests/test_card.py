@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from qstream.io.checkpoint import open_checkpoint
-from qstream.format.mxfp4 import Rule
+from qstream.format.rules import Rule
 from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection

@@ -15,7 +15,7 @@ from qstream.io.checkpoint import open_checkpoint
 from qstream.cli import cli
 from qstream.convert.dequantize import dense_jobs, dequantize_checkpoint
 from qstream.errors import QstreamError
-from qstream.format.mxfp4 import Rule
+from qstream.format.rules import Rule
 from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import qstream.format.kernels as kernels
 from qstream.format.kernels import cpu
-from qstream.format.mxfp4 import BLOCK, NonFiniteError, Rule, quantize
+from qstream.format.mxfp4 import BLOCK, NonFiniteError, quantize
+from qstream.format.rules import Rule
 from qstream.format.mxfp4_ref import quantize_ref
 from tests.test_mxfp4 import finite_blocks, special_tensor
 

@@ -14,8 +14,11 @@ from safetensors import safe_open
 
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.planning.targets import BF16, MXFP4, Module, matches, targeting_problems
-from qstream.format.mxfp4 import Rule, dequantize, quantize
+from qstream.format.formats import BF16, MXFP4
+from qstream.format.names import matches
+from qstream.planning.targets import Module, targeting_problems
+from qstream.format.mxfp4 import dequantize, quantize
+from qstream.format.rules import Rule
 from qstream.common import REPORT_NAME
 from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan

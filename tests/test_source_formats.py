@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.format.mxfp4 import Rule, quantize
+from qstream.format.mxfp4 import quantize
+from qstream.format.rules import Rule
 from qstream.quantize import quantize_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection

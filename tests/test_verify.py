@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER, open_checkpoint
 from qstream.cli import cli
 from qstream.errors import QstreamError
-from qstream.format.mxfp4 import Rule, pack_codes, quantize, unpack_codes
+from qstream.format.mxfp4 import pack_codes, quantize, unpack_codes
+from qstream.format.rules import Rule
 from qstream.common import REPORT_NAME
 from qstream.check.verify import block_errors, compare_chunk, verify, verify_written
 

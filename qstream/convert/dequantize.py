@@ -23,6 +23,7 @@ from tqdm import tqdm
 from qstream.common import EVAL_NAME, REPORT_NAME
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
+from qstream.format.formats import BF16_FORMAT, GROUP_FORMATS, MXFP4_FORMAT, PACKED, SCALE
 from qstream.format.mxfp4 import BLOCK, dequantize
 from qstream.convert.pipeline import CHUNK_ELEMENTS
 from qstream.io.staging import copy_side_files, staging
@@ -30,10 +31,8 @@ from qstream.planning.plan import CopyJob, Shard, pack_shards
 from qstream.io.safetensors_io import OutEntry, ShardWriter, read_rows
 from qstream.io.source_formats import DecodedTensor, decode_kept
 
-PACKED, SCALE = ".weight_packed", ".weight_scale"
-MXFP4_FORMAT = "mxfp4-pack-quantized"
-READ_FORMATS = {MXFP4_FORMAT, "float-quantized", "mxfp8-quantized"}  # MXFP4 with FP8/MXFP8 kept beside it
-DENSE_DTYPE = "BF16"
+READ_FORMATS = set(GROUP_FORMATS.values())  # MXFP4 with FP8/MXFP8 kept beside it
+DENSE_DTYPE = BF16_FORMAT.weight_dtypes[0]
 NOT_CARRIED = frozenset({REPORT_NAME, EVAL_NAME})  # measurements of the quantized checkpoint, not of its decoding
 
 
@@ -82,7 +81,7 @@ class DequantJob(_Dense):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.packed.info.shape[:-1], self.packed.info.shape[-1] * 2)
+        return (*self.packed.info.shape[:-1], MXFP4_FORMAT.in_features(self.packed.info.shape[-1]))
 
     @property
     def bytes_in(self) -> int:
@@ -121,7 +120,8 @@ def _group_formats(qc: dict) -> set[str]:
 def is_mxfp4_checkpoint(ckpt: Checkpoint) -> bool:
     """compressed-tensors with an MXFP4 group (alone or beside kept FP8/MXFP8): what `dense_jobs` reads."""
     qc = ckpt.config.get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and MXFP4_FORMAT in _group_formats(qc)
+    return (isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+            and MXFP4_FORMAT.ct_format in _group_formats(qc))
 
 
 def mxfp4_quantization_config(ckpt: Checkpoint) -> dict:
@@ -133,7 +133,7 @@ def mxfp4_quantization_config(ckpt: Checkpoint) -> dict:
     formats = _group_formats(qc)
     if not is_mxfp4_checkpoint(ckpt) or not formats <= READ_FORMATS:
         found = f"{qc.get('quant_method')}/{'+'.join(sorted(map(str, formats))) or qc.get('format')}"
-        raise QstreamError(f"{path}: quantization_config is {found}, not compressed-tensors {MXFP4_FORMAT}; "
+        raise QstreamError(f"{path}: quantization_config is {found}, not compressed-tensors {MXFP4_FORMAT.ct_format}; "
                            "qstream reads back only MXFP4 checkpoints (as `qstream quantize` writes them)")
     return qc
 
@@ -149,8 +149,9 @@ def _check_pair(packed: SourceTensor, scale: SourceTensor | None) -> None:
         raise QstreamError(f"{p.name}: has no {p.name.removesuffix(PACKED) + SCALE} beside it; "
                            "the checkpoint is incomplete: re-create it with `qstream quantize`")
     s = scale.info
-    if (p.dtype, s.dtype) != ("U8", "U8") or not p.shape or p.shape[:-1] != s.shape[:-1] \
-            or p.shape[-1] * 2 != s.shape[-1] * BLOCK:
+    f = MXFP4_FORMAT
+    if p.dtype not in f.weight_dtypes or s.dtype not in f.scale_dtypes or not p.shape \
+            or not f.scale_fits((*p.shape[:-1], f.in_features(p.shape[-1])), s.shape):
         raise QstreamError(f"{p.name} {p.dtype}{list(p.shape)} and {s.name} {s.dtype}{list(s.shape)}: "
                            f"not an MXFP4 pair (uint8 [..., in/2] and [..., in/{BLOCK}]); the checkpoint is corrupt")
 

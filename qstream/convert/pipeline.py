@@ -24,7 +24,8 @@ from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME
 from qstream.common import REPORT_NAME, resolve_device
 from qstream.errors import QstreamError
 from qstream.format.kernels import quantize_fast
-from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule
+from qstream.format.mxfp4 import NonFiniteError, Quantized
+from qstream.format.rules import Rule
 from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
 from qstream.io.safetensors_io import ShardWriter, read_header
 from qstream.io.source_formats import PackedExperts
@@ -136,9 +137,8 @@ def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device, adva
                 q = _quantize_chunk(job, row, w, plan.rule, device)
                 packed, scales = q.packed.cpu(), q.scales.cpu()
                 st.add(q)
-            packed_name, scale_name = (e.name for e in job.entries)
-            writes.submit(writer.write, packed_name, packed, row * (job.in_features // 2))
-            writes.submit(writer.write, scale_name, scales, row * (job.in_features // BLOCK))
+            for entry, data in zip(job.entries, (packed, scales)):
+                writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
             advance(packed.numel() + scales.numel() if isinstance(w, tuple) else w.numel() * w.element_size())
         writes.drain()
         writer.close()

@@ -9,10 +9,11 @@ reference that defines the bytes, and tests hold this module to it bit for bit.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
+
+from qstream.format.rules import RULES, Rule
 
 BLOCK = 32
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -32,44 +33,12 @@ E2M1_MIDPOINTS: tuple[tuple[float, bool], ...] = (
     (5.0, False),  # 4 | 6    -> 4
 )
 
-# Candidate offsets below the RCEIL exponent that MSE3 is defined over, best-first on ties.
-MSE3_OFFSETS = (0, 1, 2)
-# The offsets the fast paths actually search. R-2 never wins: in units of 2^R the block
-# maximum y lies in (3, 6], and R-2 clips it to 1.5, costing (y - 1.5)^2 >= 2.25 (>= 6.25
-# for y > 4), while R's error on it is at most (y - 3)^2 <= 0.25 (at most 1 for y > 4) and on
-# each of the 31 other elements R-2 saves at most 1/16 over R (its grid is finer only below
-# 1.5, where R's half-step is 1/4): e(R) - e(R-2) <= 0.25 + 31/16 - 2.25 < 0. The reference
-# (mxfp4_ref) still searches all three, and the tests hold every fast path to it.
-MSE3_SEARCHED = (0, 1)
-# Elements whose scaled magnitude y0 = |x| / 2^R is at most this round to zero under
-# every searched candidate, so they add the same error to each and are left out of the
-# comparison; this keeps every compared sum exact in float64 for bf16/fp16 inputs.
+# The offsets MSE3's fast paths search (rules.RULES has the proof that the rest never win).
+MSE3_SEARCHED = RULES[Rule.MSE3].searched
+# Elements whose scaled magnitude y0 = |x| / 2^R is at most this round to zero under every searched
+# candidate, so they add the same error to each and are left out of the comparison; this keeps every
+# compared sum exact in float64 for bf16/fp16 inputs.
 MSE3_ZERO_UNDER_ALL = 0.25 / 2 ** max(MSE3_SEARCHED)
-
-
-class Rule(str, enum.Enum):
-    """How a block's exponent E is chosen; amax = m * 2^F with m in [1, 2)."""
-
-    FLOOR = "floor"
-    """E = F - 2 (OCP reference, ggml, torchao): values above 6 * 2^E clip to 6."""
-    EVEN = "even"
-    """E = F - 2, plus 1 when m >= 1.75 (compressed-tensors, llm-compressor, Quark)."""
-    RCEIL = "rceil"
-    """E = ceil(log2(amax / 6)), the smallest E that clips nothing (gpt-oss, ModelOpt)."""
-    MSE3 = "mse3"
-    """Of {R-2, R-1, R} (R = RCEIL's E), the one with least block squared error; ties take the larger E."""
-
-    @property
-    def doc(self) -> str:
-        return _RULE_DOCS[self]
-
-
-_RULE_DOCS = {
-    Rule.FLOOR: "E = floor(log2 amax) - 2; clips above 6*2^E",
-    Rule.EVEN: "E = floor(log2 amax) - 2, +1 if mantissa >= 1.75",
-    Rule.RCEIL: "E = ceil(log2(amax/6)); never clips",
-    Rule.MSE3: "least squared error of {R-2, R-1, R}, R = rceil",
-}
 
 
 @dataclass(frozen=True)

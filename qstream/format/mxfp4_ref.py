@@ -11,7 +11,8 @@ from fractions import Fraction
 
 import torch
 
-from qstream.format.mxfp4 import BLOCK, E2M1_MAGNITUDES, E8M0_BIAS, E_MAX, E_MIN, MSE3_OFFSETS, Rule, pack_codes
+from qstream.format.mxfp4 import BLOCK, E2M1_MAGNITUDES, E8M0_BIAS, E_MAX, E_MIN, pack_codes
+from qstream.format.rules import RULES, Rule
 
 
 def block_exponent_ref(amax: float, rule: Rule) -> int:
@@ -69,7 +70,7 @@ def quantize_ref(w: torch.Tensor, rule: Rule = Rule.MSE3) -> tuple[torch.Tensor,
             e = block_exponent_ref(max(abs(x) for x in block), rule)
             if rule is Rule.MSE3:
                 best = None
-                for s in MSE3_OFFSETS:  # ascending s: on equal error the larger E wins
+                for s in RULES[Rule.MSE3].candidates:  # ascending s: on equal error the larger E wins
                     if e - s < E_MIN:
                         continue
                     codes, err = _block_codes(block, e - s)

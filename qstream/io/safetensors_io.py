@@ -165,6 +165,11 @@ class OutEntry:
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row of the tensor seen as [-1, last_dim]: where row r starts within it."""
+        return (self.shape[-1] if self.shape else 1) * DTYPES[self.dtype][1]
+
 
 @dataclass
 class ShardWriter:

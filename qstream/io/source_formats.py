@@ -21,11 +21,14 @@ import torch
 
 from qstream.io.checkpoint import Checkpoint, SourceTensor
 from qstream.errors import QstreamError
+from qstream.format.formats import (FP8_ARGS, FP8_BLOCK, FP8_CHANNEL, FP8_DTYPES, FP8_TENSOR, INPUT_SCALE, MXFP8,
+                                    MXFP8_FORMAT, kept_kind)
+from qstream.format.mxfp4 import BLOCK
 from qstream.format.names import matches, merged_name
 from qstream.io.safetensors_io import TensorInfo, read_rows
 
-FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 GPT_OSS = "gpt-oss mxfp4: *_blocks/*_scales experts, converted losslessly"
+_WEIGHT, _SCALE = FP8_TENSOR.weight_suffix[1:], FP8_TENSOR.scale_suffix[1:]  # compressed-tensors' names
 CONSUMED_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point")
 
 
@@ -178,27 +181,26 @@ def _ct_weights(q: dict) -> list[dict]:
     return [g.get("weights") or {} for g in (q.get("config_groups") or {}).values()]
 
 
-FP8_ARGS = {"num_bits": 8, "type": "float", "symmetric": True}
-
-
 def _fp8_block_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, int]) -> dict:
     """The compressed-tensors group that reads block FP8 as vLLM runs it (DeepSeek-style: weight blocks,
     activations quantized per token and `block[1]` columns on the fly, or per tensor with a static scale)."""
     declared = bool(q.get("weight_block_size"))  # then every weight is block-scaled, whatever its shape
     if not declared and block == tuple(shape):
-        weights = {**FP8_ARGS, "strategy": "tensor"}
+        row = FP8_TENSOR
     elif not declared and block == (1, shape[1]):
-        weights = {**FP8_ARGS, "strategy": "channel"}
+        row = FP8_CHANNEL
     else:
-        weights = {**FP8_ARGS, "strategy": "block", "block_structure": list(block)}
-    weights["dynamic"] = False
+        row = FP8_BLOCK
+    weights = dict(row.weights)
+    if row is FP8_BLOCK:
+        weights["block_structure"] = list(block)
     if q.get("activation_scheme", "dynamic") == "static":
         acts = {**FP8_ARGS, "strategy": "tensor", "dynamic": False}
-    elif weights["strategy"] == "block":
+    elif row is FP8_BLOCK:
         acts = {**FP8_ARGS, "strategy": "group", "group_size": block[1], "dynamic": True}
     else:
         acts = {**FP8_ARGS, "strategy": "token", "dynamic": True}
-    return {"format": "float-quantized", "weights": weights, "input_activations": acts, "output_activations": None}
+    return {"format": row.ct_format, "weights": weights, "input_activations": acts, "output_activations": None}
 
 
 def _ct_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, int]) -> dict:
@@ -214,7 +216,7 @@ def _ct_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, i
 
 
 def _ct_fp8(q: dict) -> bool:
-    return (q.get("quant_method") == "compressed-tensors" and q.get("format") in ("float-quantized", "naive-quantized")
+    return (q.get("quant_method") == "compressed-tensors" and q.get("format") in (FP8_TENSOR.ct_format, "naive-quantized")
             and all(w.get("num_bits") == 8 and w.get("type") == "float" for w in _ct_weights(q)))
 
 
@@ -245,18 +247,17 @@ FORMATS: tuple[SourceFormat, ...] = (
     ),
     SourceFormat(
         "ct-fp8", "compressed-tensors float-quantized FP8 (per-tensor, per-channel or block weight_scale)",
-        _ct_fp8, "weight_scale", _ct_block, _float, _ct_scheme,
+        _ct_fp8, _SCALE, _ct_block, _float, _ct_scheme,
     ),
     SourceFormat(
         "ct-mxfp8", "compressed-tensors mxfp8-quantized (FP8 elements, uint8 E8M0 scale per 32)",
-        lambda q: q.get("quant_method") == "compressed-tensors" and q.get("format") == "mxfp8-quantized",
-        "weight_scale", lambda q, w, s: (1, 32), _e8m0, _ct_scheme,
+        lambda q: q.get("quant_method") == "compressed-tensors" and q.get("format") == MXFP8_FORMAT.ct_format,
+        _SCALE, lambda q, w, s: (1, BLOCK), _e8m0, _ct_scheme,
     ),
 )
 
 # Source tensors beside a scaled weight that travel with it when it is kept, source suffix -> output suffix.
-STORED_SUFFIXES = {"weight": "weight", "weight_scale_inv": "weight_scale", "weight_scale": "weight_scale",
-                   "input_scale": "input_scale"}
+STORED_SUFFIXES = {"weight": _WEIGHT, "weight_scale_inv": _SCALE, "weight_scale": _SCALE, "input_scale": INPUT_SCALE[1:]}
 
 
 def quantization_config_of(config: dict) -> dict | None:
@@ -288,7 +289,7 @@ def decode_kept(ckpt: Checkpoint, qcfg: dict) -> tuple[dict[str, DecodedTensor],
     """FP8/MXFP8 weights kept beside MXFP4 ones in a mixed-precision checkpoint (as `quantize` writes them),
     decoded, and the names of every tensor they consume; the format follows the scale's dtype."""
     by_name = {f.name: f for f in FORMATS}
-    return _decode_weights(ckpt, qcfg, lambda scale: by_name["ct-mxfp8" if scale.info.dtype == "U8" else "ct-fp8"])
+    return _decode_weights(ckpt, qcfg, lambda scale: by_name["ct-mxfp8" if kept_kind(scale.info.dtype) == MXFP8 else "ct-fp8"])
 
 
 def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTensor], SourceFormat]
@@ -303,11 +304,11 @@ def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTen
             raise QstreamError(f"{name}: {t.info.dtype} but not a `.weight` with a scale beside it; an FP8 layout "
                                "qstream does not know (it reads per-module FP8 weights, as DeepSeek-V3 stores them)")
         base = name.removesuffix(".weight")
-        scale = next((ckpt.tensors[f"{base}.{s}"] for s in ("weight_scale_inv", "weight_scale")
+        scale = next((ckpt.tensors[f"{base}.{s}"] for s in ("weight_scale_inv", _SCALE)
                       if f"{base}.{s}" in ckpt.tensors), None)
         fmt = format_of(scale) if scale is not None else None
         if scale is None or scale.name != f"{base}.{fmt.scale_suffix}":
-            expected = fmt.scale_suffix if fmt else "weight_scale"
+            expected = fmt.scale_suffix if fmt else _SCALE
             raise QstreamError(f"{name}: {t.info.dtype} with no {expected} beside it; the "
                                f"{fmt.name if fmt else 'FP8'} checkpoint is incomplete or of a layout qstream "
                                "does not know")

@@ -14,30 +14,18 @@ from functools import cached_property
 
 from qstream.io.checkpoint import Checkpoint, SourceTensor
 from qstream.errors import QstreamError
-from qstream.planning.targets import BF16, MXFP4, Module, build_cover, build_ignore, scheme_format, targeting_problems
-from qstream.format.mxfp4 import BLOCK, Rule
+from qstream.format.formats import BF16, FLOAT_DTYPES, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4, MXFP4_FORMAT, scheme_format
+from qstream.planning.targets import Module, build_cover, build_ignore, targeting_problems
+from qstream.format.mxfp4 import BLOCK
+from qstream.format.rules import Rule
 from qstream.io.safetensors_io import OutEntry
 from qstream.planning.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
 from qstream.io.source_formats import DecodedTensor, PackedExperts, decode_checkpoint
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
-FLOAT_DTYPES = ("BF16", "F16", "F32")
 KEEP_DTYPES = ("source", "bf16")  # what an unquantized FP8/MXFP8 source weight becomes
-MIXED_FORMAT = "mixed-precision"  # compressed-tensors' top-level format when groups differ
-MXFP4_GROUP = {
-    "format": "mxfp4-pack-quantized",
-    "weights": {
-        "num_bits": 4,
-        "type": "float",
-        "strategy": "group",
-        "group_size": BLOCK,
-        "symmetric": True,
-        "dynamic": False,
-        "scale_dtype": "torch.uint8",
-    },
-    "input_activations": None,
-    "output_activations": None,
-}
+MXFP4_GROUP = {"format": MXFP4_FORMAT.ct_format, "weights": MXFP4_FORMAT.weights, "input_activations": None,
+               "output_activations": None}
 
 # model_type -> names of (gate, up, down) when fused experts are split per expert.
 EXPERT_PROJ_NAMES: dict[str, tuple[str, str, str]] = {"mixtral": ("w1", "w3", "w2")}
@@ -65,10 +53,10 @@ class QuantJob:
 
     @property
     def entries(self) -> tuple[OutEntry, ...]:
-        rows, n = self.rows, self.in_features
+        rows, n, f = self.rows, self.in_features, MXFP4_FORMAT
         return (
-            OutEntry(f"{self.module}.weight_packed", "U8", (rows, n // 2)),
-            OutEntry(f"{self.module}.weight_scale", "U8", (rows, n // BLOCK)),
+            OutEntry(self.module + f.weight_suffix, f.weight_dtypes[0], (rows, f.stored_width(n))),
+            OutEntry(self.module + f.scale_suffix, f.scale_dtypes[0], (rows, n // BLOCK)),
         )
 
     @property
@@ -152,7 +140,7 @@ class Plan:
                 groups[f"group_{i}"] = {"targets": build_cover(list(self.modules), fmt), **scheme}
         return {
             "quant_method": "compressed-tensors",
-            "format": MIXED_FORMAT if self.kept_schemes else MXFP4_GROUP["format"],
+            "format": MIXED_PRECISION if self.kept_schemes else MXFP4_FORMAT.ct_format,
             "quantization_status": "compressed",
             "config_groups": groups,
             "ignore": list(self.ignore),
@@ -286,7 +274,7 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
 
 def _kept_format(t: DecodedTensor, kept: dict[str, dict]) -> str:
     """The format a source-quantized weight keeps; one config group per format, so schemes must agree."""
-    if t.weight.info.dtype != "F8_E4M3":
+    if t.weight.info.dtype not in KEPT_FP8_DTYPES:
         raise QstreamError(f"{t.name}: {t.weight.info.dtype} has no compressed-tensors scheme vLLM reads; "
                            "pass --keep-dtype bf16 to write the unquantized tensors as BF16")
     fmt = scheme_format(t.scheme)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from qstream.errors import QstreamError
+from qstream.format.formats import BF16, MXFP4, scheme_format
 from qstream.format.names import MERGES, matches, merged_name
 from qstream.planning.selection import Region, Role
 
@@ -49,12 +50,6 @@ ROLE_ENTRIES: dict[Role, str] = {
 }
 
 
-BF16 = "BF16"  # unquantized (whatever float dtype): what `ignore` means
-MXFP4 = "MXFP4"
-FP8 = "FP8"
-MXFP8 = "MXFP8"
-
-
 @dataclass(frozen=True)
 class Module:
     """A Linear (or one layer's experts, named `<layer>.experts`) and the format it is stored in."""
@@ -67,18 +62,6 @@ class Module:
     @property
     def quantized(self) -> bool:
         return self.fmt != BF16
-
-
-def scheme_format(group: dict) -> str:
-    """The storage format a compressed-tensors config group describes (BF16 if it has no weight scheme)."""
-    w = group.get("weights") or {}
-    if w.get("type") != "float":
-        return BF16 if not w else f"{w.get('type')}{w.get('num_bits')}"
-    if w.get("num_bits") == 4 and w.get("group_size") == 32:
-        return MXFP4
-    if w.get("num_bits") == 8:
-        return MXFP8 if w.get("strategy") == "group" and w.get("group_size") == 32 else FP8
-    return f"float{w.get('num_bits')}"
 
 
 def variants(module: Module) -> tuple[str, ...]:

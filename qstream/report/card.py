@@ -13,10 +13,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from qstream.common import human_bytes, read_report, read_saved, table
+from qstream.format.formats import INPUT_SCALE, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4_FORMAT, PACKED, SCALE, kept_kind, scheme_format
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.planning.targets import FP8, MXFP8, scheme_format
-from qstream.format.mxfp4 import BLOCK, Rule
+from qstream.format.mxfp4 import BLOCK
+from qstream.format.rules import Rule
 from qstream.planning.selection import ROLES, Region, Role, region_of, role_of
 
 CARD_NAME = "README.md"
@@ -40,18 +41,19 @@ def _front_matter(readme: Path) -> dict[str, str]:
     return out
 
 
-SCALE_SUFFIXES = (".weight_scale", ".input_scale")
+SCALE_SUFFIXES = (SCALE, INPUT_SCALE)  # scales of MXFP4 and kept FP8 weights: not parameters
 
 
 def _params(dst: Path) -> dict[str, int]:
-    """Parameters by (region, role), read from the output's own headers (packed MXFP4 counts 2 per byte)."""
+    """Parameters by (region, role), read from the output's own headers (packed MXFP4: 2 per byte)."""
     ckpt = open_checkpoint(dst, unfinished_ok=True)
     counts: dict[str, int] = defaultdict(int)
     for name, t in ckpt.tensors.items():
         if name.endswith(SCALE_SUFFIXES):  # MXFP4 scales, and kept FP8 weights' scales: not parameters
             continue
-        n = t.info.numel * (2 if name.endswith(".weight_packed") else 1)
-        logical = re.sub(r"\.weight_packed$", ".weight", name)
+        packed = name.endswith(PACKED)
+        n = MXFP4_FORMAT.in_features(t.info.numel) if packed else t.info.numel
+        logical = name.removesuffix(PACKED) + ".weight" if packed else name
         counts[f"{region_of(logical).value}/{role_of(logical).value}"] += n
     return dict(counts)
 
@@ -61,10 +63,10 @@ def kept_formats(dst: Path) -> dict[str, str]:
     ckpt = open_checkpoint(dst, unfinished_ok=True)
     kept = {}
     for name, t in ckpt.tensors.items():
-        if name.endswith(".weight") and t.info.dtype.startswith("F8"):
-            scale = ckpt.tensors.get(f"{name.removesuffix('weight')}weight_scale")
-            kept[f"{region_of(name).value}/{role_of(name).value}"] = (
-                MXFP8 if scale is not None and scale.info.dtype == "U8" else FP8)
+        if name.endswith(".weight") and t.info.dtype in KEPT_FP8_DTYPES:
+            scale = ckpt.tensors.get(name.removesuffix(".weight") + SCALE)
+            kept[f"{region_of(name).value}/{role_of(name).value}"] = kept_kind(
+                scale.info.dtype if scale is not None else None)
     return kept
 
 
@@ -150,7 +152,8 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
     facts = model_facts(dst)
     kept = kept_formats(dst)
     groups = list(json.loads((dst / "config.json").read_text())["quantization_config"]["config_groups"].values())[1:]
-    storage = ("`mxfp4-pack-quantized`" if not groups else "`mixed-precision` (`mxfp4-pack-quantized` beside the "
+    mxfp4 = f"`{MXFP4_FORMAT.ct_format}`"
+    storage = (mxfp4 if not groups else f"`{MIXED_PRECISION}` ({mxfp4} beside the "
                + ", ".join(f"`{g['format']}`" for g in groups) + " weights kept from the source)")
     carried = _front_matter(source_readme) if source_readme else {}
     base = Path(report["source"]).name
@@ -183,7 +186,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         "", "## What's quantized", "", _quantized_table(report, facts, kept), "",
         "## Method", "",
         f"- Format: MXFP4 (OCP Microscaling): E2M1 elements, E8M0 scale per block of {BLOCK} along the input "
-        f"dimension; compressed-tensors `mxfp4-pack-quantized` (uint8 scales, even column in the low nibble).",
+        f"dimension; compressed-tensors {mxfp4} (uint8 scales, even column in the low nibble).",
         f"- Exponent rule: `{rule.value}`: {rule.doc}. Data-free: no calibration data.",
         f"- {totals['tensors_quantized']} tensors, {totals['params_quantized']:,} parameters quantized; "
         f"relative weight error sum((Wq-W)^2)/sum(W^2) = {totals['rel_error']:.3e}.",

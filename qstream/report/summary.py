@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from qstream.common import human_bytes, table
-from qstream.planning.targets import scheme_format
+from qstream.format.formats import scheme_format
 from qstream.planning.plan import Plan, QuantJob, estimate_bits_per_weight, source_nbytes
 from qstream.planning.selection import region_of, role_of
 from qstream.io.source_formats import DecodedTensor

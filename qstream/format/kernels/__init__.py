@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from qstream.format.mxfp4 import Quantized, Rule, quantize
+from qstream.format.mxfp4 import Quantized, quantize
+from qstream.format.rules import Rule
 
 
 @functools.cache

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from qstream.common import cache_dir
-from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, check_shape
+from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, check_shape
+from qstream.format.rules import Rule, c_defines
 
 SOURCE = Path(__file__).with_name("mxfp4_cpu.c")
-FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
+FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", *c_defines())
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-RULE_CODES = {Rule.FLOOR: 0, Rule.EVEN: 1, Rule.RCEIL: 2, Rule.MSE3: 3}
 
 
 class BuildError(RuntimeError):
@@ -89,7 +89,7 @@ def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3, threads: int | None = None
     stats = torch.zeros(2, dtype=torch.float64)
     counts = torch.zeros(3, dtype=torch.int64)
     bad = library().qstream_mxfp4_quantize(
-        w.data_ptr(), DTYPE_CODES[w.dtype], w.numel() // BLOCK, RULE_CODES[rule], threads or torch.get_num_threads(),
+        w.data_ptr(), DTYPE_CODES[w.dtype], w.numel() // BLOCK, rule.spec.code, threads or torch.get_num_threads(),
         packed.data_ptr(), scales.data_ptr(), stats.data_ptr(), counts.data_ptr())
     if bad:
         raise NonFiniteError(f"{bad} NaN or Inf value(s)")  # as mxfp4.quantize says it

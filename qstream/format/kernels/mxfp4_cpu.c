@@ -2,11 +2,12 @@
  *
  * Bit-identical to qstream.mxfp4_ref.quantize_ref and qstream.mxfp4.quantize:
  *  - the block exponent comes from the float32 bits of amax (RCEIL's R, or the FLOOR/EVEN rule);
- *  - MSE3 compares, for E in {R, R-1, R-2}, the EXACT sum of squares of d = q - y0 (float32, R units)
+ *  - MSE3 compares, for E in {R, R-1, ...} (MSE3_SEARCHED candidates), the EXACT sum of squares of d = q - y0 (float32, R units)
  *    over the elements with y0 > 1/16 (the rest round to zero under every candidate). Each such d is a
  *    multiple of 2^-27 below 4.5 in magnitude, so d * 2^27 is an int32 and the sum of 32 squares fits
  *    a uint64: integer sums are exact and order-free, so ties resolve as the rational reference does;
  *  - elements round to the E2M1 grid to nearest, ties to the even code (the midpoint table below).
+ * The rule codes and MSE3_SEARCHED come from qstream/format/rules.py as -D flags (kernels/cpu.py).
  * Plain C11, no intrinsics: compiled with -O3 -ffp-contract=off for the generic target of the
  * compiler, so every IEEE operation rounds the same on every x86-64 (or other) machine.
  */
@@ -19,7 +20,9 @@
 #define E_MAX 127
 
 enum { DT_BF16 = 0, DT_F16 = 1, DT_F32 = 2 };
-enum { RULE_FLOOR = 0, RULE_EVEN = 1, RULE_RCEIL = 2, RULE_MSE3 = 3 };
+#if !defined(RULE_FLOOR) || !defined(RULE_EVEN) || !defined(RULE_RCEIL) || !defined(RULE_MSE3) || !defined(MSE3_SEARCHED)
+#error "build through qstream/format/kernels/cpu.py, which passes the rule table as -D flags"
+#endif
 
 typedef struct {
     double sq_error, sq_norm;
@@ -82,7 +85,7 @@ static inline float e2m1_round(float y) {
                           + 2 * ((y > 2.5f) + (y >= 3.5f)) + 4 * (y > 5.0f));
 }
 
-/* Offset s in {0, 1, 2} (E = R - s) of least exact squared error; ties keep the smaller s. */
+/* Offset s in 0..MSE3_SEARCHED-1 (E = R - s) of least exact squared error; ties keep the smaller s. */
 static int mse3_offset(const float a[BLOCK], int r) {
     float y0[BLOCK];
     float inv = pow2f(-r);
@@ -92,7 +95,7 @@ static int mse3_offset(const float a[BLOCK], int r) {
     }
     uint64_t best = 0;
     int best_s = 0;
-    for (int s = 0; s < 3 && r - s >= E_MIN; s++) {
+    for (int s = 0; s < MSE3_SEARCHED && r - s >= E_MIN; s++) {
         float up = (float)(1 << s), down = 1.0f / up;
         uint64_t err = 0;
         for (int i = 0; i < BLOCK; i++) {
@@ -158,7 +161,8 @@ static void *run_job(void *arg) {
  * offsets R-0, R-1, R-2. Returns the number of NaN/Inf elements (0 on success), or -1 on bad arguments. */
 int64_t qstream_mxfp4_quantize(const void *src, int dtype, int64_t nblocks, int rule, int nthreads,
                                uint8_t *packed, uint8_t *scales, double *stats, int64_t *counts) {
-    if (dtype < DT_BF16 || dtype > DT_F32 || rule < RULE_FLOOR || rule > RULE_MSE3 || nblocks < 0) return -1;
+    int known = rule == RULE_FLOOR || rule == RULE_EVEN || rule == RULE_RCEIL || rule == RULE_MSE3;
+    if (dtype < DT_BF16 || dtype > DT_F32 || !known || nblocks < 0) return -1;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if ((int64_t)nthreads > nblocks) nthreads = nblocks > 0 ? (int)nblocks : 1;

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, Rule, check_shape
+from qstream.format.mxfp4 import BLOCK, NonFiniteError, Quantized, check_shape
+from qstream.format.rules import RULES, Rule
 
 try:
     import triton
@@ -23,14 +24,13 @@ try:
 except ImportError:  # the package works without triton; quantize_fast falls back
     triton = None
 
-RULE_CODES = {Rule.FLOOR: 0, Rule.EVEN: 1, Rule.RCEIL: 2, Rule.MSE3: 3}
 BLOCKS_PER_PROGRAM = 32  # one 32-element block per thread: every per-block reduction stays in registers
 NUM_WARPS = 1  # best of the sweep on H100 (bench_kernels.py --sweep): 1.107 ms for 537 M elements
 # Two fp32 candidate errors closer than this (relative) may be ordered wrongly by rounding (a sum of 32
 # rounded squares is within 33 * 2^-24 of exact): such programs redo the comparison in exact integers.
 TIE_MARGIN = 8e-6
 MAXNREG = 168  # registers per thread: the compiler alone takes 241 (12.5% occupancy on H100); 168 measured best
-SKIP_R2 = True  # MSE3's R-2 candidate provably never wins (qstream.format.mxfp4.MSE3_SEARCHED); False computes it anyway
+SKIP_R2 = 2 not in RULES[Rule.MSE3].searched  # R-2 provably never wins (qstream.format.rules); False computes it anyway
 
 
 def available() -> bool:
@@ -39,6 +39,9 @@ def available() -> bool:
 
 if triton is not None:
     _TIE = tl.constexpr(TIE_MARGIN)
+    _EVEN = tl.constexpr(RULES[Rule.EVEN].code)
+    _RCEIL = tl.constexpr(RULES[Rule.RCEIL].code)
+    _MSE3 = tl.constexpr(RULES[Rule.MSE3].code)
 
     @triton.jit
     def _pow2_neg(e):
@@ -163,11 +166,11 @@ if triton is not None:
         ebb = (y0b.to(tl.uint32, bitcast=True) & 0x7F800000) + (22 << 23)
         ebc = (y0c.to(tl.uint32, bitcast=True) & 0x7F800000) + (22 << 23)
         ebd = (y0d.to(tl.uint32, bitcast=True) & 0x7F800000) + (22 << 23)
-        if RULE == 3:
+        if RULE == _MSE3:
             e0 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 0)
             e1 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 1)
             v2 = r - 2 >= -127
-            if SKIP_R2:  # R-2 never wins (see qstream.format.mxfp4.MSE3_SEARCHED): its candidate is not computed
+            if SKIP_R2:  # R-2 never wins (see qstream.format.rules): its candidate is not computed
                 e2 = tl.full([BLOCKS], float("inf"), tl.float32)
             else:
                 e2 = _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 2)
@@ -185,10 +188,10 @@ if triton is not None:
                     x2 = _errors_exact(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, 2, BF16)
                     s = tl.where(v2 & (x2 < tl.where(ok1, x1, x0)), 2, s)
             e = r - s
-        elif RULE == 2:
+        elif RULE == _RCEIL:
             e = r
         else:
-            up = (mant >= 0x600000).to(tl.int32) if RULE == 1 else 0
+            up = (mant >= 0x600000).to(tl.int32) if RULE == _EVEN else 0
             e = tl.where(amax < 0x800000, -127, tl.minimum(tl.maximum(f - 2 + up, -127), 126))
 
         off = r - e  # the final grid is E2M1 * 2^-off in R units
@@ -227,7 +230,7 @@ def launch(w: torch.Tensor, rule: Rule, blocks: int = BLOCKS_PER_PROGRAM, num_wa
     counts = torch.empty(programs, 4, dtype=torch.int64, device=w.device)
     bf16 = w.dtype is torch.bfloat16
     _mxfp4_kernel[(programs,)](w.view(torch.int16) if bf16 else w, packed.view(torch.int32), scales, stats, counts,
-                               nblocks, RULE=RULE_CODES[rule], BF16=bf16, BLOCKS=blocks, SKIP_R2=skip_r2,
+                               nblocks, RULE=rule.spec.code, BF16=bf16, BLOCKS=blocks, SKIP_R2=skip_r2,
                                num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     return packed, scales, stats, counts
 
