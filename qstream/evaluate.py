@@ -218,7 +218,7 @@ def read_saved(dst: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QstreamError(f"{path}: unreadable ({exc}); re-run `qstream eval ... --save-into {dst}`") from None
+        raise QstreamError(f"{path}: unreadable ({exc}); re-run `qstream eval SOURCE {dst} --card {dst}`") from None
     if not isinstance(data, dict) or data.get("schema") != EVAL_SCHEMA:
-        raise QstreamError(f"{path}: not a {EVAL_SCHEMA} file; re-run `qstream eval ... --save-into {dst}`")
+        raise QstreamError(f"{path}: not a {EVAL_SCHEMA} file; re-run `qstream eval SOURCE {dst} --card {dst}`")
     return data
