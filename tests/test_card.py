@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from safetensors import safe_open
 
 from qstream.card import human_count, write_card
