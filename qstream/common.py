@@ -17,6 +17,10 @@ from qstream.errors import QstreamError
 REPORT_NAME = "qstream_report.json"  # what `quantize` measured: per tensor and totals (with times and memory)
 EVAL_NAME = "qstream_eval.json"  # what `eval --card DST` measured on DST
 EVAL_SCHEMA = "qstream-eval/1"
+CARD_NAME = "README.md"  # the model card
+# A source card's section that says where its weights came from (e.g. dequantized from a 4-bit GGUF): it holds
+# for every checkpoint made from them, so cards carry it over verbatim (and assets' built cards write one).
+PROVENANCE = "## Provenance"
 
 
 def read_report(dst: Path) -> dict:
@@ -32,9 +36,9 @@ def read_saved(dst: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QstreamError(f"{path}: unreadable ({exc}); re-run `qstream eval ... --save-into {dst}`") from None
+        raise QstreamError(f"{path}: unreadable ({exc}); re-run `qstream eval SOURCE {dst} --card {dst}`") from None
     if not isinstance(data, dict) or data.get("schema") != EVAL_SCHEMA:
-        raise QstreamError(f"{path}: not a {EVAL_SCHEMA} file; re-run `qstream eval ... --save-into {dst}`")
+        raise QstreamError(f"{path}: not a {EVAL_SCHEMA} file; re-run `qstream eval SOURCE {dst} --card {dst}`")
     return data
 
 

@@ -18,6 +18,7 @@ from qstream.evals.evaluate import Protocol, evaluate, save_into
 from qstream.evals.models import load_model
 from qstream.evals.scoring import Window, windows
 from qstream.evals.text_sources import HF_JOIN, Text, from_file, from_hf_cache
+from tests.fixtures import assert_same_files
 from tests.test_dequantize import quantize
 
 # Real English prose (about 1.9k bytes = tokens under the byte-level tokenizer below).
@@ -347,4 +348,4 @@ def test_smollm2_requantize(smollm2, tmp_path: Path) -> None:
     print(f"\nmse3 blocks whose scale byte changes on requantization: {moved} of {sum(a[k].numel() for k in scales)}")
     dequantize_checkpoint(q2, tmp_path / "d2", progress=False)
     q3 = quantize(tmp_path / "d2", tmp_path / "q3", "mlp")
-    assert next(q3.glob("*.safetensors")).read_bytes() == next(q2.glob("*.safetensors")).read_bytes()
+    assert_same_files(q3, q2, "*.safetensors")

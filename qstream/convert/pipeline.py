@@ -229,7 +229,7 @@ def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torc
     norm = sum(s.sq_norm for s in stats.values())
     return {
         "qstream_version": __import__("qstream").__version__,
-        "source": str(plan.source.root),
+        "source": str(plan.source.root.resolve()),  # absolute: `qstream card` finds the source's card from anywhere
         "rule": rule,
         "preset": plan.selection.preset,
         "include": list(plan.selection.include),

@@ -2,17 +2,23 @@
 
 Every number comes from files in DST: config.json, the shard headers, qstream_report.json
 (what was quantized, how, at what weight error) and qstream_eval.json when `qstream eval
---save-into DST` measured it. Nothing is typed in by hand.
+--card DST` measured it, plus the source card's licence and provenance. Nothing is typed in by hand.
+
+The card is a reproducible output: the same inputs give the same bytes, whenever and wherever it is
+written (a resumed run included). So it holds no times, memory figures, dates or absolute paths; those
+stay in qstream_report.json and qstream_eval.json.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
-from qstream.common import human_bytes, read_report, read_saved, table
+from qstream.common import CARD_NAME, PROVENANCE, human_bytes, read_report, read_saved, table
 from qstream.format.formats import INPUT_SCALE, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4_FORMAT, PACKED, SCALE, kept_kind, scheme_format
 from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
@@ -20,17 +26,28 @@ from qstream.format.mxfp4 import BLOCK
 from qstream.format.rules import Rule
 from qstream.planning.selection import ROLES, Region, Role, region_of, role_of
 
-CARD_NAME = "README.md"
 FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 # Numbers a card carries over from the source card's front matter, when present.
 CARRIED_KEYS = ("license", "license_name", "license_link", "language", "pipeline_tag", "library_name")
 
 
-def _front_matter(readme: Path) -> dict[str, str]:
+def _read(readme: Path | None) -> str:
+    return readme.read_text(errors="replace") if readme is not None and readme.is_file() else ""
+
+
+def _provenance(readme: Path | None) -> str:
+    """The body of the source card's `## Provenance` section, or "" when it has none."""
+    lines = _read(readme).splitlines()
+    if PROVENANCE not in lines:
+        return ""
+    body = lines[lines.index(PROVENANCE) + 1:]
+    end = next((i for i, line in enumerate(body) if line.startswith("#")), len(body))
+    return "\n".join(body[:end]).strip()
+
+
+def _front_matter(readme: Path | None) -> dict[str, str]:
     """Top-level `key: value` lines of a model card's YAML front matter (no YAML dependency)."""
-    if not readme.is_file():
-        return {}
-    m = FRONT_MATTER.match(readme.read_text(errors="replace"))
+    m = FRONT_MATTER.match(_read(readme))
     if not m:
         return {}
     out = {}
@@ -99,8 +116,13 @@ def model_facts(dst: Path) -> dict:
     }
 
 
-def _billions(n: int) -> str:
-    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+def human_count(n: float) -> str:
+    """A parameter count to 3 significant digits with the largest unit that keeps it under 1000: 69.1K, 135M."""
+    for scale, unit in ((1, ""), (1e3, "K"), (1e6, "M"), (1e9, "B")):
+        text = f"{n / scale:.3g}"
+        if float(text) < 1000:
+            return text + unit
+    return f"{n / 1e12:.3g}T"
 
 
 def _role_pattern(role: Role) -> str:
@@ -116,29 +138,48 @@ def _quantized_table(report: dict, facts: dict, kept: dict[str, str]) -> str:
         is_q = any(region_of(q).value == region and role_of(q).value == role for q in quantized)
         precision = "MXFP4" if is_q else f"{kept[key]} (as the source)" if key in kept else "unchanged"
         rows[(region, role)] = [f"{region} {role.replace('_', ' ')}", precision,
-                                _billions(n), _role_pattern(Role(role)) if region == "language" else f"{region}.*"]
+                                human_count(n), _role_pattern(Role(role)) if region == "language" else f"{region}.*"]
     return table(["Component", "Precision", "Parameters", "Tensor name pattern"], list(rows.values()))
 
 
-def _quality(eval_data: dict | None, name: str) -> str:
+def _eval_command(source: Path, dst: Path, name: str) -> str:
+    """The `qstream eval` command that measures this checkpoint, run from the directory that holds it.
+
+    The source is given relative to that directory, so the card names no machine path and reads the
+    same wherever the two directories sit side by side.
+    """
+    rel = os.path.relpath(source, dst.resolve().parent)
+    src = shlex.quote(rel if rel.startswith("..") else f"./{rel}")
+    here = shlex.quote(f"./{name}")
+    return f"qstream eval {src} {here} --card {here}"
+
+
+def _text_label(t: dict) -> str:
+    """What text was scored, named by what identifies it (a file by name and digest, not by its path)."""
+    if t["kind"] == "file":
+        return f"`{Path(t['path']).name}` (sha256 {t['sha256'][:12]})"
+    if t["kind"] == "hf-cache":
+        return f"{t.get('dataset')}/{t.get('config')} {t.get('split')}"
+    return f"Wikipedia lead sections ({t.get('package', 'offline corpus')})"
+
+
+def _quality(eval_data: dict | None, command: str) -> str:
+    """The measured table, or how to measure it. Only the numbers: eval's times and date stay in its json."""
     if not eval_data:
-        return ("Not measured yet. Run `qstream eval SOURCE " + name + " --save-into " + name +
-                "` to add perplexity and KL divergence here.")
+        return (f"Not measured yet. Run `{command}` in the directory that holds this checkpoint to add "
+                "perplexity, KL divergence and top-1 agreement here.")
     p, s, m = eval_data["protocol"], eval_data["source"], eval_data["model"]
     rows = [
-        [f"{s['label']} (source)", f"{s['mean_nll']:.4f}", f"{s['ppl']:.4f}", "", "", ""],
-        [f"{m['label']} (this)", f"{m['mean_nll']:.4f}", f"{m['ppl']:.4f}",
+        ["source", s["label"], f"{s['mean_nll']:.4f}", f"{s['ppl']:.4f}", "", "", ""],
+        ["this checkpoint", m["label"], f"{m['mean_nll']:.4f}", f"{m['ppl']:.4f}",
          f"{m['ppl'] - s['ppl']:+.4f} ({100 * (m['ppl'] / s['ppl'] - 1):+.2f}%)",
          f"{m['kl']:.5f}", f"{100 * m['top1_agree']:.2f}%"],
     ]
-    t = p["text"]
-    where = t.get("path") or (f"{t.get('dataset')}/{t.get('config')} {t.get('split')}" if t["kind"] == "hf-cache"
-                              else f"Wikipedia lead sections ({t.get('package', 'offline corpus')})")
     return "\n".join([
-        table(["Model", "Mean NLL", "Perplexity", "ΔPPL", "KL (nats)", "top-1 agree"], rows), "",
-        f"Protocol: {where}; {p['tokens_scored']:,} tokens scored in {p['windows']} window(s) of {p['seq_len']} "
-        f"tokens, stride {p['stride']}; BOS {p['bos']}; {p['dtype']} on {p['device']}. "
-        f"KL: {p['kl']}. Measured {eval_data.get('created', '')} with qstream {eval_data.get('qstream_version')}.",
+        table(["", "Model", "Mean NLL", "Perplexity", "ΔPPL", "KL (nats)", "top-1 agree"], rows), "",
+        f"Protocol: {_text_label(p['text'])}; {p['tokens_scored']:,} tokens scored in {p['windows']} window(s) of "
+        f"{p['seq_len']} tokens, stride {p['stride']}; BOS {p['bos']}; {p['dtype']} on {p['device']}. "
+        f"KL: {p['kl']}. Measured with qstream {eval_data.get('qstream_version')}.",
     ])
 
 
@@ -155,15 +196,20 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
     mxfp4 = f"`{MXFP4_FORMAT.ct_format}`"
     storage = (mxfp4 if not groups else f"`{MIXED_PRECISION}` ({mxfp4} beside the "
                + ", ".join(f"`{g['format']}`" for g in groups) + " weights kept from the source)")
-    carried = _front_matter(source_readme) if source_readme else {}
+    carried = _front_matter(source_readme)
     base = Path(report["source"]).name
-    name = name or dst.name
+    name = name or dst.resolve().name
     totals = report["totals"]
     rule = Rule(report["rule"])
     front = {k: carried[k] for k in CARRIED_KEYS if k in carried}
     front.update({"base_model": carried.get("base_model", base), "tags": "[mxfp4, compressed-tensors, vllm, qstream]"})
     moe = (f"{facts['experts']} experts, {facts['experts_per_token']} routed per token"
            + (f" + {facts['shared_experts']} shared" if facts["shared_experts"] else "")) if facts["experts"] else "dense"
+    params = (f"{human_count(facts['params_total'])} total, {human_count(facts['params_active'])} active per token "
+              "(language model; computed from tensor shapes and the router's top-k)" if facts["experts"] else
+              f"{human_count(facts['params_total'])} total, {human_count(facts['params_active'])} active per token "
+              "(language model, dense: no routing; computed from tensor shapes)")
+    provenance = _provenance(source_readme)
     ctx = facts["context_length"]
     lines = [
         "---", *(f"{k}: {v}" for k, v in front.items()), "---", "",
@@ -174,8 +220,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         "", "## Model details", "",
         table(["", ""], [
             ["Architecture", f"`{facts['architecture']}` ({facts['model_type']})"],
-            ["Parameters", f"{_billions(facts['params_total'])} total, {_billions(facts['params_active'])} active per token "
-                           "(language model; computed from tensor shapes and the router's top-k)"],
+            ["Parameters", params],
             ["Experts", moe],
             ["Layers / hidden size", f"{facts['layers']} / {facts['hidden_size']}"],
             ["Context length", f"{ctx:,}" if isinstance(ctx, int) else str(ctx)],
@@ -195,9 +240,10 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         *(line for g in groups for line in (
             f"- Kept in the source's {scheme_format(g)} (a `{g['format']}` config group naming its modules):",
             *(f"  - `{e}`" for e in g["targets"]))),
-        f"- Made with qstream {report['qstream_version']} in {totals['seconds']:.0f} s "
-        f"(peak RSS {human_bytes(totals['peak_rss_bytes'])}).",
-        "", "## Quality", "", _quality(eval_data, name), "",
+        f"- Made with qstream {report['qstream_version']}.",
+        *(["", PROVENANCE, "", "From the source's card (it holds for these weights too):", "", provenance]
+          if provenance else []),
+        "", "## Quality", "", _quality(eval_data, _eval_command(Path(report["source"]), dst, name)), "",
         "## Usage", "",
         "```bash",
         f"vllm serve ./{name} --served-model-name {name}"
