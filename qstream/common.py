@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +41,17 @@ def read_saved(dst: Path) -> dict | None:
     if not isinstance(data, dict) or data.get("schema") != EVAL_SCHEMA:
         raise QstreamError(f"{path}: not a {EVAL_SCHEMA} file; re-run `qstream eval SOURCE {dst} --card {dst}`")
     return data
+
+
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # weight elements a streaming command (quantize, dequantize) holds at once
+
+
+def row_chunks(rows: int, cols: int, max_elements: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """[r0, r1) ranges covering rows start..rows-1 of a [rows, cols] tensor, at most max_elements each (but at
+    least one row): how every streaming loop bounds its memory."""
+    step = max(1, max_elements // max(1, cols))
+    for r0 in range(start, rows, step):
+        yield r0, min(r0 + step, rows)
 
 
 def cache_dir() -> Path:

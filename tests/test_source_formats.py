@@ -204,7 +204,7 @@ def test_block_decode_with_ragged_blocks_is_the_definition(tmp_path) -> None:
     save_file({"m.weight": w, "m.weight_scale_inv": s}, tmp_path / "x.safetensors")
     (tmp_path / "config.json").write_text("{}")
     t = open_checkpoint(tmp_path).tensors
-    d = DecodedTensor(t["m.weight"].info, t["m.weight"], t["m.weight_scale_inv"], (32, 32), _float)
+    d = DecodedTensor(t["m.weight"].info, t["m.weight"], t["m.weight_scale_inv"], (32, 32), _float, stored=(), scheme={})
     expected = (w.float() * s.repeat_interleave(32, 0)[:70].repeat_interleave(32, 1)[:, :100]).to(torch.bfloat16)
     assert torch.equal(torch.cat([d.read_rows(0, 13), d.read_rows(13, 45), d.read_rows(45, 70)]), expected)
 

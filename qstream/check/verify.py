@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from qstream.common import read_report, resolve_device
-from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
+from qstream.common import read_report, resolve_device, row_chunks
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, CheckpointTensor, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.formats import (BF16, GROUP_FORMATS, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4, MXFP4_FORMAT, PACKED,
                                     SCALE, kept_kind, scale_fits_kind, scheme_format)
@@ -150,7 +150,7 @@ def verify_written(tmp_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------- cheap checks
 
 
-def _layout(dst: Path, unfinished_ok: bool) -> tuple[Check, Checkpoint | None]:
+def _layout(dst: Path, unfinished_ok: bool) -> tuple[Check, Checkpoint[SourceTensor] | None]:
     """Config, index and shard headers readable and consistent; no shard the index leaves out."""
     check = Check("layout")
     try:
@@ -166,7 +166,7 @@ def _layout(dst: Path, unfinished_ok: bool) -> tuple[Check, Checkpoint | None]:
     return check, ckpt
 
 
-def _quantization_config(ckpt: Checkpoint, external: bool = True) -> Check:
+def _quantization_config(ckpt: Checkpoint[SourceTensor], external: bool = True) -> Check:
     where = f"{CONFIG_NAME} quantization_config"
     check = Check("quantization_config", f"{where} as FORMAT.md section 2 and compressed-tensors read it")
     qc = ckpt.config.get("quantization_config")
@@ -186,7 +186,7 @@ def _quantization_config(ckpt: Checkpoint, external: bool = True) -> Check:
     for g, scheme in groups.items():
         scheme = scheme if isinstance(scheme, dict) else {}
         at = f"{where}.config_groups.{g}"
-        weights = scheme.get("weights") if isinstance(scheme.get("weights"), dict) else {}
+        weights = scheme["weights"] if isinstance(scheme.get("weights"), dict) else {}
         if formats[g] == MXFP4 or len(groups) == 1:  # alone, it must be the MXFP4 group
             bad += _mismatches(at, scheme, EXPECTED_GROUP)
             bad += _mismatches(f"{at}.weights", weights, EXPECTED_WEIGHTS)
@@ -251,7 +251,7 @@ def _kept(t: dict[str, TensorInfo]) -> dict[str, str]:
     return kept
 
 
-def _pairs(ckpt: Checkpoint) -> Check:
+def _pairs(ckpt: Checkpoint[SourceTensor]) -> Check:
     """Every MXFP4 module has packed codes [out, in/2] and scales [out, in/32], both uint8, 2-D; every kept
     FP8 module has a scale that fits it."""
     t = {n: s.info for n, s in ckpt.tensors.items()}
@@ -285,24 +285,16 @@ def _pairs(ckpt: Checkpoint) -> Check:
     return check
 
 
-def _row_chunks(info: TensorInfo, max_elements: int = CHUNK_ELEMENTS):
-    """(r0, r1) row ranges of a tensor seen as [-1, last_dim], each at most max_elements."""
-    rows = info.numel // max(1, info.shape[-1] if info.shape else 1)
-    step = max(1, max_elements // max(1, info.shape[-1] if info.shape else 1))
-    for r0 in range(0, rows, step):
-        yield r0, min(r0 + step, rows)
-
-
-def _scales(ckpt: Checkpoint) -> Check:
+def _scales(ckpt: Checkpoint[SourceTensor]) -> Check:
     """No scale byte is 255 (NaN in E8M0); streamed, the scales are 1/16 of the packed bytes."""
     names = [n for n, s in ckpt.tensors.items() if n.endswith(SCALE) and s.info.dtype in MXFP4_FORMAT.scale_dtypes]
     check = Check("scale bytes", f"{len(names)} scale tensors, no byte {NAN_SCALE}")
     for name in names:
         st = ckpt.tensors[name]
-        count, first = 0, None
-        for r0, r1 in _row_chunks(st.info):
+        count, first = 0, (0, 0)
+        for r0, r1 in row_chunks(*st.info.row_shape, max_elements=CHUNK_ELEMENTS):
             hits = (read_rows(st.file, st.info, r0, r1) == NAN_SCALE).nonzero()
-            if len(hits) and first is None:
+            if len(hits) and not count:
                 first = (r0 + int(hits[0, 0]), int(hits[0, 1]))
             count += len(hits)
         if count:
@@ -311,7 +303,7 @@ def _scales(ckpt: Checkpoint) -> Check:
     return check
 
 
-def _experts(ckpt: Checkpoint) -> Check:
+def _experts(ckpt: Checkpoint[SourceTensor]) -> Check:
     """Per-expert tensors: every layer has experts 0..n-1, each with the same projections."""
     layers: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for name in ckpt.tensors:
@@ -329,11 +321,11 @@ def _experts(ckpt: Checkpoint) -> Check:
     return check
 
 
-def _ignore(ckpt: Checkpoint) -> Check:
+def _ignore(ckpt: Checkpoint[SourceTensor]) -> Check:
     """vLLM's view: every module resolves, under merged and renamed names, to the format it is stored in."""
     t = {n: st.info for n, st in ckpt.tensors.items()}
     kept = _kept(t)
-    weights = []
+    weights: list[tuple[str, tuple[int, ...], str]] = []
     for name, info in t.items():
         if name.endswith(PACKED):
             rows, half = (info.shape + (0, 0))[:2]
@@ -351,7 +343,7 @@ def _ignore(ckpt: Checkpoint) -> Check:
         return check
     counts = {f: sum(m.fmt == f for m in modules) for f in dict.fromkeys(m.fmt for m in modules)}
     check.detail = ", ".join(f"{n} {f}" for f, n in counts.items()) + " Linear modules (experts per layer)"
-    if isinstance(entries, list) and all(isinstance(e, str) for e in entries):
+    if isinstance(qc, dict) and isinstance(entries, list) and all(isinstance(e, str) for e in entries):
         for m in modules:  # one line per module, not one per name vLLM may look it up under
             problems = targeting_problems(qc, [m])
             if problems:
@@ -383,7 +375,7 @@ def _recorded_rule(dst: Path) -> Rule | None:
         return None
 
 
-def _against_source(src: Checkpoint, out: Checkpoint, rule: Rule | None, dev: torch.device) -> list[Check]:
+def _against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor], rule: Rule | None, dev: torch.device) -> list[Check]:
     """Every source tensor copied (bytes, or a decoded one's values), kept in its source precision (bytes), or
     quantized; each quantized module within its error bound. The source is seen as the planner sees it:
     FP8/MXFP8 weights decoded, gpt-oss experts as their packed rows."""
@@ -392,10 +384,10 @@ def _against_source(src: Checkpoint, out: Checkpoint, rule: Rule | None, dev: to
     rules = (rule,) if rule else tuple(Rule)
     tally = Tally()
     produced: set[str] = set()
-    counts = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
     decoded = decode_checkpoint(src)
     for name, st in decoded.tensors.items():
-        stored = getattr(st, "stored", ())
+        stored = st.stored
         if stored and all(s.name in out.tensors for s in stored) and out.tensors[name].info.dtype in KEPT_FP8_DTYPES:
             produced.update(s.name for s in stored)
             counts["kept in source precision"] += 1
@@ -419,7 +411,7 @@ def _against_source(src: Checkpoint, out: Checkpoint, rule: Rule | None, dev: to
         counts["quantized"] += 1
         for job in jobs:
             produced.update((job.module + PACKED, job.module + SCALE))
-            problem = _lossless_error(job, out) if isinstance(st, PackedExperts) else _job_error(job, out, rules, dev, tally)
+            problem = _lossless_error(job, st, out) if isinstance(st, PackedExperts) else _job_error(job, out, rules, dev, tally)
             if problem:
                 errors.failures.append(problem)
     coverage.failures += [f"{n}: in the output but made from no source tensor" for n in out.tensors if n not in produced]
@@ -433,7 +425,8 @@ def _against_source(src: Checkpoint, out: Checkpoint, rule: Rule | None, dev: to
     return [coverage, errors]
 
 
-def _sha256(st: SourceTensor) -> str:
+def _sha256(st: CheckpointTensor) -> str:
+    """sha256 of a tensor's bytes in its file (a copyable one: its info locates them)."""
     h = hashlib.sha256()
     with open(st.file, "rb", buffering=0) as f:
         f.seek(st.info.start)
@@ -447,7 +440,7 @@ def _sha256(st: SourceTensor) -> str:
     return h.hexdigest()
 
 
-def _copy_problems(src, out: SourceTensor) -> list[str]:
+def _copy_problems(src: CheckpointTensor, out: SourceTensor) -> list[str]:
     """A copied tensor: same dtype and shape, and the same bytes (sha256), or for one computed from
     the source (decoded FP8, a gpt-oss bias slice) the same values."""
     a, b = src.info, out.info
@@ -455,22 +448,22 @@ def _copy_problems(src, out: SourceTensor) -> list[str]:
         return [f"{a.name}: {b.dtype}{list(b.shape)} in the output, {a.dtype}{list(a.shape)} in the source"]
     if src.copyable:
         return [] if _sha256(src) == _sha256(out) else [f"{a.name}: copied bytes differ from the source (sha256)"]
-    for r0, r1 in _row_chunks(a):
+    for r0, r1 in row_chunks(*a.row_shape, max_elements=CHUNK_ELEMENTS):
         if not torch.equal(src.read_rows(r0, r1).reshape(-1), out.read_rows(r0, r1).reshape(-1)):
             return [f"{a.name}: values differ from the source's decoded values from row {r0}"]
     return []
 
 
-def _lossless_error(job: QuantJob, out: Checkpoint) -> str | None:
+def _lossless_error(job: QuantJob, experts: PackedExperts, out: Checkpoint[SourceTensor]) -> str | None:
     """A module already MXFP4 in the source: its packed codes and scales are copied exactly."""
-    packed, scales = job.source.read_packed(job.row_start, job.row_end, job.row_step)
+    packed, scales = experts.read_packed(job.row_start, job.row_end, job.row_step)
     got = out.tensors[job.module + PACKED], out.tensors[job.module + SCALE]
     same = all(g.info.shape == tuple(w.shape) and torch.equal(g.read_rows(0, g.info.shape[0]), w)
                for g, w in zip(got, (packed, scales)))
     return None if same else f"{job.module}: differs from the source's MXFP4 bytes (a lossless copy was expected)"
 
 
-def _job_error(job: QuantJob, out: Checkpoint, rules: tuple[Rule, ...], dev: torch.device, tally: Tally) -> str | None:
+def _job_error(job: QuantJob, out: Checkpoint[SourceTensor], rules: tuple[Rule, ...], dev: torch.device, tally: Tally) -> str | None:
     """Stream one module's source rows and output bytes through `compare_chunk`; a line if it fails."""
     src = job.source
     packed, scale = out.tensors[job.module + PACKED], out.tensors[job.module + SCALE]
@@ -480,9 +473,7 @@ def _job_error(job: QuantJob, out: Checkpoint, rules: tuple[Rule, ...], dev: tor
                 f"source rows {job.row_start}..{job.row_end} of {src.name} ({rows} x {n})")
     over = blocks = 0
     worst, identical = 1.0, True
-    step = max(1, CHUNK_ELEMENTS // n)
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
+    for r0, r1 in row_chunks(rows, n, CHUNK_ELEMENTS):
         w = src.read_rows(job.row_start + r0, job.row_start + r1).to(dev)
         try:
             c = compare_chunk(w, read_rows(packed.file, packed.info, r0, r1).to(dev),

@@ -9,9 +9,7 @@ decided from headers alone, like `qstream quantize`'s plan, before any data move
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,15 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.common import EVAL_NAME, REPORT_NAME
-from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
+from qstream.common import CHUNK_ELEMENTS, EVAL_NAME, REPORT_NAME, row_chunks
+from qstream.io.checkpoint import CONFIG_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.formats import BF16_FORMAT, GROUP_FORMATS, MXFP4_FORMAT, PACKED, SCALE
 from qstream.format.mxfp4 import BLOCK, dequantize
-from qstream.convert.pipeline import CHUNK_ELEMENTS
-from qstream.io.staging import copy_side_files, staging
+from qstream.io.shards import shard_file, write_index
+from qstream.io.staging import copy_side_files, staging, write_json
 from qstream.planning.plan import CopyJob, Shard, pack_shards
-from qstream.io.safetensors_io import OutEntry, ShardWriter, read_rows
+from qstream.io.safetensors_io import OutEntry, read_rows
 from qstream.io.source_formats import DecodedTensor, decode_kept
 
 READ_FORMATS = set(GROUP_FORMATS.values())  # MXFP4 with FP8/MXFP8 kept beside it
@@ -40,7 +38,10 @@ class _Dense:
     """A module decoded into its dense `<module>.weight` in row chunks; subclasses decode rows."""
 
     module: str
-    shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
 
     def _rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -59,9 +60,8 @@ class _Dense:
 
     def slices(self, dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, dense rows) in chunks of about CHUNK_ELEMENTS, the weight seen as [rows, in]."""
-        step = max(1, CHUNK_ELEMENTS // self.in_features)
-        for r0 in range(0, self.rows, step):
-            yield r0, self._rows(r0, min(r0 + step, self.rows), dtype)
+        for r0, r1 in row_chunks(self.rows, self.in_features, CHUNK_ELEMENTS):
+            yield r0, self._rows(r0, r1, dtype)
 
     def dense(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The whole decoded weight, filled chunk by chunk (peak: the result plus one chunk)."""
@@ -114,7 +114,7 @@ class KeptJob(_Dense):
 def _group_formats(qc: dict) -> set[str]:
     """The compressed-tensors formats of a quantization_config's groups (a group without one: the top-level)."""
     groups = qc.get("config_groups") or {}
-    return {g.get("format") or qc.get("format") for g in groups.values() if isinstance(g, dict)}
+    return {str(g.get("format") or qc.get("format")) for g in groups.values() if isinstance(g, dict)}
 
 
 def is_mxfp4_checkpoint(ckpt: Checkpoint) -> bool:
@@ -143,7 +143,8 @@ def dense_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "quantization_config"}
 
 
-def _check_pair(packed: SourceTensor, scale: SourceTensor | None) -> None:
+def _check_pair(packed: SourceTensor, scale: SourceTensor | None) -> SourceTensor:
+    """The scale of an MXFP4 pair, once both fit the format; else the error naming them."""
     p = packed.info
     if scale is None:
         raise QstreamError(f"{p.name}: has no {p.name.removesuffix(PACKED) + SCALE} beside it; "
@@ -154,12 +155,16 @@ def _check_pair(packed: SourceTensor, scale: SourceTensor | None) -> None:
             or not f.scale_fits((*p.shape[:-1], f.in_features(p.shape[-1])), s.shape):
         raise QstreamError(f"{p.name} {p.dtype}{list(p.shape)} and {s.name} {s.dtype}{list(s.shape)}: "
                            f"not an MXFP4 pair (uint8 [..., in/2] and [..., in/{BLOCK}]); the checkpoint is corrupt")
+    return scale
 
 
-def dense_jobs(ckpt: Checkpoint) -> list[DequantJob | KeptJob | CopyJob]:
+DenseJob = DequantJob | KeptJob | CopyJob
+
+
+def dense_jobs(ckpt: Checkpoint[SourceTensor]) -> list[DenseJob]:
     """Every output tensor in source order: packed/scale pairs and kept FP8 weights decoded where they were."""
     kept, consumed = decode_kept(ckpt, mxfp4_quantization_config(ckpt))
-    jobs: list[DequantJob | KeptJob | CopyJob] = []
+    jobs: list[DenseJob] = []
     for name, t in ckpt.tensors.items():
         if name in kept:
             jobs.append(KeptJob(name.removesuffix(".weight"), kept[name]))
@@ -167,8 +172,7 @@ def dense_jobs(ckpt: Checkpoint) -> list[DequantJob | KeptJob | CopyJob]:
             continue
         elif name.endswith(PACKED):
             module = name.removesuffix(PACKED)
-            scale = ckpt.tensors.get(module + SCALE)
-            _check_pair(t, scale)
+            scale = _check_pair(t, ckpt.tensors.get(module + SCALE))
             if module + ".weight" in ckpt.tensors:
                 raise QstreamError(f"{module}: has both .weight and {PACKED}; the checkpoint is corrupt")
             jobs.append(DequantJob(module, t, scale))
@@ -182,22 +186,16 @@ def dense_jobs(ckpt: Checkpoint) -> list[DequantJob | KeptJob | CopyJob]:
     return jobs
 
 
-def _write_shard(shard: Shard, tmp: Path, advance: Callable[[int], None]) -> None:
-    partial = tmp / f"{shard.file_name}.partial"
-    writer = ShardWriter(partial, shard.entries, metadata={"format": "pt"})
-    try:
+def _write_shard(shard: Shard[DenseJob], tmp: Path, advance: Callable[[int], None]) -> None:
+    with shard_file(tmp, shard.file_name, shard.entries) as writer:
         for job in shard.jobs:
             if isinstance(job, CopyJob):
                 writer.copy_from(job.source.name, job.source.file, job.source.info)
             else:
-                name = job.entries[0].name
+                (entry,) = job.entries
                 for r0, rows in job.slices():
-                    writer.write(name, rows, r0 * job.in_features * 2)
+                    writer.write(entry.name, rows, r0 * entry.row_nbytes)
             advance(job.bytes_in)
-        writer.close()
-    finally:
-        writer.abort()
-    os.replace(partial, tmp / shard.file_name)
 
 
 def dequantize_checkpoint(src: Path, dst: Path, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
@@ -206,17 +204,15 @@ def dequantize_checkpoint(src: Path, dst: Path, overwrite: bool = False, max_sha
     t0 = time.perf_counter()
     ckpt = open_checkpoint(Path(src))
     jobs = dense_jobs(ckpt)
-    shards = pack_shards(jobs, max_shard_bytes)  # type: ignore[arg-type]  # any job with .entries packs
+    shards = pack_shards(jobs, max_shard_bytes)
     bytes_in = sum(j.bytes_in for j in jobs)
     with staging(ckpt.root, Path(dst), overwrite, "qstream dequantize") as tmp:
         with tqdm(total=bytes_in, unit="B", unit_scale=True, unit_divisor=1024, desc="dequantize",
                   disable=not progress, dynamic_ncols=True) as bar:
             for shard in shards:
                 _write_shard(shard, tmp, bar.update)
-        index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
-                 "weight_map": {e.name: s.file_name for s in shards for e in s.entries}}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(dense_config(ckpt.config), indent=2) + "\n")
+        write_index(tmp, [(s.file_name, s.entries) for s in shards])
+        write_json(tmp / CONFIG_NAME, dense_config(ckpt.config))
         copy_side_files(ckpt.root, tmp, NOT_CARRIED)
     return {
         "source": str(ckpt.root),

@@ -9,8 +9,6 @@ resumed shard by shard.
 from __future__ import annotations
 
 import json
-import math
-import os
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -20,19 +18,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME
-from qstream.common import REPORT_NAME, resolve_device
+from qstream.io.checkpoint import CONFIG_NAME
+from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
 from qstream.errors import QstreamError
 from qstream.format.kernels import quantize_fast
 from qstream.format.mxfp4 import NonFiniteError, Quantized
 from qstream.format.rules import Rule
 from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
-from qstream.io.safetensors_io import ShardWriter, read_header
+from qstream.io.safetensors_io import read_header
+from qstream.io.shards import shard_file, write_index
 from qstream.io.source_formats import PackedExperts
 from qstream.io.staging import copy_side_files, staging, write_json
 from qstream.convert.streams import OrderedWriter, prefetch
 
-CHUNK_ELEMENTS = 8 * 1024 * 1024  # elements quantized at once: bounds working memory
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
 READ_AHEAD = 2  # chunks read ahead of the quantizer
 WRITE_BEHIND = 6  # writes queued behind it (a chunk is two writes)
@@ -74,27 +72,23 @@ class TensorStats:
         }
 
 
-def _row_chunks(shape: tuple[int, ...], r0: int, r1: int) -> Iterator[tuple[int, int]]:
-    """Row ranges of at most CHUNK_ELEMENTS elements within [r0, r1) of a tensor seen as [-1, last]."""
-    step = max(1, CHUNK_ELEMENTS // (shape[-1] if shape else 1))
-    for a in range(r0, r1, step):
-        yield a, min(a + step, r1)
+# What the reader hands the quantizer per chunk: rows read, MXFP4 already (a (packed, scales) pair from a
+# pre-quantized source), or None for a tensor copied byte for byte.
+Chunk = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 
-def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, object]]:
-    """(job, first output row, data) per bounded chunk: rows read (a tensor), MXFP4 already (a
-    (packed, scales) pair from a pre-quantized source), or None for a byte-copyable tensor."""
+def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, Chunk]]:
+    """(job, first output row, data) per chunk of at most CHUNK_ELEMENTS source elements."""
     for job in jobs:
         src = job.source
         if isinstance(job, CopyJob):
             if src.copyable:
                 yield job, 0, None
             else:
-                shape = src.info.shape
-                for a, b in _row_chunks(shape, 0, math.prod(shape[:-1]) if len(shape) > 1 else 1):
+                for a, b in row_chunks(*src.info.row_shape, max_elements=CHUNK_ELEMENTS):
                     yield job, a, src.read_rows(a, b)
             continue
-        for a, b in _row_chunks(src.info.shape, 0, job.rows):
+        for a, b in row_chunks(job.rows, job.in_features, CHUNK_ELEMENTS):
             r0, r1 = job.row_start + a * job.row_step, job.row_start + (b - 1) * job.row_step + 1
             if isinstance(src, PackedExperts):
                 yield job, a, src.read_packed(r0, r1, job.row_step)
@@ -110,48 +104,42 @@ def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device
         raise QstreamError(f"{job.source.name}: {exc} in rows from {r0}; fix the source weights") from exc
 
 
-def _write_shard(shard: Shard, tmp: Path, plan: Plan, device: torch.device, advance: Callable[[int], None]) -> dict:
-    """Write one shard as <name>.partial, reading ahead and writing behind; rename when complete.
+def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
+                 advance: Callable[[int], None]) -> dict:
+    """Write one shard, reading ahead and writing behind; it takes its name only when complete.
 
     Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
     """
-    partial = tmp / f"{shard.file_name}.partial"
-    writer = ShardWriter(partial, shard.entries, metadata={"format": "pt"})
-    writes = OrderedWriter(WRITE_BEHIND)
     stats: dict[str, TensorStats] = {}
-    try:
+    with shard_file(tmp, shard.file_name, shard.entries) as writer, OrderedWriter(WRITE_BEHIND) as writes:
         for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
             if isinstance(job, CopyJob):
                 if w is None:
                     writes.submit(writer.copy_from, job.source.name, job.source.file, job.source.info)
                     advance(job.bytes_in)
-                else:  # decoded from FP8 and friends: written as its logical dtype
-                    writes.submit(writer.write, job.source.name, w, row * w.shape[-1] * w.element_size())
+                elif isinstance(w, torch.Tensor):  # decoded from FP8 and friends: written as its logical dtype
+                    writes.submit(writer.write, job.source.name, w, row * job.entries[0].row_nbytes)
                     advance(w.numel() * w.element_size())
                 continue
             st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
             if isinstance(w, tuple):  # already MXFP4 in the source: a lossless copy
                 packed, scales = w
                 st.lossless = True
-            else:
+                advance(packed.numel() + scales.numel())
+            elif isinstance(w, torch.Tensor):
                 q = _quantize_chunk(job, row, w, plan.rule, device)
                 packed, scales = q.packed.cpu(), q.scales.cpu()
                 st.add(q)
+                advance(w.numel() * w.element_size())
             for entry, data in zip(job.entries, (packed, scales)):
                 writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
-            advance(packed.numel() + scales.numel() if isinstance(w, tuple) else w.numel() * w.element_size())
         writes.drain()
-        writer.close()
-    finally:
-        writes.close()
-        writer.abort()
-    saved = {name: st.as_state() for name, st in stats.items()}
-    write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
-    os.replace(partial, tmp / shard.file_name)
+        saved = {name: st.as_state() for name, st in stats.items()}
+        write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
     return saved
 
 
-def _completed_shard(tmp: Path, shard: Shard) -> dict | None:
+def _completed_shard(tmp: Path, shard: Shard[Job]) -> dict | None:
     """The saved statistics of a shard an earlier run finished, or None if it must be redone."""
     path, stats_path = tmp / shard.file_name, tmp / f"{shard.file_name}{STATS_SUFFIX}"
     if not (path.exists() and stats_path.exists()):
@@ -203,11 +191,7 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
                     bar.update(sum(j.bytes_in for j in shard.jobs))
                 for name, state in saved.items():
                     stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
-        index = {
-            "metadata": {"total_size": plan.bytes_out},
-            "weight_map": {e.name: s.file_name for s in plan.shards for e in s.entries},
-        }
-        write_json(tmp / INDEX_NAME, index)
+        write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
         write_json(tmp / CONFIG_NAME, plan.output_config())
         side_files = copy_side_files(plan.source.root, tmp)
         report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)

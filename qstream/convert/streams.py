@@ -87,3 +87,9 @@ class OrderedWriter:
             f.exception()
         self._pending.clear()
         self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> OrderedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

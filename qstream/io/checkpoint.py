@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -17,31 +19,67 @@ CONFIG_NAME = "config.json"
 IN_PROGRESS_MARKER = ".qstream-in-progress"  # present while an output is unfinished
 
 
+class CheckpointTensor(Protocol):
+    """What every tensor of a checkpoint offers, whatever holds it: a plain tensor in a file (SourceTensor), an
+    FP8/MXFP8 weight decoded on read, gpt-oss's packed MXFP4 experts, or a slice of a fused vector (the last
+    three in qstream.io.source_formats). `info` is the logical tensor (name, dtype, shape); a tensor kept in
+    its source precision names in `stored` the source tensors that hold it as it is."""
+
+    @property
+    def info(self) -> TensorInfo: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def file(self) -> Path: ...  # the file it is read from, for fingerprints and messages
+
+    @property
+    def copyable(self) -> bool: ...  # its bytes go to the output unchanged when it is not quantized
+
+    @property
+    def stored(self) -> tuple[SourceTensor, ...]: ...  # () unless a kept-precision weight
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of its values, the tensor seen as [-1, last_dim]."""
+        ...
+
+
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor of a checkpoint: which file holds it and where."""
+    """One tensor of a checkpoint as a file holds it: which file, and where in it."""
 
     file: Path
     info: TensorInfo
 
-    copyable = True  # its bytes go to the output unchanged when it is kept
-
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def copyable(self) -> bool:
+        return True
+
+    @property
+    def stored(self) -> tuple[SourceTensor, ...]:
+        return ()
 
     def read_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) of the tensor seen as [-1, last_dim]."""
         return read_rows(self.file, self.info, r0, r1)
 
 
+T = TypeVar("T", bound=CheckpointTensor, covariant=True)
+
+
 @dataclass(frozen=True)
-class Checkpoint:
-    """Config plus every tensor of a checkpoint, in a stable order (file, then offset)."""
+class Checkpoint(Generic[T]):
+    """Config plus every tensor of a checkpoint, in a stable order (file, then offset). As opened, every
+    tensor is a SourceTensor; `source_formats.decode_checkpoint` gives the tensors the files encode."""
 
     root: Path
     config: dict
-    tensors: dict[str, SourceTensor]
+    tensors: Mapping[str, T]
     weight_files: tuple[Path, ...]
 
     @property
@@ -79,7 +117,7 @@ def _weight_files(root: Path) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def open_checkpoint(root: Path, *, unfinished_ok: bool = False) -> Checkpoint:
+def open_checkpoint(root: Path, *, unfinished_ok: bool = False) -> Checkpoint[SourceTensor]:
     """Read config.json and every shard header; check the index agrees with the shards.
 
     `unfinished_ok` lets the writer check its own output before marking it complete.

@@ -66,6 +66,12 @@ class TensorInfo:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype][0]
 
+    @property
+    def row_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the tensor seen as [-1, last_dim], as `read_rows` reads it."""
+        cols = self.shape[-1] if self.shape else 1
+        return self.numel // max(1, cols), cols
+
 
 @dataclass(frozen=True)
 class Header:
@@ -137,7 +143,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, size: in
 
 def read_rows(path: Path, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
     """Rows [row_start, row_end) of the tensor seen as [-1, last_dim], read straight into a tensor."""
-    cols = info.shape[-1] if info.shape else 1
+    cols = info.row_shape[1]
     itemsize = DTYPES[info.dtype][1]
     row_bytes = cols * itemsize
     buf = torch.empty((row_end - row_start) * row_bytes, dtype=torch.uint8)
@@ -176,8 +182,9 @@ class ShardWriter:
     """Writes one safetensors file whose header is fixed at open; data arrives in any order.
 
     Every byte range is written with pwrite at its final offset, so tensors can be
-    streamed in pieces and nothing is assembled in memory. `close` checks that every
-    tensor received exactly its size and syncs the file to disk.
+    streamed in pieces and nothing is assembled in memory. Used as a context manager:
+    leaving the block commits (`close`: every tensor received exactly its size, the file
+    is synced to disk); an exception in it aborts (the file is closed, left incomplete).
     """
 
     path: Path
@@ -192,21 +199,31 @@ class ShardWriter:
         header: dict[str, object] = {}
         if self.metadata:
             header["__metadata__"] = self.metadata
+        spans: dict[str, tuple[int, int]] = {}
         pos = 0
         for e in self.entries:
+            spans[e.name] = (pos, pos + e.nbytes)
             header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [pos, pos + e.nbytes]}
             pos += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-(8 + len(raw)) % ALIGN)
         data_start = 8 + len(raw)
-        for name, entry in header.items():
-            if name != "__metadata__":
-                b, e = entry["data_offsets"]  # type: ignore[index]
-                self._offsets[name] = (data_start + b, data_start + e)
-                self._written[name] = 0
+        for name, (begin, end) in spans.items():
+            self._offsets[name] = (data_start + begin, data_start + end)
+            self._written[name] = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         self.size = data_start + pos
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Commit (check every tensor is complete, sync) when the block succeeded; only close the file if not."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def write(self, name: str, data: torch.Tensor | bytes | memoryview, byte_offset: int = 0) -> None:
         """Write `data` at `byte_offset` within tensor `name`."""

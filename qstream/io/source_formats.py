@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from qstream.io.checkpoint import Checkpoint, SourceTensor
+from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.errors import QstreamError
 from qstream.format.formats import (FP8_ARGS, FP8_BLOCK, FP8_CHANNEL, FP8_DTYPES, FP8_TENSOR, INPUT_SCALE, MXFP8,
                                     MXFP8_FORMAT, kept_kind)
-from qstream.format.mxfp4 import BLOCK
+from qstream.format.mxfp4 import BLOCK, dequantize
 from qstream.format.names import matches, merged_name
 from qstream.io.safetensors_io import TensorInfo, read_rows
 
@@ -33,14 +33,18 @@ CONSUMED_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_
 
 
 class _Computed:
-    """A logical tensor whose values are computed from source tensors: read, never byte-copied."""
+    """A logical tensor (a CheckpointTensor) whose values are computed from source tensors: read, never
+    byte-copied. Subclasses name the source tensor it is read from first (`origin`)."""
 
     info: TensorInfo
-    copyable = False
 
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def copyable(self) -> bool:
+        return False
 
     @property
     def origin(self) -> SourceTensor:
@@ -60,8 +64,8 @@ class DecodedTensor(_Computed):
     scale: SourceTensor
     block: tuple[int, int]  # rows and columns sharing one scale
     scale_decode: Callable[[torch.Tensor], torch.Tensor]
-    stored: tuple[SourceTensor, ...] = ()  # source tensors that keep it as is, under their output names
-    scheme: dict | None = None  # compressed-tensors config group (no targets) describing `stored`
+    stored: tuple[SourceTensor, ...]  # source tensors that keep it as is, under their output names
+    scheme: dict  # compressed-tensors config group (no targets) describing `stored`
 
     @property
     def origin(self) -> SourceTensor:
@@ -103,12 +107,20 @@ class PackedExperts(_Computed):
     def origin(self) -> SourceTensor:
         return self.blocks
 
+    @property
+    def stored(self) -> tuple[SourceTensor, ...]:
+        return ()  # always quantized (losslessly), never kept
+
     def read_packed(self, r0: int, r1: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed [n, in/2], scales [n, in/32]) of logical rows r0, r0+step, ... < r1 (rows over all experts)."""
         g = self.scales.info.shape[-1]
         blocks = read_rows(self.blocks.file, self.blocks.info, r0 * g, r1 * g).reshape(r1 - r0, -1)
         scales = read_rows(self.scales.file, self.scales.info, r0, r1)
         return blocks[::step].contiguous(), scales[::step].contiguous()
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) as the BF16 values the codes encode (exact: E2M1 times a power of two fits BF16)."""
+        return dequantize(*self.read_packed(r0, r1, 1))
 
 
 @dataclass(frozen=True)
@@ -125,14 +137,18 @@ class RowSlice(_Computed):
     def origin(self) -> SourceTensor:
         return self.source
 
+    @property
+    def stored(self) -> tuple[SourceTensor, ...]:
+        return ()
+
     def read_rows(self, r0: int, r1: int) -> torch.Tensor:
         row = read_rows(self.source.file, self.source.info, self.expert, self.expert + 1)[0]
         return row[self.start :: self.step].reshape(1, -1)
 
 
-def _gpt_oss(ckpt: Checkpoint) -> dict[str, object]:
+def _gpt_oss(ckpt: Checkpoint[SourceTensor]) -> dict[str, CheckpointTensor]:
     """gpt-oss tensors with its fused MXFP4 experts as PackedExperts and biases split per expert."""
-    out: dict[str, object] = {}
+    out: dict[str, CheckpointTensor] = {}
     proj = {"gate_up_proj": (("gate_proj", 0, 2), ("up_proj", 1, 2)), "down_proj": (("down_proj", 0, 1),)}
     for name, t in ckpt.tensors.items():
         m = re.match(r"^(.*\.experts)\.(gate_up_proj|down_proj)_(blocks|scales|bias)$", name)
@@ -264,13 +280,13 @@ def quantization_config_of(config: dict) -> dict | None:
     return config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
 
 
-def decode_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+def decode_checkpoint(ckpt: Checkpoint[SourceTensor]) -> Checkpoint[CheckpointTensor]:
     """The checkpoint as plain tensors: unchanged if unquantized, FP8/MXFP8 weights decoded to BF16."""
     qcfg = quantization_config_of(ckpt.config)
     if qcfg is None:
         return ckpt
     if qcfg.get("quant_method") == "mxfp4":
-        return replace(ckpt, config=_without_quantization(ckpt.config), tensors=_gpt_oss(ckpt))
+        return Checkpoint(ckpt.root, _without_quantization(ckpt.config), _gpt_oss(ckpt), ckpt.weight_files)
     fmt = next((f for f in FORMATS if f.matches(qcfg)), None)
     if fmt is None:
         method = qcfg.get("quant_method", "?") + (f" {qcfg['format']}" if "format" in qcfg else "")
@@ -281,18 +297,18 @@ def decode_checkpoint(ckpt: Checkpoint) -> Checkpoint:
             f"Supported inputs: BF16/FP16/FP32; {supported}"
         )
     decoded, consumed = _decode_weights(ckpt, qcfg, lambda scale: fmt)
-    tensors = {n: decoded.get(n, t) for n, t in ckpt.tensors.items() if n not in consumed}
-    return replace(ckpt, config=_without_quantization(ckpt.config), tensors=tensors)
+    tensors: dict[str, CheckpointTensor] = {n: decoded.get(n, t) for n, t in ckpt.tensors.items() if n not in consumed}
+    return Checkpoint(ckpt.root, _without_quantization(ckpt.config), tensors, ckpt.weight_files)
 
 
-def decode_kept(ckpt: Checkpoint, qcfg: dict) -> tuple[dict[str, DecodedTensor], set[str]]:
+def decode_kept(ckpt: Checkpoint[SourceTensor], qcfg: dict) -> tuple[dict[str, DecodedTensor], set[str]]:
     """FP8/MXFP8 weights kept beside MXFP4 ones in a mixed-precision checkpoint (as `quantize` writes them),
     decoded, and the names of every tensor they consume; the format follows the scale's dtype."""
     by_name = {f.name: f for f in FORMATS}
     return _decode_weights(ckpt, qcfg, lambda scale: by_name["ct-mxfp8" if kept_kind(scale.info.dtype) == MXFP8 else "ct-fp8"])
 
 
-def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTensor], SourceFormat]
+def _decode_weights(ckpt: Checkpoint[SourceTensor], qcfg: dict, format_of: Callable[[SourceTensor], SourceFormat]
                     ) -> tuple[dict[str, DecodedTensor], set[str]]:
     """Every FP8 `X.weight` with its scale as a DecodedTensor; the names it consumes (scales, input_scale)."""
     decoded: dict[str, DecodedTensor] = {}
@@ -307,7 +323,7 @@ def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTen
         scale = next((ckpt.tensors[f"{base}.{s}"] for s in ("weight_scale_inv", _SCALE)
                       if f"{base}.{s}" in ckpt.tensors), None)
         fmt = format_of(scale) if scale is not None else None
-        if scale is None or scale.name != f"{base}.{fmt.scale_suffix}":
+        if scale is None or fmt is None or scale.name != f"{base}.{fmt.scale_suffix}":
             expected = fmt.scale_suffix if fmt else _SCALE
             raise QstreamError(f"{name}: {t.info.dtype} with no {expected} beside it; the "
                                f"{fmt.name if fmt else 'FP8'} checkpoint is incomplete or of a layout qstream "
@@ -315,12 +331,13 @@ def _decode_weights(ckpt: Checkpoint, qcfg: dict, format_of: Callable[[SourceTen
         if len(t.info.shape) != 2:
             raise QstreamError(f"{name}: a {len(t.info.shape)}-D {t.info.dtype} weight; qstream decodes 2-D FP8 "
                                "weights only (per-expert tensors, as DeepSeek-V3 and Qwen3-FP8 store them)")
-        block = tuple(int(b) for b in fmt.block(qcfg, t.info.shape, scale.info.shape))
+        bo, bi = fmt.block(qcfg, t.info.shape, scale.info.shape)
+        block, shape = (int(bo), int(bi)), (t.info.shape[0], t.info.shape[1])
         info = TensorInfo(name, "BF16", t.info.shape, 0, t.info.numel * 2)
         stored = tuple(_renamed(ckpt.tensors[f"{base}.{s}"], f"{base}.{o}")
                        for s, o in STORED_SUFFIXES.items() if f"{base}.{s}" in ckpt.tensors)
         decoded[name] = DecodedTensor(info, t, scale, block, fmt.scale_decode, stored,
-                                      fmt.scheme(qcfg, base, block, t.info.shape))
+                                      fmt.scheme(qcfg, base, block, shape))
         consumed |= {f"{base}.{s}" for s in CONSUMED_SUFFIXES}
     return decoded, consumed
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Generic, Protocol, TypeVar
 
-from qstream.io.checkpoint import Checkpoint, SourceTensor
+from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.errors import QstreamError
 from qstream.format.formats import BF16, FLOAT_DTYPES, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4, MXFP4_FORMAT, scheme_format
 from qstream.planning.targets import Module, build_cover, build_ignore, targeting_problems
@@ -38,7 +39,7 @@ class QuantJob:
     """One output module: rows row_start, row_start + row_step, ... < row_end of a source seen as [-1, in]."""
 
     module: str
-    source: SourceTensor | DecodedTensor | PackedExperts
+    source: CheckpointTensor
     row_start: int
     row_end: int
     row_step: int = 1
@@ -68,7 +69,7 @@ class QuantJob:
 class CopyJob:
     """A source tensor carried over byte for byte (a decoded one: as its BF16 values), under its own name."""
 
-    source: SourceTensor | DecodedTensor
+    source: CheckpointTensor
 
     @property
     def entries(self) -> tuple[OutEntry, ...]:
@@ -83,10 +84,22 @@ class CopyJob:
 Job = QuantJob | CopyJob
 
 
+class Writes(Protocol):
+    """A job of any command that writes shards: the output tensors it fills."""
+
+    @property
+    def entries(self) -> tuple[OutEntry, ...]: ...
+
+
+J = TypeVar("J", bound=Writes, covariant=True)
+
+
 @dataclass(frozen=True)
-class Shard:
+class Shard(Generic[J]):
+    """One output file and the jobs that fill it, in order."""
+
     file_name: str
-    jobs: tuple[Job, ...]
+    jobs: tuple[J, ...]
 
     @property
     def entries(self) -> list[OutEntry]:
@@ -99,11 +112,11 @@ class Shard:
 
 @dataclass(frozen=True)
 class Plan:
-    source: Checkpoint
+    source: Checkpoint[CheckpointTensor]  # as decoded: FP8 weights as the BF16 tensors they encode
     selection: Selection
     rule: Rule
     decisions: dict[str, Decision]
-    shards: tuple[Shard, ...]
+    shards: tuple[Shard[Job], ...]
     modules: tuple[Module, ...]
     ignore: tuple[str, ...]
     kept_schemes: tuple[tuple[str, dict], ...] = ()  # (format, config group) of source-quantized modules kept
@@ -154,11 +167,12 @@ class Plan:
         return config
 
 
-def source_nbytes(t: SourceTensor | DecodedTensor | PackedExperts) -> int:
-    return sum(s.info.nbytes for s in t.stored) if getattr(t, "stored", ()) else t.info.nbytes
+def source_nbytes(t: CheckpointTensor) -> int:
+    """Bytes the source spends on it: a kept-precision weight's stored tensors (weight and scales), else its own."""
+    return sum(s.info.nbytes for s in t.stored) if t.stored else t.info.nbytes
 
 
-def quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[QuantJob]:
+def quant_jobs(ckpt: Checkpoint[CheckpointTensor], t: CheckpointTensor) -> list[QuantJob]:
     """Split a selected tensor into output modules (fused experts: one per expert and projection)."""
     shape = t.info.shape
     if len(shape) == 2:
@@ -181,7 +195,7 @@ def quant_jobs(ckpt: Checkpoint, t: SourceTensor | DecodedTensor) -> list[QuantJ
     half = out // 2
     jobs = []
     for e in range(n_exp):
-        if getattr(t, "interleaved", False):  # gate rows even, up rows odd (gpt-oss)
+        if isinstance(t, PackedExperts) and t.interleaved:  # gate rows even, up rows odd (gpt-oss)
             jobs.append(QuantJob(f"{prefix}.{e}.{gate}", t, e * out, (e + 1) * out, 2))
             jobs.append(QuantJob(f"{prefix}.{e}.{up}", t, e * out + 1, (e + 1) * out, 2))
         else:
@@ -213,8 +227,9 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def pack_shards(jobs: list[Job], max_shard_bytes: int) -> tuple[Shard, ...]:
-    groups: list[list[Job]] = [[]]
+def pack_shards(jobs: Sequence[J], max_shard_bytes: int) -> tuple[Shard[J], ...]:
+    """Jobs in order into files of at most max_shard_bytes (a job larger than that gets a file of its own)."""
+    groups: list[list[J]] = [[]]
     size = 0
     for job in jobs:
         n = sum(e.nbytes for e in job.entries)
@@ -226,7 +241,7 @@ def pack_shards(jobs: list[Job], max_shard_bytes: int) -> tuple[Shard, ...]:
     return tuple(Shard(shard_name(i, len(groups)), tuple(g)) for i, g in enumerate(groups))
 
 
-def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_bytes: int,
+def make_plan(source: Checkpoint[SourceTensor], selection: Selection, rule: Rule, max_shard_bytes: int,
               keep_dtype: str = "source") -> Plan:
     """Decide every tensor, split fused experts, pack shards, build and check the ignore list and targets.
 
@@ -235,7 +250,7 @@ def make_plan(ckpt: Checkpoint, selection: Selection, rule: Rule, max_shard_byte
     """
     if keep_dtype not in KEEP_DTYPES:
         raise QstreamError(f"keep dtype {keep_dtype!r} not understood; choose one of {', '.join(KEEP_DTYPES)}")
-    ckpt = decode_checkpoint(ckpt)
+    ckpt = decode_checkpoint(source)
     decisions = {name: decide(name, t.info.shape, selection) for name, t in ckpt.tensors.items()}
     if not any(d.quantize for d in decisions.values()):
         raise QstreamError(

@@ -13,7 +13,7 @@ from qstream.io.source_formats import DecodedTensor
 
 def plan_rows(plan: Plan) -> list[dict]:
     """Per (region, role, action): tensor count, parameters, bytes in and out."""
-    owner = {s.name: name for name, t in plan.source.tensors.items() for s in getattr(t, "stored", ())}
+    owner = {s.name: name for name, t in plan.source.tensors.items() for s in t.stored}
     out_bytes: dict[str, int] = defaultdict(int)
     for shard in plan.shards:
         for job in shard.jobs:
