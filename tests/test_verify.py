@@ -27,7 +27,8 @@ from qstream.errors import QstreamError
 from qstream.format.mxfp4 import pack_codes, quantize, unpack_codes
 from qstream.format.rules import Rule
 from qstream.common import REPORT_NAME
-from qstream.check.verify import block_errors, compare_chunk, verify, verify_written
+from qstream.check.error_bound import block_errors, compare_chunk
+from qstream.check.verify import verify, verify_written
 
 L0 = "model.language_model.layers.0"
 EXPERT = f"{L0}.mlp.experts.1.gate_proj"  # a quantized module of tiny_qwen35 (split from fused gate_up_proj)

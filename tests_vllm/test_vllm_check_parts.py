@@ -7,28 +7,28 @@ import sys
 
 import torch
 
-from qstream.check.vllm import _coverage, _runs, _Write
+from qstream.check.vllm_writes import Write, coverage, runs
 
 
-def _view_write(param: torch.Tensor, view: torch.Tensor, source: str) -> _Write:
+def _view_write(param: torch.Tensor, view: torch.Tensor, source: str) -> Write:
     assert view.untyped_storage()._cdata == param.untyped_storage()._cdata
-    return _Write(view.storage_offset(), tuple(view.shape), tuple(view.stride()), frozenset([source]))
+    return Write(view.storage_offset(), tuple(view.shape), tuple(view.stride()), frozenset([source]))
 
 
 def test_runs_follow_strided_views():
     p = torch.empty(4, 6, 8, device="meta")
-    starts, length = _runs(_view_write(p, p[1, 2:4], "a"))  # rows 2-3 of expert 1: one contiguous run
+    starts, length = runs(_view_write(p, p[1, 2:4], "a"))  # rows 2-3 of expert 1: one contiguous run
     assert starts.tolist() == [1 * 48 + 2 * 8] and length == 16
-    starts, length = _runs(_view_write(p, p[:, 0, :4], "a"))  # first half-row of every expert
+    starts, length = runs(_view_write(p, p[:, 0, :4], "a"))  # first half-row of every expert
     assert starts.tolist() == [0, 48, 96, 144] and length == 4
 
 
 def test_coverage_finds_gaps_and_double_writes():
     p = torch.empty(4, 6, 8, device="meta")
     writes = [_view_write(p, p[e], f"expert{e}") for e in (0, 1, 3)]
-    gaps, twice = _coverage(p, writes)
+    gaps, twice = coverage(p, writes)
     assert gaps == [(96, 144)] and twice == []
-    gaps, twice = _coverage(p, [*writes, _view_write(p, p[2], "expert2"), _view_write(p, p[3, 1:2], "again")])
+    gaps, twice = coverage(p, [*writes, _view_write(p, p[2], "expert2"), _view_write(p, p[3, 1:2], "again")])
     assert gaps == [] and len(twice) == 1 and "again" in twice[0]
 
 
