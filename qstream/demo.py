@@ -15,16 +15,16 @@ import click
 
 from qstream import assets
 from qstream.common import cache_dir
-from qstream.report.card import write_card
-from qstream.io.checkpoint import open_checkpoint
 from qstream.compare import compare_rules
 from qstream.evals.evaluate import Protocol, evaluate, save_into
+from qstream.evals.text_sources import wikipedia
 from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from qstream.quantize import quantize_checkpoint
+from qstream.report.card import write_card
 from qstream.report.summary import plan_text, run_text
-from qstream.evals.text_sources import wikipedia
 
 SHARD_BYTES = 5 * 10**9
 

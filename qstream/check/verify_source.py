@@ -42,7 +42,8 @@ def recorded_rule(dst: Path) -> Rule | None:
         return None
 
 
-def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor], rule: Rule | None, dev: torch.device) -> list[Check]:
+def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor], rule: Rule | None,
+                   dev: torch.device) -> list[Check]:
     """Every source tensor copied (bytes, or a decoded one's values), kept in its source precision (bytes), or
     quantized; each quantized module within its error bound. The source is seen as the planner sees it:
     FP8/MXFP8 weights decoded, gpt-oss experts as their packed rows."""
@@ -78,10 +79,14 @@ def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor],
         counts["quantized"] += 1
         for job in jobs:
             produced.update((job.module + PACKED, job.module + SCALE))
-            problem = _lossless_error(job, st, out) if isinstance(st, PackedExperts) else _job_error(job, out, rules, dev, tally)
+            if isinstance(st, PackedExperts):
+                problem = _lossless_error(job, st, out)
+            else:
+                problem = _job_error(job, out, rules, dev, tally)
             if problem:
                 errors.failures.append(problem)
-    coverage.failures += [f"{n}: in the output but made from no source tensor" for n in out.tensors if n not in produced]
+    coverage.failures += [f"{n}: in the output but made from no source tensor"
+                          for n in out.tensors if n not in produced]
     config = {k: v for k, v in out.config.items() if k != "quantization_config"}
     if config != decoded.config:
         keys = sorted(k for k in config.keys() | decoded.config.keys() if config.get(k) != decoded.config.get(k))
@@ -130,12 +135,14 @@ def _lossless_error(job: QuantJob, experts: PackedExperts, out: Checkpoint[Sourc
     return None if same else f"{job.module}: differs from the source's MXFP4 bytes (a lossless copy was expected)"
 
 
-def _job_error(job: QuantJob, out: Checkpoint[SourceTensor], rules: tuple[Rule, ...], dev: torch.device, tally: Tally) -> str | None:
+def _job_error(job: QuantJob, out: Checkpoint[SourceTensor], rules: tuple[Rule, ...], dev: torch.device,
+               tally: Tally) -> str | None:
     """Stream one module's source rows and output bytes through `compare_chunk`; a line if it fails."""
     src = job.source
     packed, scale = out.tensors[job.module + PACKED], out.tensors[job.module + SCALE]
     rows, n = job.row_end - job.row_start, job.in_features
-    if packed.info.shape != (rows, MXFP4_FORMAT.stored_width(n)) or not MXFP4_FORMAT.scale_fits((rows, n), scale.info.shape):
+    f = MXFP4_FORMAT
+    if packed.info.shape != (rows, f.stored_width(n)) or not f.scale_fits((rows, n), scale.info.shape):
         return (f"{job.module}: packed {list(packed.info.shape)} / scale {list(scale.info.shape)} do not fit "
                 f"source rows {job.row_start}..{job.row_end} of {src.name} ({rows} x {n})")
     over = blocks = 0

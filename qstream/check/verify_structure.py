@@ -14,8 +14,19 @@ from pathlib import Path
 from qstream.check.verify_report import Check
 from qstream.common import row_chunks
 from qstream.errors import QstreamError
-from qstream.format.formats import (BF16, GROUP_FORMATS, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4, MXFP4_FORMAT, PACKED,
-                                    SCALE, kept_kind, scale_fits_kind, scheme_format)
+from qstream.format.formats import (
+    BF16,
+    GROUP_FORMATS,
+    KEPT_FP8_DTYPES,
+    MIXED_PRECISION,
+    MXFP4,
+    MXFP4_FORMAT,
+    PACKED,
+    SCALE,
+    kept_kind,
+    scale_fits_kind,
+    scheme_format,
+)
 from qstream.format.mxfp4 import BLOCK
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.io.safetensors_io import TensorInfo, read_rows
@@ -145,7 +156,8 @@ def _pairs(ckpt: Checkpoint[SourceTensor]) -> Check:
     t = {n: s.info for n, s in ckpt.tensors.items()}
     kept = _kept(t)
     modules = sorted({n.removesuffix(PACKED).removesuffix(SCALE) for n in t if n.endswith((PACKED, SCALE))} - set(kept))
-    check = Check("packed/scale pairs", f"{len(modules)} MXFP4 modules" + (f", {len(kept)} kept FP8/MXFP8" if kept else ""))
+    check = Check("packed/scale pairs",
+                  f"{len(modules)} MXFP4 modules" + (f", {len(kept)} kept FP8/MXFP8" if kept else ""))
     for m in modules:
         packed, scale = t.get(m + PACKED), t.get(m + SCALE)
         if packed is None or scale is None:
@@ -165,7 +177,8 @@ def _pairs(ckpt: Checkpoint[SourceTensor]) -> Check:
     for m, fmt in kept.items():
         w, scale = t[m + ".weight"], t.get(m + SCALE)
         if scale is None:
-            check.failures.append(f"{m}.weight: {w.dtype} with no {m}{SCALE}; vLLM would scale it by uninitialised memory")
+            check.failures.append(f"{m}.weight: {w.dtype} with no {m}{SCALE}; "
+                                  "vLLM would scale it by uninitialised memory")
         elif not scale_fits_kind(fmt, w.shape, scale.shape):
             check.failures.append(f"{m}{SCALE}: {list(scale.shape)} does not fit {fmt} weight {list(w.shape)}")
         if m + PACKED in t:

@@ -25,7 +25,18 @@ from qstream.check.vllm_hooks import NoKernel, Vllm, headers_only, import_vllm, 
 from qstream.check.vllm_report import ModuleRow, VllmReport
 from qstream.check.vllm_writes import LoadState, Write, WriteTracker, coverage, describe
 from qstream.errors import QstreamError
-from qstream.format.formats import BF16, FP8, FP8_DTYPES, MXFP4, MXFP4_FORMAT, MXFP8, MXFP8_FORMAT, PACKED, SCALE, kept_kind
+from qstream.format.formats import (
+    BF16,
+    FP8,
+    FP8_DTYPES,
+    MXFP4,
+    MXFP4_FORMAT,
+    MXFP8,
+    MXFP8_FORMAT,
+    PACKED,
+    SCALE,
+    kept_kind,
+)
 from qstream.io.safetensors_io import DTYPES, read_header
 
 FP8_TORCH = tuple(DTYPES[n][0] for n in FP8_DTYPES)
@@ -96,7 +107,7 @@ def _init_distributed(v: Vllm) -> None:
     v.ensure_model_parallel_initialized(1, 1)
 
 
-def _judge_model(v: Vllm, cfg, model_config, shapes, state: "LoadState", report: VllmReport) -> None:
+def _judge_model(v: Vllm, cfg, model_config, shapes, state: LoadState, report: VllmReport) -> None:
     """Build one model on meta, load the headers into it with vLLM's loader, and report what happened."""
     arch = model_config.architectures[0] if model_config.architectures else "?"
     prefix = f"({arch}) " if report.models else ""  # a drafter's module names repeat the main model's

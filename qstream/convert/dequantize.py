@@ -19,15 +19,15 @@ import torch
 from tqdm import tqdm
 
 from qstream.common import CHUNK_ELEMENTS, EVAL_NAME, REPORT_NAME, row_chunks
-from qstream.io.checkpoint import CONFIG_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.formats import BF16_FORMAT, GROUP_FORMATS, MXFP4_FORMAT, PACKED, SCALE
 from qstream.format.mxfp4 import BLOCK, dequantize
+from qstream.io.checkpoint import CONFIG_NAME, Checkpoint, SourceTensor, open_checkpoint
+from qstream.io.safetensors_io import OutEntry, read_rows
 from qstream.io.shards import shard_file, write_index
+from qstream.io.source_formats import DecodedTensor, decode_kept
 from qstream.io.staging import copy_side_files, staging, write_json
 from qstream.planning.plan import CopyJob, Shard, pack_shards
-from qstream.io.safetensors_io import OutEntry, read_rows
-from qstream.io.source_formats import DecodedTensor, decode_kept
 
 READ_FORMATS = set(GROUP_FORMATS.values())  # MXFP4 with FP8/MXFP8 kept beside it
 DENSE_DTYPE = BF16_FORMAT.weight_dtypes[0]

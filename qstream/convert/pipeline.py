@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qstream.io.checkpoint import CONFIG_NAME
 from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
+from qstream.convert.streams import OrderedWriter, prefetch
 from qstream.errors import QstreamError
 from qstream.format.kernels import quantize_fast
 from qstream.format.mxfp4 import NonFiniteError, Quantized
 from qstream.format.rules import Rule
-from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
+from qstream.io.checkpoint import CONFIG_NAME
 from qstream.io.safetensors_io import read_header
 from qstream.io.shards import shard_file, write_index
 from qstream.io.source_formats import PackedExperts
 from qstream.io.staging import copy_side_files, staging, write_json
-from qstream.convert.streams import OrderedWriter, prefetch
+from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
 
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
 READ_AHEAD = 2  # chunks read ahead of the quantizer
@@ -205,7 +205,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device, side_files: list[str]) -> dict:
+def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
+            side_files: list[str]) -> dict:
     rule = plan.rule.value
     tensors = [stats[name].as_json(name, rule) for name in plan.quantized_sources]
     params = sum(t.info.numel for n, t in plan.source.tensors.items() if plan.decisions[n].quantize)

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -193,7 +193,7 @@ def save_into(result: EvalResult, dst: Path) -> Path:
     row = next((m for m in result.models[1:] if Path(m.path).resolve() == dst.resolve()), None)
     if row is None:
         raise QstreamError(f"{dst}: not among the evaluated checkpoints; pass it as one of the QUANTIZED arguments")
-    data = {**result.as_json(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    data = {**result.as_json(), "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": asdict(result.source), "model": asdict(row)}
     del data["models"]
     out = dst / EVAL_NAME

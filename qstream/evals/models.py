@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from qstream.io.checkpoint import Checkpoint, open_checkpoint
 from qstream.convert.dequantize import dense_jobs, is_mxfp4_checkpoint
 from qstream.errors import QstreamError
-from qstream.planning.plan import CopyJob
+from qstream.io.checkpoint import Checkpoint, open_checkpoint
 from qstream.io.source_formats import DecodedTensor, decode_checkpoint, quantization_config_of
+from qstream.planning.plan import CopyJob
 
 
 class _DecodedOnLoad:

@@ -83,7 +83,8 @@ MXFP4_FORMAT = StorageFormat("MXFP4", MXFP4, "mxfp4-pack-quantized", {"num_bits"
                              ".weight_packed", ("U8",), 4, ".weight_scale", ("U8",), _per_block)
 MXFP8_FORMAT = StorageFormat("MXFP8", MXFP8, "mxfp8-quantized", {"num_bits": 8, **_MX_WEIGHTS},
                              ".weight", ("F8_E4M3",), 8, ".weight_scale", ("U8",), _per_block)
-FP8_TENSOR = StorageFormat("FP8 per tensor", FP8, "float-quantized", {**FP8_ARGS, "strategy": "tensor", "dynamic": False},
+FP8_TENSOR = StorageFormat("FP8 per tensor", FP8, "float-quantized",
+                           {**FP8_ARGS, "strategy": "tensor", "dynamic": False},
                            ".weight", ("F8_E4M3",), 8, ".weight_scale", FLOAT_DTYPES, _per_tensor)
 FP8_CHANNEL = StorageFormat("FP8 per channel", FP8, "float-quantized",
                             {**FP8_ARGS, "strategy": "channel", "dynamic": False},

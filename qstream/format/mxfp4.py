@@ -107,18 +107,16 @@ def _mse3_choice(a: torch.Tensor, r: torch.Tensor, lut: torch.Tensor) -> torch.T
     """Offset s in MSE3_SEARCHED per block minimising exact squared error; ties keep the smaller s."""
     y0 = _scaled(a, r)
     counted = y0 > MSE3_ZERO_UNDER_ALL
-    best_err = best_s = None
-    for s in MSE3_SEARCHED:
+    best_s = torch.zeros_like(r)
+    best_err = torch.full(r.shape, torch.inf, dtype=torch.float64, device=r.device)
+    for s in MSE3_SEARCHED:  # ascending s: only a strictly smaller error moves the choice
         q = lut[e2m1_index(y0 * 2**s).long()] / 2**s  # dequantised, in units of 2^R
         d = (q - y0).double()
         err = torch.where(counted, d * d, 0.0).sum(-1)
         err = torch.where(r - s >= E_MIN, err, torch.inf)
-        if best_err is None:
-            best_err, best_s = err, torch.zeros_like(r)
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
     return best_s
 
 
@@ -142,7 +140,8 @@ def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
     q = lut[idx.long()]
     codes = idx | ((torch.signbit(x) & (idx > 0)).to(torch.uint8) << 3)
     d = (q - y).double()
-    sq_error = float(((d * d).sum(-1) * torch.ldexp(torch.ones((), dtype=torch.float64, device=w.device), 2 * e.double())).sum())
+    scale2 = torch.ldexp(torch.ones((), dtype=torch.float64, device=w.device), 2 * e.double())  # (2^E)^2 per block
+    sq_error = float(((d * d).sum(-1) * scale2).sum())
     offsets = (r - e).clamp(0, 2).flatten()
     counts = torch.bincount(offsets.long(), minlength=3)
     return Quantized(

@@ -69,14 +69,9 @@ def quantize_ref(w: torch.Tensor, rule: Rule = Rule.MSE3) -> tuple[torch.Tensor,
                 raise ValueError("NaN/Inf in weight")
             e = block_exponent_ref(max(abs(x) for x in block), rule)
             if rule is Rule.MSE3:
-                best = None
-                for s in RULES[Rule.MSE3].candidates:  # ascending s: on equal error the larger E wins
-                    if e - s < E_MIN:
-                        continue
-                    codes, err = _block_codes(block, e - s)
-                    if best is None or err < best[0]:
-                        best = (err, codes, e - s)
-                _, codes, chosen = best
+                tries = [(_block_codes(block, e - s), e - s) for s in RULES[Rule.MSE3].candidates if e - s >= E_MIN]
+                # min keeps the first of equal errors: ascending s, so on equal error the larger E wins
+                (codes, _), chosen = min(tries, key=lambda t: t[0][1])
             else:
                 codes, _ = _block_codes(block, e)
                 chosen = e

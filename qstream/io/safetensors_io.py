@@ -149,7 +149,7 @@ def read_rows(path: Path, info: TensorInfo, row_start: int, row_end: int) -> tor
     buf = torch.empty((row_end - row_start) * row_bytes, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as f:
         f.seek(info.start + row_start * row_bytes)
-        view = memoryview(buf.numpy())
+        view = buf.numpy().data
         got = 0
         while got < len(view):
             n = f.readinto(view[got:])
@@ -272,7 +272,7 @@ class ShardWriter:
 def _as_bytes(data: torch.Tensor | bytes | memoryview) -> memoryview:
     if isinstance(data, torch.Tensor):
         flat = data.detach().contiguous().reshape(-1).view(torch.uint8)
-        return memoryview(flat.cpu().numpy())
+        return flat.cpu().numpy().data
     return memoryview(data)
 
 

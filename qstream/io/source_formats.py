@@ -19,12 +19,21 @@ from pathlib import Path
 
 import torch
 
-from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.errors import QstreamError
-from qstream.format.formats import (FP8_ARGS, FP8_BLOCK, FP8_CHANNEL, FP8_DTYPES, FP8_TENSOR, INPUT_SCALE, MXFP8,
-                                    MXFP8_FORMAT, kept_kind)
+from qstream.format.formats import (
+    FP8_ARGS,
+    FP8_BLOCK,
+    FP8_CHANNEL,
+    FP8_DTYPES,
+    FP8_TENSOR,
+    INPUT_SCALE,
+    MXFP8,
+    MXFP8_FORMAT,
+    kept_kind,
+)
 from qstream.format.mxfp4 import BLOCK, dequantize
 from qstream.format.names import matches, merged_name
+from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.io.safetensors_io import TensorInfo, read_rows
 
 GPT_OSS = "gpt-oss mxfp4: *_blocks/*_scales experts, converted losslessly"
@@ -169,8 +178,8 @@ def _gpt_oss(ckpt: Checkpoint[SourceTensor]) -> dict[str, CheckpointTensor]:
                 for leaf, start, step in proj[kind]:
                     bname = f"{prefix}.{e}.{leaf}.bias"
                     size = rows // step
-                    out[bname] = RowSlice(TensorInfo(bname, t.info.dtype, (size,), 0, size * t.info.nbytes // t.info.numel),
-                                          t, e, start, step)
+                    info = TensorInfo(bname, t.info.dtype, (size,), 0, size * t.info.nbytes // t.info.numel)
+                    out[bname] = RowSlice(info, t, e, start, step)
     return out
 
 
@@ -232,7 +241,8 @@ def _ct_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, i
 
 
 def _ct_fp8(q: dict) -> bool:
-    return (q.get("quant_method") == "compressed-tensors" and q.get("format") in (FP8_TENSOR.ct_format, "naive-quantized")
+    return (q.get("quant_method") == "compressed-tensors"
+            and q.get("format") in (FP8_TENSOR.ct_format, "naive-quantized")
             and all(w.get("num_bits") == 8 and w.get("type") == "float" for w in _ct_weights(q)))
 
 
@@ -273,7 +283,8 @@ FORMATS: tuple[SourceFormat, ...] = (
 )
 
 # Source tensors beside a scaled weight that travel with it when it is kept, source suffix -> output suffix.
-STORED_SUFFIXES = {"weight": _WEIGHT, "weight_scale_inv": _SCALE, "weight_scale": _SCALE, "input_scale": INPUT_SCALE[1:]}
+STORED_SUFFIXES = {"weight": _WEIGHT, "weight_scale_inv": _SCALE, "weight_scale": _SCALE,
+                   "input_scale": INPUT_SCALE[1:]}
 
 
 def quantization_config_of(config: dict) -> dict | None:
@@ -305,7 +316,8 @@ def decode_kept(ckpt: Checkpoint[SourceTensor], qcfg: dict) -> tuple[dict[str, D
     """FP8/MXFP8 weights kept beside MXFP4 ones in a mixed-precision checkpoint (as `quantize` writes them),
     decoded, and the names of every tensor they consume; the format follows the scale's dtype."""
     by_name = {f.name: f for f in FORMATS}
-    return _decode_weights(ckpt, qcfg, lambda scale: by_name["ct-mxfp8" if kept_kind(scale.info.dtype) == MXFP8 else "ct-fp8"])
+    return _decode_weights(
+        ckpt, qcfg, lambda scale: by_name["ct-mxfp8" if kept_kind(scale.info.dtype) == MXFP8 else "ct-fp8"])
 
 
 def _decode_weights(ckpt: Checkpoint[SourceTensor], qcfg: dict, format_of: Callable[[SourceTensor], SourceFormat]

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from qstream.io.checkpoint import CONFIG_NAME, IN_PROGRESS_MARKER, INDEX_NAME
 from qstream.errors import QstreamError
+from qstream.io.checkpoint import CONFIG_NAME, IN_PROGRESS_MARKER, INDEX_NAME
 
 PLAN_NAME = ".qstream-plan.json"  # the fingerprint a resumed run must match
 
@@ -148,7 +148,8 @@ def staging(src: Path, dst: Path, overwrite: bool, writer: str, fingerprint: dic
     except KeyboardInterrupt:
         keep = fingerprint is not None and tmp.exists()
         if keep:
-            sys.stderr.write(f"qstream: interrupted; finished shards are kept in {tmp}: rerun with --resume to continue\n")
+            sys.stderr.write(f"qstream: interrupted; finished shards are kept in {tmp}: "
+                             "rerun with --resume to continue\n")
         raise
     finally:
         if not keep and tmp.exists():

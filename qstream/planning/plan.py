@@ -13,15 +13,23 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Generic, Protocol, TypeVar
 
-from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.errors import QstreamError
-from qstream.format.formats import BF16, FLOAT_DTYPES, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4, MXFP4_FORMAT, scheme_format
-from qstream.planning.targets import Module, build_cover, build_ignore, targeting_problems
+from qstream.format.formats import (
+    BF16,
+    FLOAT_DTYPES,
+    KEPT_FP8_DTYPES,
+    MIXED_PRECISION,
+    MXFP4,
+    MXFP4_FORMAT,
+    scheme_format,
+)
 from qstream.format.mxfp4 import BLOCK
 from qstream.format.rules import Rule
+from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.io.safetensors_io import OutEntry
-from qstream.planning.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
 from qstream.io.source_formats import DecodedTensor, PackedExperts, decode_checkpoint
+from qstream.planning.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
+from qstream.planning.targets import Module, build_cover, build_ignore, targeting_problems
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
 KEEP_DTYPES = ("source", "bf16")  # what an unquantized FP8/MXFP8 source weight becomes
@@ -212,7 +220,10 @@ def linear_modules(weights: Iterable[tuple[str, tuple[int, ...], str]]) -> list[
         if not is_linear_weight(name, shape):
             continue
         role = role_of(name)
-        mod = name[: name.index(".experts.") + len(".experts")] if role is Role.ROUTED_EXPERT else name.removesuffix(".weight")
+        if role is Role.ROUTED_EXPERT:
+            mod = name[: name.index(".experts.") + len(".experts")]
+        else:
+            mod = name.removesuffix(".weight")
         m = Module(mod, region_of(name), role, fmt)
         if mod in modules and modules[mod].fmt != m.fmt:
             raise QstreamError(
@@ -255,7 +266,8 @@ def make_plan(source: Checkpoint[SourceTensor], selection: Selection, rule: Rule
     if not any(d.quantize for d in decisions.values()):
         raise QstreamError(
             f"{ckpt.root}: the selection (preset {selection.preset}, include {list(selection.include)}, "
-            f"exclude {list(selection.exclude)}) matches no tensor; run `qstream plan` and try --preset mlp or --include"
+            f"exclude {list(selection.exclude)}) matches no tensor; "
+            "run `qstream plan` and try --preset mlp or --include"
         )
     jobs: list[Job] = []
     formats: dict[str, str] = {}  # source weight -> how the output stores it

@@ -13,7 +13,6 @@ resolve to the format it is stored in.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from qstream.errors import QstreamError

@@ -19,11 +19,20 @@ from collections import defaultdict
 from pathlib import Path
 
 from qstream.common import CARD_NAME, PROVENANCE, human_bytes, read_report, read_saved, table
-from qstream.format.formats import INPUT_SCALE, KEPT_FP8_DTYPES, MIXED_PRECISION, MXFP4_FORMAT, PACKED, SCALE, kept_kind, scheme_format
-from qstream.io.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
+from qstream.format.formats import (
+    INPUT_SCALE,
+    KEPT_FP8_DTYPES,
+    MIXED_PRECISION,
+    MXFP4_FORMAT,
+    PACKED,
+    SCALE,
+    kept_kind,
+    scheme_format,
+)
 from qstream.format.mxfp4 import BLOCK
 from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.selection import ROLES, Region, Role, region_of, role_of
 
 FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
@@ -188,7 +197,8 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
     try:
         report = read_report(dst)
     except FileNotFoundError:
-        raise QstreamError(f"{dst}: no qstream_report.json; `qstream card` documents outputs of `qstream quantize`") from None
+        raise QstreamError(f"{dst}: no qstream_report.json; "
+                           "`qstream card` documents outputs of `qstream quantize`") from None
     eval_data = read_saved(dst)
     facts = model_facts(dst)
     kept = kept_formats(dst)
@@ -204,7 +214,8 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
     front = {k: carried[k] for k in CARRIED_KEYS if k in carried}
     front.update({"base_model": carried.get("base_model", base), "tags": "[mxfp4, compressed-tensors, vllm, qstream]"})
     moe = (f"{facts['experts']} experts, {facts['experts_per_token']} routed per token"
-           + (f" + {facts['shared_experts']} shared" if facts["shared_experts"] else "")) if facts["experts"] else "dense"
+           + (f" + {facts['shared_experts']} shared" if facts["shared_experts"] else "")
+           ) if facts["experts"] else "dense"
     params = (f"{human_count(facts['params_total'])} total, {human_count(facts['params_active'])} active per token "
               "(language model; computed from tensor shapes and the router's top-k)" if facts["experts"] else
               f"{human_count(facts['params_total'])} total, {human_count(facts['params_active'])} active per token "

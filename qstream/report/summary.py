@@ -6,9 +6,9 @@ from collections import defaultdict
 
 from qstream.common import human_bytes, table
 from qstream.format.formats import scheme_format
+from qstream.io.source_formats import DecodedTensor
 from qstream.planning.plan import Plan, QuantJob, estimate_bits_per_weight, source_nbytes
 from qstream.planning.selection import region_of, role_of
-from qstream.io.source_formats import DecodedTensor
 
 
 def plan_rows(plan: Plan) -> list[dict]:

@@ -93,4 +93,4 @@ def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3, threads: int | None = None
         packed.data_ptr(), scales.data_ptr(), stats.data_ptr(), counts.data_ptr())
     if bad:
         raise NonFiniteError(f"{bad} NaN or Inf value(s)")  # as mxfp4.quantize says it
-    return Quantized(packed, scales, float(stats[0]), float(stats[1]), tuple(int(c) for c in counts))
+    return Quantized(packed, scales, float(stats[0]), float(stats[1]), (int(counts[0]), int(counts[1]), int(counts[2])))

@@ -95,7 +95,8 @@ if triton is not None:
 
     @triton.jit
     def _errors_fast(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, s: tl.constexpr):
-        return (_error_fast(y0a, eba, s) + _error_fast(y0b, ebb, s)) + (_error_fast(y0c, ebc, s) + _error_fast(y0d, ebd, s))
+        return ((_error_fast(y0a, eba, s) + _error_fast(y0b, ebb, s))
+                + (_error_fast(y0c, ebc, s) + _error_fast(y0d, ebd, s)))
 
     @triton.jit
     def _errors_exact(y0a, y0b, y0c, y0d, eba, ebb, ebc, ebd, s: tl.constexpr, BF16: tl.constexpr):
@@ -149,8 +150,10 @@ if triton is not None:
         bad = amax >= 0x7F800000
         nonfinite = tl.zeros([BLOCKS], dtype=tl.int32)
         if tl.max(bad.to(tl.int32)) > 0:
-            nonfinite = (tl.sum((aa >= 0x7F800000).to(tl.int32), axis=1) + tl.sum((ab >= 0x7F800000).to(tl.int32), axis=1)
-                         + tl.sum((ac >= 0x7F800000).to(tl.int32), axis=1) + tl.sum((ad >= 0x7F800000).to(tl.int32), axis=1))
+            nonfinite = (tl.sum((aa >= 0x7F800000).to(tl.int32), axis=1)
+                         + tl.sum((ab >= 0x7F800000).to(tl.int32), axis=1)
+                         + tl.sum((ac >= 0x7F800000).to(tl.int32), axis=1)
+                         + tl.sum((ad >= 0x7F800000).to(tl.int32), axis=1))
 
         # RCEIL's R from the bits of amax = m * 2^F: F - 2, +1 when m > 1.5; zero/subnormal -> -127.
         f = (amax >> 23).to(tl.int32) - 127
