@@ -156,11 +156,11 @@ def test_built_files_honour_the_umask(tiny_dense: Path, tmp_path: Path, umask: i
 
 def test_q4_1_caveat_reaches_the_quantized_card(tiny_dense: Path, tmp_path: Path) -> None:
     """The built source's card says its weights were Q4_1; the card of its MXFP4 checkpoint says so too."""
-    from qstream.io.checkpoint import open_checkpoint
     from qstream.format.rules import Rule
-    from qstream.quantize import quantize_checkpoint
+    from qstream.io.checkpoint import open_checkpoint
     from qstream.planning.plan import make_plan
     from qstream.planning.selection import Selection
+    from qstream.quantize import quantize_checkpoint
 
     moe_dir = build_smollm2_moe(tiny_dense, tmp_path / "moe", num_experts=4)
     assert Q4_1_CAVEAT in (moe_dir / "README.md").read_text()

@@ -23,9 +23,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from qstream.cli import cli
 from qstream.errors import QstreamError
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 
 FUSED = "model.language_model.layers.1.mlp.experts.gate_up_proj"  # selected by the default preset
 NORM_A, NORM_B = (f"model.language_model.layers.{i}.input_layernorm.weight" for i in (0, 1))

@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 
 import qstream.convert.dequantize as dq
-from qstream.io.checkpoint import open_checkpoint
 from qstream.cli import cli
 from qstream.convert.dequantize import dense_jobs, dequantize_checkpoint
 from qstream.errors import QstreamError
 from qstream.format.rules import Rule
-from qstream.quantize import quantize_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
+from qstream.quantize import quantize_checkpoint
 from tests.fixtures import SIDE_FILES, assert_same_bytes, assert_same_files, load_tensors
 
 

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from qstream.cli import cli
-from qstream.errors import QstreamError
 from qstream.common import EVAL_SCHEMA, read_saved
+from qstream.errors import QstreamError
 from qstream.evals.evaluate import Protocol, evaluate, save_into
 from qstream.evals.models import load_model
 from qstream.evals.scoring import Window, windows

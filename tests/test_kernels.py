@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import qstream.format.kernels as kernels
 from qstream.format.kernels import cpu
 from qstream.format.mxfp4 import BLOCK, NonFiniteError, quantize
-from qstream.format.rules import Rule
 from qstream.format.mxfp4_ref import quantize_ref
+from qstream.format.rules import Rule
 from tests.test_mxfp4 import finite_blocks, special_tensor
 
 if not torch.cuda.is_available():

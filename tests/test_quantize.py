@@ -12,17 +12,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qstream.io.checkpoint import open_checkpoint
+from qstream.common import REPORT_NAME
 from qstream.errors import QstreamError
 from qstream.format.formats import BF16, MXFP4
-from qstream.format.names import matches
-from qstream.planning.targets import Module, targeting_problems
 from qstream.format.mxfp4 import dequantize, quantize
+from qstream.format.names import matches
 from qstream.format.rules import Rule
-from qstream.common import REPORT_NAME
-from qstream.quantize import quantize_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Region, Role, Selection
+from qstream.planning.targets import Module, targeting_problems
+from qstream.quantize import quantize_checkpoint
 from tests.fixtures import assert_same_bytes, assert_same_files, first_difference, load_tensors
 
 FIXTURES = {

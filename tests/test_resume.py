@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from qstream.io.checkpoint import open_checkpoint
-from qstream.errors import QstreamError
 from qstream.common import REPORT_NAME
+from qstream.errors import QstreamError
+from qstream.io.checkpoint import open_checkpoint
 from qstream.io.staging import temp_dir_for
 from tests.fixtures import assert_same_files
 

@@ -11,16 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qstream.io.checkpoint import open_checkpoint
+from qstream.check.verify import verify
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import quantize
 from qstream.format.rules import Rule
-from qstream.quantize import quantize_checkpoint
+from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
-from qstream.check.verify import verify
+from qstream.quantize import quantize_checkpoint
 from tests.fixtures import load_tensors
 from tests.fp8_layouts import LAYOUTS, to_layout
+
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_quantized_input_decoded_then_quantized_unselected_decoded(tmp_path, tiny_qwen3_moe, layout) -> None:

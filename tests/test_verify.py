@@ -21,14 +21,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, IN_PROGRESS_MARKER, open_checkpoint
+from qstream.check.error_bound import block_errors, compare_chunk
+from qstream.check.verify import verify, verify_written
 from qstream.cli import cli
+from qstream.common import REPORT_NAME
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import pack_codes, quantize, unpack_codes
 from qstream.format.rules import Rule
-from qstream.common import REPORT_NAME
-from qstream.check.error_bound import block_errors, compare_chunk
-from qstream.check.verify import verify, verify_written
+from qstream.io.checkpoint import CONFIG_NAME, IN_PROGRESS_MARKER, INDEX_NAME, open_checkpoint
 
 L0 = "model.language_model.layers.0"
 EXPERT = f"{L0}.mlp.experts.1.gate_proj"  # a quantized module of tiny_qwen35 (split from fused gate_up_proj)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from qstream.format.rules import Rule
-from qstream.planning.plan import make_plan, parse_size
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from qstream.io.safetensors_io import DTYPE_NAMES, OutEntry, ShardWriter
+from qstream.planning.plan import make_plan, parse_size
 from qstream.planning.selection import Selection
 
 # Qwen/Qwen3.5-35B-A3B config.json settings that differ from transformers' Qwen3_5MoeConfig defaults.

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from qstream import assets
-from qstream.common import cache_dir
 from qstream.check.vllm import check_with_vllm
+from qstream.common import cache_dir
 from tests_vllm.conftest import qstream, run_vllm
 from tests_vllm.decompress import decompress
 
