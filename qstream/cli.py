@@ -133,6 +133,7 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
       qstream plan ./Qwen3.5-35B-A3B
       qstream plan ./SmolLM2 --preset mlp --json
     """
+    from qstream.plan import nothing_selected
     from qstream.summary import plan_text
 
     plan = _plan(src, **kw, allow_empty=True)  # a plan that quantizes nothing is shown, with what would fit
@@ -142,6 +143,8 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
             "shards": [{"file": s.file_name, "bytes": s.nbytes} for s in plan.shards],
             "tensors": [{"name": d.name, "quantize": d.quantize, "reason": d.reason} for d in plan.decisions.values()],
         }, indent=2))
+        if not plan.quantized_sources:  # the table says it; beside JSON it goes to stderr
+            click.echo(f"qstream: {nothing_selected(plan.source, plan.selection)}", err=True)
     else:
         click.echo(plan_text(plan))
 
