@@ -5,16 +5,17 @@ scale 2^E stored as the byte E + 127 (E8M0). Each element is an FP4 E2M1 code:
 sign << 3 | index into E2M1_MAGNITUDES. Two codes share a byte, the even column in
 the low nibble. This module is the fast, vectorised path; `mxfp4_ref` is the slow
 reference that defines the bytes, and tests hold this module to it bit for bit.
+`BLOCK` and `Rule` live in `rules`, which the CLI reads without importing torch.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
-BLOCK = 32
+from qstream.rules import BLOCK, Rule
+
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 E8M0_BIAS = 127
@@ -45,31 +46,6 @@ MSE3_SEARCHED = (0, 1)
 # every searched candidate, so they add the same error to each and are left out of the
 # comparison; this keeps every compared sum exact in float64 for bf16/fp16 inputs.
 MSE3_ZERO_UNDER_ALL = 0.25 / 2 ** max(MSE3_SEARCHED)
-
-
-class Rule(str, enum.Enum):
-    """How a block's exponent E is chosen; amax = m * 2^F with m in [1, 2)."""
-
-    FLOOR = "floor"
-    """E = F - 2 (OCP reference, ggml, torchao): values above 6 * 2^E clip to 6."""
-    EVEN = "even"
-    """E = F - 2, plus 1 when m >= 1.75 (compressed-tensors, llm-compressor, Quark)."""
-    RCEIL = "rceil"
-    """E = ceil(log2(amax / 6)), the smallest E that clips nothing (gpt-oss, ModelOpt)."""
-    MSE3 = "mse3"
-    """Of {R-2, R-1, R} (R = RCEIL's E), the one with least block squared error; ties take the larger E."""
-
-    @property
-    def doc(self) -> str:
-        return _RULE_DOCS[self]
-
-
-_RULE_DOCS = {
-    Rule.FLOOR: "E = floor(log2 amax) - 2; clips above 6*2^E",
-    Rule.EVEN: "E = floor(log2 amax) - 2, +1 if mantissa >= 1.75",
-    Rule.RCEIL: "E = ceil(log2(amax/6)); never clips",
-    Rule.MSE3: "least squared error of {R-2, R-1, R}, R = rceil",
-}
 
 
 @dataclass(frozen=True)

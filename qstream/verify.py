@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
+from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint, require_dir
 from qstream.errors import QstreamError
 from qstream.ignore import BF16, FP8, MXFP4, MXFP8, check_merges, scheme_format, targeting_problems
 from qstream.mxfp4 import BLOCK, E8M0_BIAS, E_MAX, NonFiniteError, Rule, dequantize, quantize
 from qstream.plan import QuantJob, quant_jobs, linear_modules
 from qstream.safetensors_io import TensorInfo, read_rows
+from qstream.selection import Role
 from qstream.source_formats import PackedExperts, decode_checkpoint
 
 PACKED, SCALE = ".weight_packed", ".weight_scale"
@@ -42,7 +43,7 @@ ERROR_TOLERANCE = 1e-9  # relative slack on a block's squared error: float64 sum
 LISTED = 20  # failures printed per check; --json lists all
 REPORT_NAME = "qstream_report.json"  # = pipeline.REPORT_NAME; not imported, as pipeline calls verify_written
 
-# The compressed-tensors block vLLM reads (FORMAT.md section 2), written out here on purpose
+# The compressed-tensors block vLLM reads (see Plan.quantization_config), written out here on purpose
 # rather than imported from the planner: a checker sharing the producer's table cannot catch it.
 EXPECTED_TOP = {"quant_method": "compressed-tensors", "quantization_status": "compressed"}
 EXPECTED_GROUP = {"format": "mxfp4-pack-quantized", "input_activations": None, "output_activations": None}
@@ -102,7 +103,8 @@ class VerifyReport:
 
 def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
            unfinished_ok: bool = False, parse_with_compressed_tensors: bool = True) -> VerifyReport:
-    """Run every check on dst (and against source if given); a bad dst gives failures, not exceptions.
+    """Run every check on dst (and against source if given); a bad dst gives failures, not exceptions
+    (but a dst that is not a directory at all is a usage error).
 
     `device` ("cpu", "cuda", "auto") is where the source comparison re-quantizes: as costly as quantizing.
     `parse_with_compressed_tensors` also runs compressed-tensors' own config parser when it is installed
@@ -110,7 +112,7 @@ def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
     """
     from qstream.pipeline import resolve_device  # pipeline imports this module
 
-    dst = Path(dst)
+    dst = require_dir(Path(dst))
     src = open_checkpoint(Path(source)) if source is not None else None  # a bad SRC is a usage error
     dev = resolve_device(device)
     layout, out = _layout(dst, unfinished_ok)
@@ -152,7 +154,7 @@ def verify_written(tmp_dir: Path) -> None:
 
 def _layout(dst: Path, unfinished_ok: bool) -> tuple[Check, Checkpoint | None]:
     """Config, index and shard headers readable and consistent; no shard the index leaves out."""
-    check = Check("layout")
+    check = Check("layout", f"{CONFIG_NAME}, index and shard headers")
     try:
         ckpt = open_checkpoint(dst, unfinished_ok=unfinished_ok)
     except QstreamError as exc:
@@ -168,7 +170,8 @@ def _layout(dst: Path, unfinished_ok: bool) -> tuple[Check, Checkpoint | None]:
 
 def _quantization_config(ckpt: Checkpoint, external: bool = True) -> Check:
     where = f"{CONFIG_NAME} quantization_config"
-    check = Check("quantization_config", f"{where} as FORMAT.md section 2 and compressed-tensors read it")
+    check = Check("quantization_config", f"{where}: {ALONE} (4-bit float groups of {BLOCK}, uint8 E8M0 scales) "
+                  "as compressed-tensors and vLLM read it")
     qc = ckpt.config.get("quantization_config")
     if not isinstance(qc, dict):
         check.failures.append(f"{CONFIG_NAME}: no quantization_config object; vLLM would load the model as BF16")
@@ -320,12 +323,15 @@ def _scales(ckpt: Checkpoint) -> Check:
     return check
 
 
-def _experts(ckpt: Checkpoint) -> Check:
-    """Per-expert tensors: every layer has experts 0..n-1, each with the same projections."""
+def _experts(ckpt: Checkpoint) -> list[Check]:
+    """Per-expert tensors: every layer has experts 0..n-1, each with the same projections (no check for
+    a dense model)."""
     layers: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for name in ckpt.tensors:
         if m := PER_EXPERT.match(name):
             layers[m["layer"]][int(m["e"])].add(m["proj"])
+    if not layers:
+        return []
     check = Check("experts", f"{len(layers)} layers of per-expert tensors, each complete")
     for layer, experts in layers.items():
         missing = sorted(set(range(max(experts) + 1)) - set(experts))
@@ -335,7 +341,7 @@ def _experts(ckpt: Checkpoint) -> Check:
         short = {e: sorted(projs - p) for e, p in experts.items() if p != projs}
         for e, lack in list(short.items())[:8]:
             check.failures.append(f"{layer}.{e}: lacks {lack} that other experts of the layer have")
-    return check
+    return [check]
 
 
 def _ignore(ckpt: Checkpoint) -> Check:
@@ -359,7 +365,8 @@ def _ignore(ckpt: Checkpoint) -> Check:
         check.failures.append(str(exc))
         return check
     counts = {f: sum(m.fmt == f for m in modules) for f in dict.fromkeys(m.fmt for m in modules)}
-    check.detail = ", ".join(f"{n} {f}" for f, n in counts.items()) + " Linear modules (experts per layer)"
+    experts = " (a layer's experts count as one)" if any(m.role is Role.ROUTED_EXPERT for m in modules) else ""
+    check.detail = ", ".join(f"{n} {f}" for f, n in counts.items()) + " Linear modules" + experts
     if isinstance(entries, list) and all(isinstance(e, str) for e in entries):
         for m in modules:  # one line per module, not one per name vLLM may look it up under
             problems = targeting_problems(qc, [m])

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from qstream.checkpoint import require_dir
 from qstream.errors import QstreamError
 from qstream.ignore import BF16, FP8, MXFP4, MXFP8
 from qstream.safetensors_io import DTYPE_NAMES, DTYPES, read_header
@@ -213,8 +214,7 @@ def check_with_vllm(dst: Path) -> VllmReport:
 
 def _checkpoint_shapes(dst: Path) -> dict[str, tuple[str, tuple[int, ...], Path]]:
     """name -> (dtype, shape, file) over every *.safetensors file: the tensors a loader may be offered."""
-    if not dst.is_dir():
-        raise QstreamError(f"{dst}: not a directory; give the checkpoint directory to verify")
+    require_dir(dst)
     files = sorted(dst.glob("*.safetensors"))
     if not files:
         raise QstreamError(f"{dst}: no *.safetensors files; is this a Hugging Face checkpoint?")
