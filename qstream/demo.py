@@ -163,8 +163,8 @@ def run_demo(workdir: Path | None, experts: int, protocol: Protocol) -> dict:
         click.echo(f"model card: {write_card(dst, src / 'README.md')}")
     click.echo(f"\noutputs in {paths.work}:")
     listing = [(f"{path.relative_to(paths.work)}/", what) for path, what in paths.listing()]
-    width = max(len(name) for name, _ in listing)
-    for name, what in listing:
-        click.echo(f"  {name.ljust(width)}  {what}")
+    width = max(len(folder) for folder, _ in listing)
+    for folder, what in listing:
+        click.echo(f"  {folder.ljust(width)}  {what}")
     return {"dense_eval": dense_eval.as_json(), "moe_eval": moe_eval.as_json(), "rules": cmp.as_json(),
             "oracle": {"pass": passed, "rtol": ORACLE_RTOL}}

@@ -147,12 +147,13 @@ def tokenize(tokenizer_dir: Path, text: Text, max_tokens: int | None = None) -> 
     text until max_tokens ids are settled (see settled_ids), and returns those: a few windows of a large corpus
     cost milliseconds, not minutes and gigabytes."""
     tok = load_tokenizer(tokenizer_dir)
-    chars = max_tokens * CHARS_PER_TOKEN_GUESS + PREFIX_MARGIN_CHARS if max_tokens and tok.is_fast else len(text.text)
-    while chars < len(text.text):
-        ids = settled_ids(tok, text.text, chars)
-        if len(ids) >= max_tokens:
-            return torch.tensor(ids[:max_tokens], dtype=torch.long), False
-        chars *= 2
+    if max_tokens is not None and tok.is_fast:  # slow tokenizers give no offsets: they take the whole text
+        chars = max_tokens * CHARS_PER_TOKEN_GUESS + PREFIX_MARGIN_CHARS
+        while chars < len(text.text):
+            ids = settled_ids(tok, text.text, chars)
+            if len(ids) >= max_tokens:
+                return torch.tensor(ids[:max_tokens], dtype=torch.long), False
+            chars *= 2
     ids = tok(text.text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long), True
 

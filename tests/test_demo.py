@@ -74,14 +74,14 @@ def test_demo_on_tiny_llama(tiny_demo, tmp_path: Path) -> None:
     assert sorted(runs) == sorted([paths.moe_mxfp4, *paths.rules.values()])
     assert re.findall(r"== \[(\d)/(\d)\]", out) == [(str(k), "6") for k in range(1, 7)]
     assert [line for line in out.splitlines() if line.startswith("Table ")] == [
-        "Table 1. Dense SmolLM2-135M: the MLPs of every layer (6 tensors, 0.0M of 0.1M parameters) quantized to "
-        "MXFP4 [mse3]; attention, embeddings and norms stay bf16. Quality vs its bf16 source:",
-        "Table 2. Its exact 4-expert MoE: the routed experts (24 tensors, 0.0M of 0.1M parameters) quantized to "
-        "MXFP4 [mse3]; router, attention, embeddings and norms stay bf16. Quality vs the bf16 MoE:",
+        ("Table 1. Dense SmolLM2-135M: the MLPs of every layer (6 tensors, 0.0M of 0.1M parameters) quantized to "
+         "MXFP4 [mse3]; attention, embeddings and norms stay bf16. Quality vs its bf16 source:"),
+        ("Table 2. Its exact 4-expert MoE: the routed experts (24 tensors, 0.0M of 0.1M parameters) quantized to "
+         "MXFP4 [mse3]; router, attention, embeddings and norms stay bf16. Quality vs the bf16 MoE:"),
         "Table 3. The exponent rules on the same MLPs (mse3 is Table 1's checkpoint), vs the bf16 source:"]
     assert "About these numbers: the model is HuggingFaceTB/SmolLM2-135M-Instruct" in out and "6.216" in out
-    assert len(re.findall(r"^exact-MoE oracle: PASS: .* \(tolerance 1e-05\)$", out, re.M)) == 1
-    scored = re.findall(r"^scored (.+): 381 tokens in \d+\.\d s \(\d+ tokens/s\)", out, re.M)  # not a terminal
+    assert len(re.findall(r"^exact-MoE oracle: PASS: .* \(tolerance 1e-05\)$", out, re.MULTILINE)) == 1
+    scored = re.findall(r"^scored (.+): 381 tokens in \d+\.\d s \(\d+ tokens/s\)", out, re.MULTILINE)  # not a terminal
     assert sorted(scored) == sorted(["SmolLM2-135M bf16", "MoE4 bf16", "MoE MXFP4 experts",
                                      *(f"MLPs MXFP4 {r.value}" for r in Rule)])
     assert f"output folder: {tmp_path}" in out and f"outputs in {tmp_path}:" in out

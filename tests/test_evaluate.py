@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from qstream import evaluate as evaluate_module
 from qstream.cli import cli
 from qstream.errors import QstreamError
-from qstream import evaluate as evaluate_module
 from qstream.evaluate import (
     EVAL_SCHEMA,
     PREFIX_MARGIN_CHARS,
