@@ -160,7 +160,8 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
     from qstream.demo import run_demo
     from qstream.evaluate import Protocol
 
-    run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))
+    if not run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))["oracle"]["pass"]:
+        sys.exit(1)  # the oracle's FAIL line says why
 
 
 @cli.command("verify")
@@ -298,7 +299,7 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
     if save_into and Path(save_into).resolve() not in {q.resolve() for q in quantized}:
         raise QstreamError(f"--card {save_into}: not among the QUANTIZED arguments; add it to them")
     text = _text(text_file, hf_cache, hf_dataset, hf_config, hf_split)
-    result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress and sys.stderr.isatty())
+    result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress)
     click.echo(result.protocol_text())
     click.echo(result.table())
     if json_path:
@@ -342,7 +343,7 @@ def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, work
         raise QstreamError(f"--rules {rules!r}: choose among {', '.join(RULES)}") from None
     cmp = compare_rules(src, workdir or cache_dir() / "compare", Selection(preset, tuple(include), tuple(exclude)),
                         chosen, _text(text_file, hf_cache, hf_dataset, hf_config, hf_split), Protocol(**protocol),
-                        device=protocol["device"], progress=not no_progress and sys.stderr.isatty())
+                        device=protocol["device"], progress=not no_progress)
     click.echo(cmp.result.protocol_text())
     click.echo(cmp.table())
     if json_path:
