@@ -1,24 +1,31 @@
-"""The `qstream` command line: thin wrappers that parse flags and call the library."""
+"""The `qstream` command line: thin wrappers that parse flags and call the library.
+
+Only light modules are imported here (the option tables in `rules` and `selection`); each command imports
+what it runs, so `--help`, a typo or a usage error never waits for torch.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from qstream.errors import QstreamError
+from qstream.errors import Interrupted, QstreamError
 from qstream.format.rules import Rule
-from qstream.planning.plan import KEEP_DTYPES
+from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
 
 RULES = [r.value for r in Rule]
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class _Group(click.Group):
-    """Turns QstreamError into one line and exit code 2; QSTREAM_DEBUG=1 keeps the traceback."""
+    """Turns QstreamError into one line and exit code 2, Ctrl-C into one line and exit code 130;
+    QSTREAM_DEBUG=1 keeps the traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -28,6 +35,28 @@ class _Group(click.Group):
                 raise
             click.echo(f"qstream: error: {exc}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            if os.environ.get("QSTREAM_DEBUG"):
+                raise
+            click.echo(f"qstream: {_interrupted(exc, ctx.invoked_subcommand)}", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
+
+
+def _choice(values: Iterable[str]) -> click.Choice:
+    """Choices are matched in any case (`--rule MSE3`) and passed on as listed."""
+    return click.Choice(list(values), case_sensitive=False)
+
+
+def _interrupted(exc: KeyboardInterrupt, command: str | None) -> str:
+    """The line for a Ctrl-C: where the unfinished output is, how big, and how to go on."""
+    if not isinstance(exc, Interrupted):
+        return "interrupted; no unfinished output was kept, so there is nothing to --resume" if command == "quantize" \
+            else "interrupted"
+    from qstream.common import human_bytes  # loaded already: only a run that wrote something gets here
+
+    size = human_bytes(sum(p.stat().st_size for p in exc.kept.rglob("*") if p.is_file()))
+    how = "run the same command with --resume to finish it" if command == "quantize" else "a rerun starts over"
+    return f"interrupted; the unfinished output is kept in {exc.kept} ({size}): {how}"
 
 
 @click.group(cls=_Group)
@@ -37,11 +66,9 @@ def cli() -> None:
 
 
 def selection_options(f):
-    from qstream.planning.selection import DEFAULT_PRESET, PRESETS
-
     presets_help = "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
     for opt in reversed([
-        click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
+        click.option("--preset", type=_choice(PRESETS), default=DEFAULT_PRESET, show_default=True,
                      help=f"What to quantize. {presets_help}."),
         click.option("--include", multiple=True, metavar="GLOB",
                      help="Also quantize tensors matching GLOB (repeatable)."),
@@ -49,11 +76,11 @@ def selection_options(f):
                      help="Keep tensors matching GLOB in their dtype (repeatable)."),
         click.option("--skip-indivisible", is_flag=True,
                      help="Keep selected tensors whose in_features % 32 != 0 instead of failing."),
-        click.option("--rule", type=click.Choice(RULES), default=Rule.MSE3.value, show_default=True,
+        click.option("--rule", type=_choice(RULES), default=Rule.MSE3.value, show_default=True,
                      help="Exponent rule: " + "; ".join(f"{r.value}: {r.doc}" for r in Rule) + "."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, e.g. 5GB, 500MiB."),
-        click.option("--keep-dtype", type=click.Choice(KEEP_DTYPES), default="source", show_default=True,
+        click.option("--keep-dtype", type=_choice(KEEP_DTYPES), default="source", show_default=True,
                      help="FP8/MXFP8 sources: weights not quantized to MXFP4 keep their source precision and "
                           "scales (a mixed-precision checkpoint), or are decoded to BF16."),
     ]):
@@ -62,20 +89,20 @@ def selection_options(f):
 
 
 def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule: str, max_shard_size: str,
-          keep_dtype: str):
+          keep_dtype: str, allow_empty: bool = False):
     from qstream.io.checkpoint import open_checkpoint
     from qstream.planning.plan import make_plan, parse_size
     from qstream.planning.selection import Selection
 
     sel = Selection(preset, tuple(include), tuple(exclude), skip_indivisible)
-    return make_plan(open_checkpoint(src), sel, Rule(rule), parse_size(max_shard_size), keep_dtype)
+    return make_plan(open_checkpoint(src), sel, Rule(rule), parse_size(max_shard_size), keep_dtype, allow_empty)
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @selection_options
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to quantize; the output is byte-identical on every device.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new output is complete).")
 @click.option("--resume", is_flag=True,
@@ -112,15 +139,18 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
       qstream plan ./Qwen3.5-35B-A3B
       qstream plan ./SmolLM2 --preset mlp --json
     """
+    from qstream.planning.plan import nothing_selected
     from qstream.report.summary import plan_text
 
-    plan = _plan(src, **kw)
+    plan = _plan(src, **kw, allow_empty=True)  # a plan that quantizes nothing is shown, with what would fit
     if as_json:
         click.echo(json.dumps({
             "quantization_config": plan.quantization_config(),
             "shards": [{"file": s.file_name, "bytes": s.nbytes} for s in plan.shards],
             "tensors": [{"name": d.name, "quantize": d.quantize, "reason": d.reason} for d in plan.decisions.values()],
         }, indent=2))
+        if not plan.quantized_sources:  # the table says it; beside JSON it goes to stderr
+            click.echo(f"qstream: {nothing_selected(plan.source, plan.selection)}", err=True)
     else:
         click.echo(plan_text(plan))
 
@@ -138,7 +168,8 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
     from qstream.demo import run_demo
     from qstream.evals.evaluate import Protocol
 
-    run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))
+    if not run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))["oracle"]["pass"]:
+        sys.exit(1)  # the oracle's FAIL line says why
 
 
 @cli.command("verify")
@@ -146,7 +177,7 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
 @click.option("--source", "source", type=click.Path(path_type=Path), default=None, metavar="SRC",
               help="Also check against the source: every tensor copied (sha256) or quantized, and each "
                    "quantized block's error no larger than its rule gives (reads both checkpoints in full).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where --source re-quantizes to compare (as costly as quantizing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, every failure listed.")
 @click.option("--vllm", is_flag=True, help="Also ask vLLM's own loaders whether they load DST as meant "
@@ -231,9 +262,9 @@ _EVAL_OPTIONS = [
     click.option("--stride", type=int, default=None, help="Tokens between window starts [default: seq-len]; "
                  "below seq-len the overlap is context only, so each token is scored once."),
     click.option("--max-windows", type=int, default=None, help="Score at most this many windows."),
-    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+    click.option("--dtype", type=_choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                  show_default=True, help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                  help="Where the models run."),
 ]
 
@@ -277,7 +308,7 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
     if save_into and Path(save_into).resolve() not in {q.resolve() for q in quantized}:
         raise QstreamError(f"--card {save_into}: not among the QUANTIZED arguments; add it to them")
     text = _text(text_file, hf_cache, hf_dataset, hf_config, hf_split)
-    result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress and sys.stderr.isatty())
+    result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress)
     click.echo(result.protocol_text())
     click.echo(result.table())
     if json_path:
@@ -291,7 +322,8 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
 
 @cli.command("compare-rules")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--preset", default="experts", show_default=True, help="What to quantize (as for quantize).")
+@click.option("--preset", type=_choice(PRESETS), default=DEFAULT_PRESET, show_default=True,
+              help="What to quantize (as for quantize).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors matching GLOB.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB.")
 @click.option("--rules", default=",".join(RULES), show_default=True, help="Comma-separated exponent rules to compare.")
@@ -299,8 +331,9 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
               help="Where the quantized copies go [default: $QSTREAM_CACHE/compare].")
 @eval_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
 def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, workdir: Path | None, text_file, hf_cache,
-                      hf_dataset, hf_config, hf_split, json_path: Path | None, **protocol) -> None:
+                      hf_dataset, hf_config, hf_split, json_path: Path | None, no_progress: bool, **protocol) -> None:
     """Quantize SRC with each exponent rule and show weight error, perplexity, KL and top-1 per rule.
 
     \b
@@ -314,12 +347,12 @@ def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, work
     from qstream.planning.selection import Selection
 
     try:
-        chosen = [Rule(r.strip()) for r in rules.split(",") if r.strip()]
+        chosen = [Rule(r.strip().lower()) for r in rules.split(",") if r.strip()]
     except ValueError:
         raise QstreamError(f"--rules {rules!r}: choose among {', '.join(RULES)}") from None
     cmp = compare_rules(src, workdir or cache_dir() / "compare", Selection(preset, tuple(include), tuple(exclude)),
                         chosen, _text(text_file, hf_cache, hf_dataset, hf_config, hf_split), Protocol(**protocol),
-                        device=protocol["device"], progress=sys.stderr.isatty())
+                        device=protocol["device"], progress=not no_progress)
     click.echo(cmp.result.protocol_text())
     click.echo(cmp.table())
     if json_path:

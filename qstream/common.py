@@ -10,10 +10,12 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from qstream.errors import QstreamError
+
+if TYPE_CHECKING:
+    import torch
 
 REPORT_NAME = "qstream_report.json"  # what `quantize` measured: per tensor and totals (with times and memory)
 EVAL_NAME = "qstream_eval.json"  # what `eval --card DST` measured on DST
@@ -62,6 +64,8 @@ def cache_dir() -> Path:
 
 def resolve_device(device: str) -> torch.device:
     """"auto" is CUDA when torch sees it, else CPU; asking for CUDA without one is the user's error."""
+    import torch  # here, not at the top: the rest of this module serves light callers (the CLI's tables)
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

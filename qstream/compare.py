@@ -7,9 +7,13 @@ agreement, so the effect of the MSE search is measured, not assumed.
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qstream.common import table
 from qstream.evals.evaluate import EvalResult, Protocol, evaluate
 from qstream.evals.text_sources import Text
 from qstream.format.rules import Rule
@@ -17,7 +21,6 @@ from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.plan import make_plan
 from qstream.planning.selection import Selection
 from qstream.quantize import quantize_checkpoint
-from qstream.report.summary import table
 
 SHARD_BYTES = 5 * 10**9
 
@@ -49,6 +52,23 @@ class RuleComparison:
     def as_json(self) -> dict:
         return {"rel_errors": self.rel_errors, "exponent_shares": self.exponent_shares, **self.result.as_json()}
 
+    @staticmethod
+    def of(reports: Mapping[str, dict], result: EvalResult) -> RuleComparison:
+        """From each rule's quantize report (rule -> report) and an evaluation whose models[1:] are labelled by
+        rule: the demo builds it from checkpoints and scores it has already made, without redoing either."""
+        return RuleComparison({r: rep["totals"]["rel_error"] for r, rep in reports.items()},
+                              {r: exponent_shares(rep) for r, rep in reports.items()}, result)
+
+
+def exponent_shares(report: dict) -> list[float]:
+    """Share of all quantized blocks whose exponent is RCEIL's R, R-1, R-2, from a quantize report."""
+    blocks = [0.0, 0.0, 0.0]
+    for t in report["tensors"]:
+        numel = math.prod(t["shape"])
+        blocks = [b + numel * t["exponent_share"][f"R-{i}"] for i, b in enumerate(blocks)]
+    total = sum(blocks) or 1.0
+    return [b / total for b in blocks]
+
 
 def compare_rules(src: Path, workdir: Path, selection: Selection, rules: list[Rule], text: Text,
                   protocol: Protocol, device: str = "auto", progress: bool = True) -> RuleComparison:
@@ -56,19 +76,11 @@ def compare_rules(src: Path, workdir: Path, selection: Selection, rules: list[Ru
     src, workdir = Path(src), Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = open_checkpoint(src)
-    outs, errors, shares = [], {}, {}
+    reports, outs = {}, []
     for rule in rules:
         dst = workdir / f"{src.name}-mxfp4-{rule.value}"
-        report = quantize_checkpoint(make_plan(ckpt, selection, rule, SHARD_BYTES), dst, device=device, overwrite=True,
-                     progress=progress)
-        errors[rule.value] = report["totals"]["rel_error"]
-        blocks = [0.0, 0.0, 0.0]
-        for t in report["tensors"]:
-            n = t["shape"][0] if len(t["shape"]) == 2 else t["shape"][0] * t["shape"][1]
-            weight = n * t["shape"][-1]
-            blocks = [b + weight * t["exponent_share"][f"R-{i}"] for i, b in enumerate(blocks)]
-        total = sum(blocks) or 1.0
-        shares[rule.value] = [b / total for b in blocks]
+        reports[rule.value] = quantize_checkpoint(make_plan(ckpt, selection, rule, SHARD_BYTES), dst, device=device,
+                                                  overwrite=True, progress=progress and sys.stderr.isatty())
         outs.append(dst)
     result = evaluate(src, outs, text, protocol, labels=[src.name, *(r.value for r in rules)], progress=progress)
-    return RuleComparison(errors, shares, result)
+    return RuleComparison.of(reports, result)

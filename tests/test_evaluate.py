@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,16 @@ from click.testing import CliRunner
 from qstream.cli import cli
 from qstream.common import EVAL_SCHEMA, read_saved
 from qstream.errors import QstreamError
-from qstream.evals.evaluate import Protocol, evaluate, save_into
+from qstream.evals import evaluate as evaluate_module
+from qstream.evals.evaluate import (
+    PREFIX_MARGIN_CHARS,
+    Protocol,
+    evaluate,
+    load_tokenizer,
+    save_into,
+    settled_ids,
+    tokenize,
+)
 from qstream.evals.models import load_model
 from qstream.evals.scoring import Window, windows
 from qstream.evals.text_sources import HF_JOIN, Text, from_file, from_hf_cache
@@ -216,6 +226,73 @@ def test_mxfp4_loads_with_our_decoding(lm, plain, tiny_qwen35: Path, tmp_path: P
     assert type(ours) is type(theirs)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def trained_bpe(out: Path, text: str) -> None:
+    """A real GPT-2-style tokenizer (byte-level, regex pre-tokenizer, BPE merges learnt on `text`)."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, initial_alphabet=ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+
+
+def assert_prefix_ids_equal_whole(tok_dir: Path, text: str, cuts: list[int], counts: list[int]) -> None:
+    """The ids settled in text[:cut] are the first ids of the whole text, for every cut (mid-word, in whitespace
+    runs or digits: the cut's own token differs there); tokenize(..., n) returns the whole text's first n ids."""
+    tok = load_tokenizer(tok_dir)
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    for cut in cuts:
+        ids = settled_ids(tok, text, cut)
+        assert ids == whole[:len(ids)], cut
+        assert len(ids) > (cut - PREFIX_MARGIN_CHARS) // 8, cut  # all but the margin's tokens settle
+    from_prefix = 0
+    for n in counts:
+        ids, all_text = tokenize(tok_dir, text_of(text), n)
+        assert ids.tolist() == (whole if all_text else whole[:n]), n
+        from_prefix += not all_text
+    assert from_prefix >= len(counts) // 2  # most counts were served from a prefix, not the whole text
+
+
+@pytest.mark.parametrize("guess", [1, evaluate_module.CHARS_PER_TOKEN_GUESS])
+def test_prefix_tokenization_equals_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guess: int) -> None:
+    """A GPT-2-style BPE on real prose; guess 1 makes tokenize grow its prefix several times."""
+    monkeypatch.setattr(evaluate_module, "CHARS_PER_TOKEN_GUESS", guess)
+    text = "\n\n".join(f" = Part {i} = \n\n{PROSE[i * 97:]}  {1872 + i}\n\n\n{PROSE[:i * 211]}" for i in range(6))
+    trained_bpe(tmp_path, PROSE)
+    cuts = list(range(PREFIX_MARGIN_CHARS + 1, len(text), 7))
+    assert_prefix_ids_equal_whole(tmp_path, text, cuts, [1, 2, 50, 333, 1000, 1234, 1500, 2222, 2500, 10**6])
+
+
+@pytest.mark.slow
+def test_smollm2_prefix_tokenization_equals_whole(tmp_path: Path) -> None:
+    """The real SmolLM2 tokenizer on the real corpus, against 200k characters tokenized at once."""
+    from transformers import AutoTokenizer
+
+    from qstream.assets import SMOLLM2, wiki_text
+
+    gguf = SMOLLM2.path()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp_path)
+    text = wiki_text(max_chars=200_000)
+    breaks = [m.start() + d for m in re.finditer("\n\n", text[:60_000]) for d in (0, 1, 2)]
+    cuts = [c for c in breaks + list(range(0, len(text), 997)) if c > PREFIX_MARGIN_CHARS]
+    assert_prefix_ids_equal_whole(tmp_path, text, cuts, [1, 1023, 2048, 4097, 8192, 16384, 20000, 30001, 50000])
+
+
+def test_progress_lines_when_not_a_terminal(lm, capsys: pytest.CaptureFixture[str]) -> None:
+    """With stderr not a terminal (a log), eval prints a line per window and per model (tokens/s), no bar."""
+    src, q = lm
+    evaluate(src, [q], text_of(PROSE), Protocol(seq_len=128, max_windows=3, **CPU32), labels=["bf16", "MXFP4"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "eval: loading 2 model(s) to score 3 window(s) of 128 tokens"
+    assert [line.split(",")[0] for line in err[1:4]] == [f"eval: window {k}/3" for k in (1, 2, 3)]
+    for line, label in zip(err[4:], ["bf16", "MXFP4"], strict=True):
+        assert re.fullmatch(rf"scored {label}: 381 tokens in \d+\.\d s \(\d+ tokens/s\), PPL \d+\.\d{{4}}", line), line
+    assert not any("\r" in line or "it/s" in line for line in err)
 
 
 def _arrow(path: Path, rows: list[str]) -> None:

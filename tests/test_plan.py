@@ -64,8 +64,10 @@ def test_pack_shards_keeps_order_and_gives_a_big_job_its_own_file() -> None:
 
 
 def test_bad_settings_fail_before_any_data_moves(tiny_llama: Path) -> None:
-    with pytest.raises(QstreamError, match="matches no tensor; run `qstream plan` and try --preset mlp"):
+    with pytest.raises(QstreamError, match=r"nothing to quantize: no routed experts found \(preset experts\); "
+                                           "use --preset mlp or --preset all-linear"):
         plan_of(tiny_llama, "experts")
+    assert plan_of(tiny_llama, "experts", allow_empty=True).quantized_sources == []  # `qstream plan` shows it
     with pytest.raises(QstreamError, match="keep dtype 'fp8' not understood; choose one of source, bf16"):
         plan_of(tiny_llama, "mlp", keep_dtype="fp8")
 

@@ -17,18 +17,19 @@ from qstream.check.verify_source import against_source, recorded_rule
 from qstream.check.verify_structure import CHEAP_CHECKS, layout, quantization_config
 from qstream.common import resolve_device
 from qstream.errors import QstreamError
-from qstream.io.checkpoint import open_checkpoint
+from qstream.io.checkpoint import open_checkpoint, require_dir
 
 
 def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
            unfinished_ok: bool = False, parse_with_compressed_tensors: bool = True) -> VerifyReport:
-    """Run every check on dst (and against source if given); a bad dst gives failures, not exceptions.
+    """Run every check on dst (and against source if given); a bad dst gives failures, not exceptions
+    (but a dst that is not a directory at all is a usage error).
 
     `device` ("cpu", "cuda", "auto") is where the source comparison re-quantizes: as costly as quantizing.
     `parse_with_compressed_tensors` also runs compressed-tensors' own config parser when it is installed
     (importing it costs ~180 MiB, which `quantize` does not spend on its own, fixed, config).
     """
-    dst = Path(dst)
+    dst = require_dir(Path(dst))
     src = open_checkpoint(Path(source)) if source is not None else None  # a bad SRC is a usage error
     dev = resolve_device(device)
     shape, out = layout(dst, unfinished_ok)

@@ -31,12 +31,13 @@ from qstream.format.mxfp4 import BLOCK
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
 from qstream.io.safetensors_io import TensorInfo, read_rows
 from qstream.planning.plan import linear_modules
+from qstream.planning.selection import Role
 from qstream.planning.targets import check_merges, targeting_problems
 
 NAN_SCALE = 255  # E8M0 NaN: never a valid scale
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # scale bytes held at once
 
-# The compressed-tensors block vLLM reads (FORMAT.md section 2), from the format table. The planner writes
+# The compressed-tensors block vLLM reads (see Plan.quantization_config), from the format table. The planner writes
 # from the same rows, so the judges independent of the table are compressed-tensors' own parser (below)
 # and vLLM's loaders (`verify --vllm`).
 EXPECTED_TOP = {"quant_method": "compressed-tensors", "quantization_status": "compressed"}
@@ -51,7 +52,7 @@ PER_EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)(?:"
 
 def layout(dst: Path, unfinished_ok: bool) -> tuple[Check, Checkpoint[SourceTensor] | None]:
     """Config, index and shard headers readable and consistent; no shard the index leaves out."""
-    check = Check("layout")
+    check = Check("layout", f"{CONFIG_NAME}, index and shard headers")
     try:
         ckpt = open_checkpoint(dst, unfinished_ok=unfinished_ok)
     except QstreamError as exc:
@@ -67,7 +68,8 @@ def layout(dst: Path, unfinished_ok: bool) -> tuple[Check, Checkpoint[SourceTens
 
 def quantization_config(ckpt: Checkpoint[SourceTensor], external: bool = True) -> Check:
     where = f"{CONFIG_NAME} quantization_config"
-    check = Check("quantization_config", f"{where} as FORMAT.md section 2 and compressed-tensors read it")
+    check = Check("quantization_config", f"{where}: {ALONE} (4-bit float groups of {BLOCK}, uint8 E8M0 scales) "
+                  "as compressed-tensors and vLLM read it")
     qc = ckpt.config.get("quantization_config")
     if not isinstance(qc, dict):
         check.failures.append(f"{CONFIG_NAME}: no quantization_config object; vLLM would load the model as BF16")
@@ -204,12 +206,15 @@ def _scales(ckpt: Checkpoint[SourceTensor]) -> Check:
     return check
 
 
-def _experts(ckpt: Checkpoint[SourceTensor]) -> Check:
-    """Per-expert tensors: every layer has experts 0..n-1, each with the same projections."""
+def _experts(ckpt: Checkpoint[SourceTensor]) -> list[Check]:
+    """Per-expert tensors: every layer has experts 0..n-1, each with the same projections (no check for
+    a dense model)."""
     layers: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for name in ckpt.tensors:
         if m := PER_EXPERT.match(name):
             layers[m["layer"]][int(m["e"])].add(m["proj"])
+    if not layers:
+        return []
     check = Check("experts", f"{len(layers)} layers of per-expert tensors, each complete")
     for layer, experts in layers.items():
         missing = sorted(set(range(max(experts) + 1)) - set(experts))
@@ -219,7 +224,7 @@ def _experts(ckpt: Checkpoint[SourceTensor]) -> Check:
         short = {e: sorted(projs - p) for e, p in experts.items() if p != projs}
         for e, lack in list(short.items())[:8]:
             check.failures.append(f"{layer}.{e}: lacks {lack} that other experts of the layer have")
-    return check
+    return [check]
 
 
 def _ignore(ckpt: Checkpoint[SourceTensor]) -> Check:
@@ -243,7 +248,8 @@ def _ignore(ckpt: Checkpoint[SourceTensor]) -> Check:
         check.failures.append(str(exc))
         return check
     counts = {f: sum(m.fmt == f for m in modules) for f in dict.fromkeys(m.fmt for m in modules)}
-    check.detail = ", ".join(f"{n} {f}" for f, n in counts.items()) + " Linear modules (experts per layer)"
+    experts = " (a layer's experts count as one)" if any(m.role is Role.ROUTED_EXPERT for m in modules) else ""
+    check.detail = ", ".join(f"{n} {f}" for f, n in counts.items()) + " Linear modules" + experts
     if isinstance(qc, dict) and isinstance(entries, list) and all(isinstance(e, str) for e in entries):
         for m in modules:  # one line per module, not one per name vLLM may look it up under
             problems = targeting_problems(qc, [m])

@@ -37,6 +37,7 @@ from qstream.format.formats import (
     SCALE,
     kept_kind,
 )
+from qstream.io.checkpoint import require_dir
 from qstream.io.safetensors_io import DTYPES, read_header
 
 FP8_TORCH = tuple(DTYPES[n][0] for n in FP8_DTYPES)
@@ -69,8 +70,7 @@ def check_with_vllm(dst: Path) -> VllmReport:
 
 def _checkpoint_shapes(dst: Path) -> dict[str, tuple[str, tuple[int, ...], Path]]:
     """name -> (dtype, shape, file) over every *.safetensors file: the tensors a loader may be offered."""
-    if not dst.is_dir():
-        raise QstreamError(f"{dst}: not a directory; give the checkpoint directory to verify")
+    require_dir(dst)
     files = sorted(dst.glob("*.safetensors"))
     if not files:
         raise QstreamError(f"{dst}: no *.safetensors files; is this a Hugging Face checkpoint?")

@@ -74,8 +74,8 @@ def from_hf_cache(root: Path, dataset: str = HF_DATASET, config: str = HF_CONFIG
         raise QstreamError("reading a Hugging Face datasets cache needs pyarrow: pip install 'qstream[eval]'") from None
     root = Path(root)
     if not root.is_dir():
-        raise QstreamError(f"{root}: not a directory; give a Hugging Face datasets cache "
-                           "(e.g. ~/.cache/huggingface/datasets)")
+        what = "not a directory" if root.exists() else "does not exist"
+        raise QstreamError(f"{root}: {what}; give a Hugging Face datasets cache (e.g. ~/.cache/huggingface/datasets)")
     files = _split_files(root, dataset, config, split)
     rows: list[str] = []
     for path in files:

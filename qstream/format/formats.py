@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qstream.format.mxfp4 import BLOCK
+from qstream.format.rules import BLOCK
 
 BF16, MXFP4, FP8, MXFP8 = "BF16", "MXFP4", "FP8", "MXFP8"  # kinds; BF16 = unquantized, whatever float dtype
 MIXED_PRECISION = "mixed-precision"  # compressed-tensors' top-level format when its groups differ

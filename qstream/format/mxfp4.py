@@ -5,6 +5,7 @@ scale 2^E stored as the byte E + 127 (E8M0). Each element is an FP4 E2M1 code:
 sign << 3 | index into E2M1_MAGNITUDES. Two codes share a byte, the even column in
 the low nibble. This module is the fast, vectorised path; `mxfp4_ref` is the slow
 reference that defines the bytes, and tests hold this module to it bit for bit.
+`BLOCK` and `Rule` live in `rules`, which the CLI reads without importing torch.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qstream.format.rules import RULES, Rule
+from qstream.format.rules import BLOCK, RULES, Rule
 
-BLOCK = 32
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 E8M0_BIAS = 127

@@ -1,4 +1,6 @@
-"""The exponent rules, one table: name, formula, the code the kernels switch on, the candidates searched.
+"""The MXFP4 block size and the exponent rules, one table: name, formula, kernel code, candidates searched.
+
+Plain tables without torch: the CLI builds its `--rule` choices and help from them without importing torch.
 
 Every path reads this table: the torch path (`mxfp4.quantize`) and the reference (`mxfp4_ref`) for the
 candidates, the C kernel through -D defines its build passes (`kernels/cpu.py`), the Triton kernel for
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+BLOCK = 32  # elements per MXFP4 block: one shared E8M0 scale
 
 
 class Rule(str, enum.Enum):

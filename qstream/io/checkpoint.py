@@ -117,14 +117,21 @@ def _weight_files(root: Path) -> tuple[Path, ...]:
     return tuple(files)
 
 
+def require_dir(root: Path) -> Path:
+    """A checkpoint argument must be an existing local directory; say which of the two it is not."""
+    if not root.exists():
+        raise QstreamError(f"{root}: does not exist; give a local checkpoint directory")
+    if not root.is_dir():
+        raise QstreamError(f"{root}: not a directory; give a local checkpoint directory")
+    return root
+
+
 def open_checkpoint(root: Path, *, unfinished_ok: bool = False) -> Checkpoint[SourceTensor]:
     """Read config.json and every shard header; check the index agrees with the shards.
 
     `unfinished_ok` lets the writer check its own output before marking it complete.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise QstreamError(f"{root}: not a directory; give a local checkpoint directory")
+    root = require_dir(Path(root))
     if not unfinished_ok and (root / IN_PROGRESS_MARKER).exists():
         raise QstreamError(f"{root}: an unfinished qstream output; finish it with `qstream quantize --resume`")
     config = _load_json(root / CONFIG_NAME, "a checkpoint directory needs the model's config.json")

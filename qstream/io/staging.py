@@ -13,11 +13,10 @@ import errno
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from qstream.errors import QstreamError
+from qstream.errors import Interrupted, QstreamError
 from qstream.io.checkpoint import CONFIG_NAME, IN_PROGRESS_MARKER, INDEX_NAME
 
 PLAN_NAME = ".qstream-plan.json"  # the fingerprint a resumed run must match
@@ -30,6 +29,9 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise QstreamError(f"{dst}: the output must not be the source or inside it; choose a directory elsewhere")
     if dst in src.parents:
         raise QstreamError(f"{dst}: the output must not contain the source; choose a directory elsewhere")
+    if dst.exists() and not dst.is_dir():
+        raise QstreamError(f"{dst}: is a file, not a checkpoint directory; choose another output directory "
+                           "(--overwrite replaces directories only)")
     if dst.exists() and not overwrite:
         raise QstreamError(f"{dst}: already exists; pass --overwrite to replace it or choose another directory")
     if not dst.parent.is_dir():
@@ -119,8 +121,9 @@ def staging(src: Path, dst: Path, overwrite: bool, writer: str, fingerprint: dic
             resume: bool = False, bookkeeping: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temp dir beside dst, marked unfinished, published as dst when the block succeeds.
 
-    Without a `fingerprint` any failure removes the temp dir. With one, an interrupt or an OS
-    error (disk full) keeps the finished shards, so a later call with `resume` can continue;
+    Without a `fingerprint` any failure removes the temp dir. With one, an interrupt (raised as
+    `Interrupted`, naming the temp dir) or an OS error (disk full) keeps the finished shards, so a
+    later call with `resume` can continue;
     an error in the input still removes everything. dst is never touched before the end. Files
     matching the `bookkeeping` globs (kept for resuming) are removed before publishing.
     """
@@ -145,11 +148,10 @@ def staging(src: Path, dst: Path, overwrite: bool, writer: str, fingerprint: dic
         if keep:
             err = QstreamError(f"{err}; finished shards are kept: rerun with --resume to continue")
         raise err from exc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         keep = fingerprint is not None and tmp.exists()
         if keep:
-            sys.stderr.write(f"qstream: interrupted; finished shards are kept in {tmp}: "
-                             "rerun with --resume to continue\n")
+            raise Interrupted(tmp) from exc
         raise
     finally:
         if not keep and tmp.exists():

@@ -28,11 +28,21 @@ from qstream.format.rules import Rule
 from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.io.safetensors_io import OutEntry
 from qstream.io.source_formats import DecodedTensor, PackedExperts, decode_checkpoint
-from qstream.planning.selection import Decision, Role, Selection, decide, is_linear_weight, region_of, role_of
+from qstream.planning.selection import (
+    KEEP_DTYPES,
+    PRESETS,
+    Decision,
+    Role,
+    Selection,
+    decide,
+    is_linear_weight,
+    presets_selecting,
+    region_of,
+    role_of,
+)
 from qstream.planning.targets import Module, build_cover, build_ignore, targeting_problems
 
 COMPRESSED_TENSORS_VERSION = "0.20.0"  # the decoder our output is checked against
-KEEP_DTYPES = ("source", "bf16")  # what an unquantized FP8/MXFP8 source weight becomes
 MXFP4_GROUP = {"format": MXFP4_FORMAT.ct_format, "weights": MXFP4_FORMAT.weights, "input_activations": None,
                "output_activations": None}
 
@@ -149,7 +159,7 @@ class Plan:
         return sum(s.nbytes for s in self.shards)
 
     def quantization_config(self) -> dict:
-        """The compressed-tensors block vLLM reads (FORMAT.md section 2).
+        """The compressed-tensors block vLLM reads: MXFP4 weights in groups of BLOCK with uint8 E8M0 scales.
 
         With kept FP8/MXFP8 modules it is mixed precision: every group then names its modules (the
         MXFP4 one no longer targets the class `Linear`), so no reader's precedence rules matter.
@@ -253,22 +263,19 @@ def pack_shards(jobs: Sequence[J], max_shard_bytes: int) -> tuple[Shard[J], ...]
 
 
 def make_plan(source: Checkpoint[SourceTensor], selection: Selection, rule: Rule, max_shard_bytes: int,
-              keep_dtype: str = "source") -> Plan:
+              keep_dtype: str = "source", allow_empty: bool = False) -> Plan:
     """Decide every tensor, split fused experts, pack shards, build and check the ignore list and targets.
 
     `keep_dtype` says what an FP8/MXFP8 source weight that is not quantized becomes: "source" keeps its
-    bytes and scales (a mixed-precision output), "bf16" writes its decoded values.
+    bytes and scales (a mixed-precision output), "bf16" writes its decoded values. A selection that
+    quantizes nothing is an error unless `allow_empty` (`qstream plan` shows such a plan and says why).
     """
     if keep_dtype not in KEEP_DTYPES:
         raise QstreamError(f"keep dtype {keep_dtype!r} not understood; choose one of {', '.join(KEEP_DTYPES)}")
     ckpt = decode_checkpoint(source)
     decisions = {name: decide(name, t.info.shape, selection) for name, t in ckpt.tensors.items()}
-    if not any(d.quantize for d in decisions.values()):
-        raise QstreamError(
-            f"{ckpt.root}: the selection (preset {selection.preset}, include {list(selection.include)}, "
-            f"exclude {list(selection.exclude)}) matches no tensor; "
-            "run `qstream plan` and try --preset mlp or --include"
-        )
+    if not allow_empty and not any(d.quantize for d in decisions.values()):
+        raise QstreamError(f"{ckpt.root}: {nothing_selected(ckpt, selection)}")
     jobs: list[Job] = []
     formats: dict[str, str] = {}  # source weight -> how the output stores it
     kept: dict[str, dict] = {}  # format -> config group of the kept source-quantized modules
@@ -297,6 +304,19 @@ def make_plan(source: Checkpoint[SourceTensor], selection: Selection, rule: Rule
     if problems:  # build_cover is meant to make this impossible: a bug, not a user error
         raise RuntimeError(f"ignore list and targets do not fit the checkpoint: {problems[:3]}")
     return plan
+
+
+def nothing_selected(ckpt: Checkpoint[CheckpointTensor], selection: Selection) -> str:
+    """Why `selection` quantizes no tensor of ckpt, and which option would."""
+    pairs = PRESETS[selection.preset][1]
+    if any((region_of(n), role_of(n)) in pairs for n in ckpt.tensors):
+        return (f"nothing to quantize: --exclude or --skip-indivisible keep every tensor preset {selection.preset} "
+                "selects; loosen them")
+    roles = sorted({role.value.replace("_", " ") + "s" for _, role in pairs})
+    fits = [p for p in presets_selecting(ckpt.tensors) if p != selection.preset]
+    use = " or ".join(f"--preset {p}" for p in fits) if fits else "--include GLOB"
+    also = f" and --include {' '.join(selection.include)} matches none" if selection.include else ""
+    return f"nothing to quantize: no {', '.join(roles)} found (preset {selection.preset}){also}; use {use}"
 
 
 def _kept_format(t: DecodedTensor, kept: dict[str, dict]) -> str:

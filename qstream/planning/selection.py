@@ -10,10 +10,11 @@ from __future__ import annotations
 import enum
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from qstream.errors import QstreamError
-from qstream.format.mxfp4 import BLOCK
+from qstream.format.rules import BLOCK
 
 
 class Region(str, enum.Enum):
@@ -74,6 +75,8 @@ PRESETS: dict[str, tuple[str, frozenset[tuple[Region, Role]]]] = {
     ),
 }
 DEFAULT_PRESET = "experts"
+# What a selected-out FP8/MXFP8 source weight becomes: its source bytes and scales, or decoded BF16.
+KEEP_DTYPES = ("source", "bf16")
 
 # Roles vLLM always builds unquantized: selecting them would load garbage.
 NEVER_QUANTIZED = frozenset({Role.ROUTER, Role.SHARED_EXPERT_GATE, Role.EMBEDDING})
@@ -85,6 +88,12 @@ def region_of(name: str) -> Region:
 
 def role_of(name: str) -> Role:
     return next((role for role, pat in ROLES if pat.search(name)), Role.OTHER)
+
+
+def presets_selecting(names: Iterable[str]) -> list[str]:
+    """The presets that select at least one of these tensors by region and role (before any glob)."""
+    found = {(region_of(n), role_of(n)) for n in names}
+    return [p for p, (_, pairs) in PRESETS.items() if found & pairs]
 
 
 def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:

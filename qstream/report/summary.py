@@ -7,7 +7,7 @@ from collections import defaultdict
 from qstream.common import human_bytes, table
 from qstream.format.formats import scheme_format
 from qstream.io.source_formats import DecodedTensor
-from qstream.planning.plan import Plan, QuantJob, estimate_bits_per_weight, source_nbytes
+from qstream.planning.plan import Plan, QuantJob, estimate_bits_per_weight, nothing_selected, source_nbytes
 from qstream.planning.selection import region_of, role_of
 
 
@@ -47,13 +47,14 @@ def plan_text(plan: Plan) -> str:
           human_bytes(g["bytes_out"])] for g in rows],
     )
     n_modules = sum(1 for s in plan.shards for j in s.jobs if isinstance(j, QuantJob))
+    bits = f" ({estimate_bits_per_weight(plan):.2f} bits/weight)" if n_modules else ""
     lines = [
         f"source: {plan.source.root}",
         f"rule: {plan.rule.value} ({plan.rule.doc}); preset: {plan.selection.preset}",
         body,
         f"total: {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)} in {len(plan.shards)} shard(s); "
-        f"{len(plan.quantized_sources)} source tensors -> {n_modules} MXFP4 modules "
-        f"({estimate_bits_per_weight(plan):.2f} bits/weight)",
+        f"{len(plan.quantized_sources)} source tensors -> {n_modules} MXFP4 modules{bits}",
+        *([] if n_modules else [nothing_selected(plan.source, plan.selection)]),
         "ignore (compressed-tensors, as vLLM matches it):",
         *(f"  {e}" for e in plan.ignore),
     ]

@@ -1,6 +1,6 @@
 /* MXFP4 quantize + pack in one pass per 32-element block, for qstream's CPU path.
  *
- * Bit-identical to qstream.mxfp4_ref.quantize_ref and qstream.mxfp4.quantize:
+ * Bit-identical to qstream.format.mxfp4_ref.quantize_ref and qstream.format.mxfp4.quantize:
  *  - the block exponent comes from the float32 bits of amax (RCEIL's R, or the FLOOR/EVEN rule);
  *  - MSE3 compares, for E in {R, R-1, ...} (MSE3_SEARCHED candidates), the EXACT sum of squares of d = q - y0 (float32, R units)
  *    over the elements with y0 > 1/16 (the rest round to zero under every candidate). Each such d is a
