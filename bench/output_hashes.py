@@ -7,9 +7,9 @@ shards), `dequantize` of each output, and `verify --source --json` for one run p
 line per output, `<case>/<file> <sha256>`, plus each command's exit code and error message, so a changed
 message or exit code shows too.
 
-Left out: qstream_report.json (it records seconds and peak RSS) and, in README.md, the line that records
-the run's time and memory (`- Made with qstream ...`); the rest of the card is hashed. Paths under WORKDIR
-are written as `WORKDIR` in the text outputs, so the hashes do not depend on where they are made.
+Left out: qstream_report.json (it records seconds and peak RSS); the model card holds no times, so it is
+hashed whole. Paths under WORKDIR are written as `WORKDIR` in the text outputs, so the hashes do not depend
+on where they are made.
 
     python bench/output_hashes.py --save before.json          # before the change
     python bench/output_hashes.py --check before.json         # after: exit 1 on any difference
@@ -39,7 +39,6 @@ from tests.test_gpt_oss import build_gpt_oss  # noqa: E402
 RULES = ("floor", "even", "rceil", "mse3")
 PRESETS = ("experts", "mlp", "all-linear")
 NOT_HASHED = {"qstream_report.json"}
-TIMING_LINE = "- Made with qstream "  # README.md: the run's seconds and peak RSS
 
 
 def _fp8(base: str, layout: str) -> Callable[[Path], Path]:
@@ -91,10 +90,7 @@ def _file_hashes(out: Path, label: str) -> dict[str, str]:
         rel = p.relative_to(out).as_posix()
         if p.is_dir() or rel in NOT_HASHED:
             continue
-        data = p.read_bytes()
-        if rel == "README.md":
-            data = b"\n".join(line for line in data.split(b"\n") if not line.startswith(TIMING_LINE.encode()))
-        hashes[f"{label}/{rel}"] = _digest(data)
+        hashes[f"{label}/{rel}"] = _digest(p.read_bytes())
     return hashes
 
 
@@ -122,13 +118,15 @@ def run_all(work: Path, only: set[str] | None) -> dict[str, str]:
             hashes[f"{label}/plan"] = f"exit {code} " + _digest(_text(stdout + stderr, work).encode())
             dst = out_root / label.replace("/", "__")
             shutil.rmtree(dst, ignore_errors=True)
-            code, _, stderr = _invoke(runner, ["quantize", str(src), str(dst), "--no-progress", "--device", "cpu", *opts])
+            args = ["quantize", str(src), str(dst), "--no-progress", "--device", "cpu", *opts]
+            code, _, stderr = _invoke(runner, args)
             hashes[f"{label}/quantize"] = f"exit {code} " + (_text(stderr, work).strip() if code else "")
             if code:
                 continue
             hashes.update(_file_hashes(dst, label))
             if i == 0:
-                code, stdout, _ = _invoke(runner, ["verify", str(dst), "--source", str(src), "--json", "--device", "cpu"])
+                args = ["verify", str(dst), "--source", str(src), "--json", "--device", "cpu"]
+                code, stdout, _ = _invoke(runner, args)
                 hashes[f"{label}/verify"] = f"exit {code} " + _digest(_text(stdout, work).encode())
             deq = Path(f"{dst}-bf16")
             shutil.rmtree(deq, ignore_errors=True)
