@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qstream.kernels import cpu, triton_mxfp4  # noqa: E402
-from qstream.mxfp4 import Rule, quantize  # noqa: E402
+from qstream.format.kernels import cpu, triton_mxfp4  # noqa: E402
+from qstream.format.mxfp4 import quantize  # noqa: E402
+from qstream.format.rules import Rule
 
 BYTES_PER_ELEMENT = 2 + 0.5 + 1 / 32  # bf16 in, packed codes + E8M0 scales out
 EXPERT_SHAPE = (256, 1024, 2048)  # Qwen3.5-35B-A3B's fused gate_up_proj: 537 M elements, 1 GiB bf16

@@ -43,7 +43,7 @@ import bench_kernels  # noqa: E402
 import synthetic  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from qstream.mxfp4 import dequantize  # noqa: E402
+from qstream.format.mxfp4 import dequantize  # noqa: E402
 
 LAYER_BYTES = 1.75e9  # one synthetic decoder layer, bf16
 FIXED_BYTES = 2.1e9  # embeddings + lm_head

@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_kernels import EXPERT_SHAPE, weights  # noqa: E402
-from qstream.kernels import triton_mxfp4  # noqa: E402
-from qstream.mxfp4 import Rule  # noqa: E402
+from qstream.format.kernels import triton_mxfp4  # noqa: E402
+from qstream.format.rules import Rule  # noqa: E402
 
 w = weights(EXPERT_SHAPE, "cuda")
 for _ in range(2):  # the first launch compiles

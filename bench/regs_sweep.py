@@ -14,8 +14,9 @@ import triton
 
 sys.path.insert(0, ".")
 from bench.bench_kernels import EXPERT_SHAPE, weights  # noqa: E402
-from qstream.kernels import triton_mxfp4 as T  # noqa: E402
-from qstream.mxfp4 import BLOCK, Rule  # noqa: E402
+from qstream.format.kernels import triton_mxfp4 as T  # noqa: E402
+from qstream.format.mxfp4 import BLOCK  # noqa: E402
+from qstream.format.rules import Rule  # noqa: E402
 
 CONFIGS = [(32, 1, reg) for reg in (None, 128, 144, 160, 168, 176)] + [
     (64, 2, None), (64, 2, 168), (32, 2, 128), (128, 4, 128)]
@@ -30,7 +31,7 @@ def compiled(w: torch.Tensor, blocks: int, warps: int, reg: int | None):
     stats = torch.empty(programs, 2, dtype=torch.float64, device=w.device)
     counts = torch.empty(programs, 4, dtype=torch.int64, device=w.device)
     return T._mxfp4_kernel[(programs,)](w.view(torch.int16), packed.view(torch.int32), scales, stats, counts, nblocks,
-                                        RULE=3, BF16=True, BLOCKS=blocks, SKIP_R2=True, num_warps=warps,
+                                        RULE=Rule.MSE3.spec.code, BF16=True, BLOCKS=blocks, SKIP_R2=True, num_warps=warps,
                                         **({"maxnreg": reg} if reg else {}))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qstream.safetensors_io import OutEntry, ShardWriter
+from qstream.io.safetensors_io import OutEntry, ShardWriter
 
 HIDDEN, EXPERTS, MOE_I, SHARED_I, VOCAB = 2048, 256, 512, 512, 248320
 P = "model.language_model"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qstream.safetensors_io import OutEntry, ShardWriter
+from qstream.io.safetensors_io import OutEntry, ShardWriter
 
 HIDDEN, MOE_I, ROUTER_EXPERTS, BLOCK = 7168, 2048, 256, 128
 L = "model.layers.3"

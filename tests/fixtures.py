@@ -29,6 +29,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -36,11 +37,15 @@ __all__ = [
     "GENERATION_CONFIG",
     "LICENSE_TEXT",
     "SIDE_FILES",
+    "assert_same_bytes",
+    "assert_same_files",
     "build_llama",
     "build_mixtral",
     "build_qwen35_moe",
     "build_qwen3_moe",
     "build_qwen3_moe_fused",
+    "first_difference",
+    "load_tensors",
     "read_index",
     "tensor_names",
     "tensor_shapes",
@@ -153,6 +158,44 @@ def tensor_shapes(ckpt: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def tensor_names(ckpt: Path) -> list[str]:
     return sorted(tensor_shapes(ckpt))
+
+
+def first_difference(a: bytes, b: bytes) -> str | None:
+    """None if equal, else one short line locating the first difference: for text the line, else the
+    offset and a few bytes around it. Never the contents: a failing comparison of shards must not print
+    megabytes (pytest shows whole diffs when it runs under CI)."""
+    if a == b:
+        return None
+    size = f"{len(a):,} vs {len(b):,} bytes"
+    try:
+        la, lb = a.decode().splitlines(), b.decode().splitlines()
+    except UnicodeDecodeError:
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return f"{size}, first difference at byte {at:,}: {a[at:at + 16].hex()} vs {b[at:at + 16].hex()}"
+    n = next((i for i, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)))
+    la_n, lb_n = (repr(lines[n][:160]) if n < len(lines) else "(end of text)" for lines in (la, lb))
+    return f"{size}, first difference on line {n + 1}: {la_n} vs {lb_n}"
+
+
+def assert_same_bytes(a: bytes, b: bytes, what: str) -> None:
+    """Fail with first_difference's one line, not a diff of the contents."""
+    diff = first_difference(a, b)
+    if diff is not None:
+        pytest.fail(f"{what} differs: {diff}", pytrace=False)
+
+
+def assert_same_files(a: Path, b: Path, pattern: str = "*", skip: tuple[str, ...] = ()) -> list[str]:
+    """Files of a and b matching `pattern` (but `skip`) have the same names and bytes; returns the names.
+
+    Reports the first differing file, where it differs, and nothing of its contents beyond a few bytes."""
+    names_a = sorted(p.name for p in Path(a).glob(pattern) if p.name not in skip)
+    names_b = sorted(p.name for p in Path(b).glob(pattern) if p.name not in skip)
+    if names_a != names_b:
+        pytest.fail(f"{a} and {b} hold different files: only in the first {sorted(set(names_a) - set(names_b))}, "
+                    f"only in the second {sorted(set(names_b) - set(names_a))}", pytrace=False)
+    for name in names_a:
+        assert_same_bytes((Path(a) / name).read_bytes(), (Path(b) / name).read_bytes(), f"{name} ({a} vs {b})")
+    return names_a
 
 
 def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qstream.selection import role_of
+from qstream.planning.selection import role_of
 
 FP8_MAX = 448.0
 

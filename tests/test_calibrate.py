@@ -16,17 +16,24 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 from qstream.calib import stats as stats_mod
-from qstream.calib.calibrate import (SUMMARY_NAME, STATS_NAME, Settings, calibrate, calibration_ids,
-                                     expert_coverage, wanted_tensors)
+from qstream.calib.calibrate import (
+    STATS_NAME,
+    SUMMARY_NAME,
+    Settings,
+    calibrate,
+    calibration_ids,
+    expert_coverage,
+    wanted_tensors,
+)
 from qstream.calib.stats import Collector, layer_file
-from qstream.checkpoint import open_checkpoint
 from qstream.cli import cli
 from qstream.engine.hidden import HiddenStore
 from qstream.engine.model import StreamedModel
 from qstream.engine.run import Job, run
-from qstream.evaluate import tokenize
-from qstream.models import load_model
-from qstream.text_sources import Text
+from qstream.evals.models import load_model
+from qstream.io.checkpoint import open_checkpoint
+from qstream.io.text_sources import Text
+from qstream.io.tokens import tokenize
 from tests.fixtures import build_qwen3_next
 from tests.test_evaluate import PROSE, byte_tokenizer
 from tests.test_gpt_oss import build_gpt_oss
@@ -220,7 +227,7 @@ def test_resume_from_the_first_unfinished_layer(src: Path, tmp_path: Path, monke
 
 def test_default_corpus_is_taken_from_its_end(src: Path) -> None:
     """Eval's default windows start at the corpus' beginning; calibration takes its end (a given text: its start)."""
-    full = tokenize(src, text())
+    full, _ = tokenize(src, text())
     assert full.numel() == len(PROSE.encode())
     ids, info = calibration_ids(src, Text(PROSE, {"kind": "wikipedia", "package": "p"}), 2, 100)
     assert torch.equal(ids, full[-200:]) and info["taken"].startswith("last 200 tokens of the last ")

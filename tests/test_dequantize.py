@@ -10,25 +10,25 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import qstream.dequantize as dq
-from qstream.checkpoint import open_checkpoint
+import qstream.convert.dequantize as dq
 from qstream.cli import cli
-from qstream.dequantize import dense_jobs, dequantize_checkpoint
+from qstream.convert.dequantize import dense_jobs, dequantize_checkpoint
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
-from tests.fixtures import SIDE_FILES, load_tensors
+from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
+from qstream.quantize import quantize_checkpoint
+from tests.fixtures import SIDE_FILES, assert_same_bytes, assert_same_files, load_tensors
 
 
 def quantize(src: Path, dst: Path, preset: str = "experts", rule: Rule = Rule.MSE3, max_shard: int = 10**9) -> Path:
-    run(make_plan(open_checkpoint(src), Selection(preset), rule, max_shard), dst, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection(preset), rule, max_shard), dst, device="cpu", progress=False)
     return dst
 
 
-def shard_bytes(ckpt: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(ckpt.glob("*.safetensors"))}
+def same_shards(a: Path, b: Path) -> None:
+    assert_same_files(a, b, "*.safetensors")
 
 
 CASES = [("tiny_llama", "mlp"), ("tiny_qwen3_moe_fused", "experts"), ("tiny_mixtral", "experts"),
@@ -50,7 +50,7 @@ def test_dequantized_equals_compressed_tensors_decoding(fixture: str, preset: st
     q_config = json.loads((q / "config.json").read_text())
     assert config == {k: v for k, v in q_config.items() if k != "quantization_config"}
     for side in SIDE_FILES:
-        assert (out / side).read_bytes() == (src / side).read_bytes()
+        assert_same_bytes((out / side).read_bytes(), (src / side).read_bytes(), side)
     assert not (out / "qstream_report.json").exists()  # describes the MXFP4 checkpoint, not this one
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
@@ -87,11 +87,11 @@ def test_quantize_dequantize_quantize(tiny_llama: Path, tmp_path: Path, rule: Ru
     q2 = quantize(d1, tmp_path / "q2", "mlp", rule)
     assert json.loads((q2 / "qstream_report.json").read_text())["totals"]["rel_error"] == 0.0
     dequantize_checkpoint(q2, tmp_path / "d2", progress=False)
-    assert shard_bytes(tmp_path / "d2") == shard_bytes(d1)
+    same_shards(tmp_path / "d2", d1)
     if rule in (Rule.FLOOR, Rule.EVEN):
-        assert shard_bytes(q2) == shard_bytes(q1)
+        same_shards(q2, q1)
     q3 = quantize(tmp_path / "d2", tmp_path / "q3", "mlp", rule)
-    assert shard_bytes(q3) == shard_bytes(q2)
+    same_shards(q3, q2)
 
 
 def test_fixed_point_keeps_shards_and_fused_experts(tiny_qwen35: Path, tmp_path: Path) -> None:
@@ -99,9 +99,9 @@ def test_fixed_point_keeps_shards_and_fused_experts(tiny_qwen35: Path, tmp_path:
     q1 = quantize(tiny_qwen35, tmp_path / "q1", max_shard=300_000)
     dequantize_checkpoint(q1, tmp_path / "d", max_shard_bytes=300_000, progress=False)
     q2 = quantize(tmp_path / "d", tmp_path / "q2", max_shard=300_000)
-    assert len(shard_bytes(q1)) > 1
-    assert shard_bytes(q2) == shard_bytes(q1)
-    assert (q2 / "model.safetensors.index.json").read_bytes() == (q1 / "model.safetensors.index.json").read_bytes()
+    assert len(list(q1.glob("*.safetensors"))) > 1
+    same_shards(q2, q1)
+    assert_same_files(q2, q1, "model.safetensors.index.json")
 
 
 def test_row_chunks_give_the_same_bytes(tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
@@ -109,7 +109,7 @@ def test_row_chunks_give_the_same_bytes(tiny_llama: Path, tmp_path: Path, monkey
     dequantize_checkpoint(q, tmp_path / "whole", progress=False)
     monkeypatch.setattr(dq, "CHUNK_ELEMENTS", 100)  # 1-row chunks of [*, 64] and [*, 128] weights
     dequantize_checkpoint(q, tmp_path / "rows", progress=False)
-    assert shard_bytes(tmp_path / "rows") == shard_bytes(tmp_path / "whole")
+    same_shards(tmp_path / "rows", tmp_path / "whole")
 
 
 def test_refuses_what_it_cannot_read(tiny_llama: Path, tmp_path: Path) -> None:

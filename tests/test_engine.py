@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qstream.engine.hidden import HiddenStore
-from qstream.checkpoint import open_checkpoint
 from qstream.engine.model import HEAD, DeviceReader, StreamedModel
 from qstream.engine.run import Job, run
+from qstream.engine.weights import read_stored
 from qstream.errors import QstreamError
-from qstream.models import load_model, read_stored
-from qstream.mxfp4 import Rule
-from qstream.scoring import Totals, score, windows
+from qstream.evals.models import load_model
+from qstream.evals.scoring import Totals, score, windows
+from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
 from tests.fixtures import build_qwen3_next
 from tests.fp8_layouts import to_layout
 from tests.test_dequantize import quantize
@@ -97,10 +98,10 @@ def test_fp8_source(tiny_qwen3_moe: Path, tmp_path: Path) -> None:
 
 
 def test_eval_equals_in_memory_eval(tiny_qwen35: Path, qwen35_mxfp4: Path) -> None:
-    """qstream.evaluate's scores (now on the engine) equal the loop it replaced: every model whole in memory,
+    """qstream.evals.evaluate's scores (now on the engine) equal the loop it replaced: every model whole in memory,
     each window through each model, scored from full logits. One window per forward, as that loop ran them:
     other batches round differently, which moves a KL this small (5e-5 nats per token) by about 3e-4 of itself."""
-    from qstream.engine.eval import score_windows
+    from qstream.evals.streamed import score_windows
 
     q = qwen35_mxfp4
     ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1))

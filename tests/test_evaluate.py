@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -12,11 +13,15 @@ import torch
 from click.testing import CliRunner
 
 from qstream.cli import cli
+from qstream.common import EVAL_SCHEMA, read_saved
 from qstream.errors import QstreamError
-from qstream.evaluate import EVAL_SCHEMA, Protocol, evaluate, read_saved, save_into
-from qstream.models import load_model
-from qstream.scoring import Window, windows
-from qstream.text_sources import HF_JOIN, Text, from_file, from_hf_cache
+from qstream.evals.evaluate import Protocol, evaluate, save_into
+from qstream.evals.models import load_model
+from qstream.evals.scoring import Window, windows
+from qstream.io import tokens as tokens_module
+from qstream.io.text_sources import HF_JOIN, Text, from_file, from_hf_cache
+from qstream.io.tokens import PREFIX_MARGIN_CHARS, load_tokenizer, settled_ids, tokenize
+from tests.fixtures import assert_same_files
 from tests.test_dequantize import quantize
 
 # Real English prose (about 1.9k bytes = tokens under the byte-level tokenizer below).
@@ -216,6 +221,73 @@ def test_mxfp4_loads_with_our_decoding(lm, plain, tiny_qwen35: Path, tmp_path: P
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def trained_bpe(out: Path, text: str) -> None:
+    """A real GPT-2-style tokenizer (byte-level, regex pre-tokenizer, BPE merges learnt on `text`)."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, initial_alphabet=ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+
+
+def assert_prefix_ids_equal_whole(tok_dir: Path, text: str, cuts: list[int], counts: list[int]) -> None:
+    """The ids settled in text[:cut] are the first ids of the whole text, for every cut (mid-word, in whitespace
+    runs or digits: the cut's own token differs there); tokenize(..., n) returns the whole text's first n ids."""
+    tok = load_tokenizer(tok_dir)
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    for cut in cuts:
+        ids = settled_ids(tok, text, cut)
+        assert ids == whole[:len(ids)], cut
+        assert len(ids) > (cut - PREFIX_MARGIN_CHARS) // 8, cut  # all but the margin's tokens settle
+    from_prefix = 0
+    for n in counts:
+        ids, all_text = tokenize(tok_dir, text_of(text), n)
+        assert ids.tolist() == (whole if all_text else whole[:n]), n
+        from_prefix += not all_text
+    assert from_prefix >= len(counts) // 2  # most counts were served from a prefix, not the whole text
+
+
+@pytest.mark.parametrize("guess", [1, tokens_module.CHARS_PER_TOKEN_GUESS])
+def test_prefix_tokenization_equals_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guess: int) -> None:
+    """A GPT-2-style BPE on real prose; guess 1 makes tokenize grow its prefix several times."""
+    monkeypatch.setattr(tokens_module, "CHARS_PER_TOKEN_GUESS", guess)
+    text = "\n\n".join(f" = Part {i} = \n\n{PROSE[i * 97:]}  {1872 + i}\n\n\n{PROSE[:i * 211]}" for i in range(6))
+    trained_bpe(tmp_path, PROSE)
+    cuts = list(range(PREFIX_MARGIN_CHARS + 1, len(text), 7))
+    assert_prefix_ids_equal_whole(tmp_path, text, cuts, [1, 2, 50, 333, 1000, 1234, 1500, 2222, 2500, 10**6])
+
+
+@pytest.mark.slow
+def test_smollm2_prefix_tokenization_equals_whole(tmp_path: Path) -> None:
+    """The real SmolLM2 tokenizer on the real corpus, against 200k characters tokenized at once."""
+    from transformers import AutoTokenizer
+
+    from qstream.assets import SMOLLM2, wiki_text
+
+    gguf = SMOLLM2.path()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp_path)
+    text = wiki_text(max_chars=200_000)
+    breaks = [m.start() + d for m in re.finditer("\n\n", text[:60_000]) for d in (0, 1, 2)]
+    cuts = [c for c in breaks + list(range(0, len(text), 997)) if c > PREFIX_MARGIN_CHARS]
+    assert_prefix_ids_equal_whole(tmp_path, text, cuts, [1, 1023, 2048, 4097, 8192, 16384, 20000, 30001, 50000])
+
+
+def test_progress_lines_when_not_a_terminal(lm, capsys: pytest.CaptureFixture[str]) -> None:
+    """With stderr not a terminal (a log), eval prints what it will score, then a line per model as it is scored
+    (tokens/s), no bar."""
+    src, q = lm
+    evaluate(src, [q], text_of(PROSE), Protocol(seq_len=128, max_windows=3, **CPU32), labels=["bf16", "MXFP4"])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "eval: 2 model(s) to score on 3 window(s) of 128 tokens, one decoder layer at a time"
+    for line, label in zip(err[1:], ["bf16", "MXFP4"], strict=True):
+        assert re.fullmatch(rf"scored {label}: 381 tokens in \d+\.\d s \(\d+ tokens/s\), PPL \d+\.\d{{4}}", line), line
+    assert not any("\r" in line or "it/s" in line for line in err)
+
+
 def _arrow(path: Path, rows: list[str]) -> None:
     """An Arrow stream file as `datasets` writes its cache (schema metadata included)."""
     import pyarrow as pa
@@ -303,7 +375,7 @@ SMOL_PROTOCOL = Protocol(seq_len=1024, max_windows=4, **CPU32)
 
 @pytest.mark.slow
 def test_smollm2_mxfp4_perplexity_and_kl(smollm2) -> None:
-    from qstream.text_sources import wikipedia
+    from qstream.io.text_sources import wikipedia
 
     dense, q, _ = smollm2
     result = evaluate(dense, [q], wikipedia(max_chars=40_000), SMOL_PROTOCOL, labels=["BF16", "MXFP4 mlp"])
@@ -318,7 +390,7 @@ def test_smollm2_mxfp4_perplexity_and_kl(smollm2) -> None:
 @pytest.mark.slow
 def test_smollm2_moe_oracle(smollm2) -> None:
     """ASSETS.md's exact oracle: the quantized upcycled MoE computes what the quantized dense model does."""
-    from qstream.text_sources import wikipedia
+    from qstream.io.text_sources import wikipedia
 
     _, q, moe_q = smollm2
     result = evaluate(q, [moe_q], wikipedia(max_chars=40_000), SMOL_PROTOCOL, labels=["dense MXFP4", "MoE MXFP4"])
@@ -332,7 +404,7 @@ def test_smollm2_moe_oracle(smollm2) -> None:
 def test_smollm2_requantize(smollm2, tmp_path: Path) -> None:
     """On real weights: dequantize -> quantize loses nothing (relative error 0) and is a byte fixed point after
     one round; print how many mse3 blocks the first round moves (largest code 3 -> the exponent below)."""
-    from qstream.dequantize import dequantize_checkpoint
+    from qstream.convert.dequantize import dequantize_checkpoint
 
     _, q1, _ = smollm2
     dequantize_checkpoint(q1, tmp_path / "d1", progress=False)
@@ -346,4 +418,4 @@ def test_smollm2_requantize(smollm2, tmp_path: Path) -> None:
     print(f"\nmse3 blocks whose scale byte changes on requantization: {moved} of {sum(a[k].numel() for k in scales)}")
     dequantize_checkpoint(q2, tmp_path / "d2", progress=False)
     q3 = quantize(tmp_path / "d2", tmp_path / "q3", "mlp")
-    assert next(q3.glob("*.safetensors")).read_bytes() == next(q2.glob("*.safetensors")).read_bytes()
+    assert_same_files(q3, q2, "*.safetensors")

@@ -13,8 +13,10 @@ from safetensors import safe_open
 from tests.fixtures import (
     GENERATION_CONFIG,
     LICENSE_TEXT,
+    assert_same_files,
     build_qwen3_moe,
     build_qwen35_moe,
+    first_difference,
     read_index,
     tensor_shapes,
 )
@@ -194,9 +196,27 @@ def test_builders_deterministic(tmp_path):
     a = build_qwen3_moe(tmp_path / "a", seed=3)
     b = build_qwen3_moe(tmp_path / "b", seed=3)
     c = build_qwen3_moe(tmp_path / "c", seed=4)
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
-    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert_same_files(a, b)
+    assert first_difference((a / "model.safetensors").read_bytes(), (c / "model.safetensors").read_bytes())
     q1 = build_qwen35_moe(tmp_path / "q1", seed=0)
     q2 = build_qwen35_moe(tmp_path / "q2", seed=0)
-    for f in sorted(q1.iterdir()):
-        assert f.read_bytes() == (q2 / f.name).read_bytes(), f.name
+    assert_same_files(q1, q2)
+
+
+def test_byte_comparisons_report_briefly(tmp_path) -> None:
+    """A failing comparison of large files names where they differ in one short line, never their contents."""
+    big = bytes(range(256)) * 20_000
+    changed = big[:3_000_000] + b"\xff" + big[3_000_001:]
+    msg = first_difference(big, changed)
+    assert msg.startswith("5,120,000 vs 5,120,000 bytes, first difference at byte 3,000,000: ") and len(msg) < 150
+    assert first_difference(big, big[:-1]) == "5,120,000 vs 5,119,999 bytes, first difference at byte 5,119,999: ff vs "
+    assert first_difference(b"a\nb\nc\n", b"a\nB\nc\n") == "6 vs 6 bytes, first difference on line 2: 'b' vs 'B'"
+    for name, data in (("x.bin", big), ("y.txt", b"same\n")):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "a" / name).write_bytes(data)
+        (tmp_path / "b" / name).write_bytes(changed if name == "x.bin" else data)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        assert_same_files(tmp_path / "a", tmp_path / "b")
+    assert "x.bin" in str(failed.value) and "3,000,000" in str(failed.value) and len(str(failed.value)) < 400
+    assert assert_same_files(tmp_path / "a", tmp_path / "b", skip=("x.bin",)) == ["y.txt"]

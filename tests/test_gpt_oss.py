@@ -10,12 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qstream.checkpoint import open_checkpoint
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule, dequantize, quantize
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
+from qstream.format.mxfp4 import dequantize, quantize
+from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
+from qstream.io.source_formats import PackedExperts, decode_checkpoint
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
+from qstream.quantize import quantize_checkpoint
 
 
 def build_gpt_oss(out: Path) -> Path:
@@ -57,8 +59,8 @@ def transformers_decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Ten
 def test_gpt_oss_converts_losslessly(tmp_path) -> None:
     src = build_gpt_oss(tmp_path / "gpt-oss")
     dst = tmp_path / "q"
-    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
-                 progress=False)
+    report = quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst,
+                                 device="cpu", progress=False)
     with safe_open(src / "model.safetensors", "pt") as h:
         s = {k: h.get_tensor(k) for k in h.keys()}
     with safe_open(next(dst.glob("*.safetensors")), "pt") as h:
@@ -87,3 +89,16 @@ def test_gpt_oss_experts_cannot_be_kept(tmp_path) -> None:
     src = build_gpt_oss(tmp_path / "gpt-oss")
     with pytest.raises(QstreamError, match="converted losslessly"):
         make_plan(open_checkpoint(src), Selection("experts", exclude=("*.layers.0.*",)), Rule.MSE3, 10**9)
+
+
+def test_packed_experts_read_as_the_values_they_encode(tmp_path) -> None:
+    """As a checkpoint tensor, gpt-oss's fused experts read as transformers decodes them (exact in bf16)."""
+    src = build_gpt_oss(tmp_path / "gpt-oss")
+    experts = decode_checkpoint(open_checkpoint(src)).tensors["model.layers.1.mlp.experts.gate_up_proj"]
+    assert isinstance(experts, PackedExperts) and experts.interleaved and experts.stored == ()
+    n_exp, rows, n = experts.info.shape
+    with safe_open(src / "model.safetensors", "pt") as h:
+        ref = transformers_decode(h.get_tensor("model.layers.1.mlp.experts.gate_up_proj_blocks"),
+                                  h.get_tensor("model.layers.1.mlp.experts.gate_up_proj_scales"))
+    got = torch.cat([experts.read_rows(0, rows + 3), experts.read_rows(rows + 3, n_exp * rows)])
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), ref.reshape(n_exp * rows, n))

@@ -16,16 +16,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qstream.kernels as kernels
-from qstream.kernels import cpu
-from qstream.mxfp4 import BLOCK, NonFiniteError, Rule, quantize
-from qstream.mxfp4_ref import quantize_ref
+import qstream.format.kernels as kernels
+from qstream.format.kernels import cpu
+from qstream.format.mxfp4 import BLOCK, NonFiniteError, quantize
+from qstream.format.mxfp4_ref import quantize_ref
+from qstream.format.rules import Rule
 from tests.test_mxfp4 import finite_blocks, special_tensor
 
 if not torch.cuda.is_available():
     # Triton's interpreter runs the same kernel on CPU tensors; it is chosen when the kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from qstream.kernels import triton_mxfp4  # noqa: E402
+from qstream.format.kernels import triton_mxfp4  # noqa: E402
 
 
 def _cpu_quantize(w, rule):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qstream.mxfp4 import (
+from qstream.format.mxfp4 import (
     E2M1_MAGNITUDES,
     NonFiniteError,
     Rule,
@@ -19,7 +19,7 @@ from qstream.mxfp4 import (
     quantize,
     unpack_codes,
 )
-from qstream.mxfp4_ref import block_exponent_ref, nearest_index_ref, quantize_ref
+from qstream.format.mxfp4_ref import block_exponent_ref, nearest_index_ref, quantize_ref
 
 
 def block(values: list[float]) -> torch.Tensor:

@@ -11,15 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qstream.checkpoint import open_checkpoint
+from qstream.check.verify import verify
 from qstream.errors import QstreamError
-from qstream.mxfp4 import Rule, quantize
-from qstream.pipeline import run
-from qstream.plan import make_plan
-from qstream.selection import Selection
-from qstream.verify import verify
+from qstream.format.mxfp4 import quantize
+from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
+from qstream.quantize import quantize_checkpoint
 from tests.fixtures import load_tensors
 from tests.fp8_layouts import LAYOUTS, to_layout
+
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_quantized_input_decoded_then_quantized_unselected_decoded(tmp_path, tiny_qwen3_moe, layout) -> None:
@@ -27,7 +29,7 @@ def test_quantized_input_decoded_then_quantized_unselected_decoded(tmp_path, tin
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
     dst = tmp_path / "q"
-    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9, keep_dtype="bf16"), dst,
+    report = quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9, keep_dtype="bf16"), dst,
                  device="cpu", progress=False)
     out = load_tensors(dst)
     assert not any(k.endswith(("_scale_inv", "input_scale")) for k in out)
@@ -63,7 +65,7 @@ def test_unselected_weights_keep_source_precision(tmp_path, tiny_qwen3_moe, layo
     expected = to_layout(tiny_qwen3_moe, src, layout)
     source = load_tensors(src)
     dst = tmp_path / "q"
-    report = run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
+    report = quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu",
                  progress=False)
     out = load_tensors(dst)
     suffix = LAYOUTS[layout][1]
@@ -103,13 +105,13 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    from qstream.dequantize import dequantize_checkpoint
-    from qstream.models import load_model
+    from qstream.convert.dequantize import dequantize_checkpoint
+    from qstream.evals.models import load_model
 
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
     q = tmp_path / "q"
-    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), q, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), q, device="cpu", progress=False)
     report = dequantize_checkpoint(q, tmp_path / "dq", progress=False)
     dense, out = load_tensors(tmp_path / "dq"), load_tensors(q)
     group = json.loads((q / "config.json").read_text())["quantization_config"]["config_groups"]["group_1"]
@@ -139,7 +141,7 @@ def test_mxfp8_decode_matches_compressed_tensors(tmp_path, tiny_qwen3_moe) -> No
     src = tmp_path / "src"
     to_layout(tiny_qwen3_moe, src, "ct-mxfp8")
     ckpt = open_checkpoint(src)
-    from qstream.source_formats import decode_checkpoint
+    from qstream.io.source_formats import decode_checkpoint
 
     decoded = decode_checkpoint(ckpt)
     scheme = QuantizationConfig.model_validate(LAYOUTS["ct-mxfp8"][0]).config_groups["group_0"]
@@ -185,7 +187,7 @@ def test_verify_catches_a_mixed_config_that_misreads_kept_weights(tmp_path, tiny
     src = tmp_path / "src"
     to_layout(tiny_qwen3_moe, src, "fp8-block")
     dst = tmp_path / "q"
-    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
     cfg = json.loads((dst / "config.json").read_text())
     break_it(cfg["quantization_config"])
     (dst / "config.json").write_text(json.dumps(cfg))
@@ -195,7 +197,7 @@ def test_verify_catches_a_mixed_config_that_misreads_kept_weights(tmp_path, tiny
 
 def test_block_decode_with_ragged_blocks_is_the_definition(tmp_path) -> None:
     """Rows and columns that do not fill their last 32x32 block, read in chunks that cut through blocks."""
-    from qstream.source_formats import DecodedTensor, _float
+    from qstream.io.source_formats import DecodedTensor, _float
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(70, 100, generator=g) * 50).to(torch.float8_e4m3fn)
@@ -203,7 +205,7 @@ def test_block_decode_with_ragged_blocks_is_the_definition(tmp_path) -> None:
     save_file({"m.weight": w, "m.weight_scale_inv": s}, tmp_path / "x.safetensors")
     (tmp_path / "config.json").write_text("{}")
     t = open_checkpoint(tmp_path).tensors
-    d = DecodedTensor(t["m.weight"].info, t["m.weight"], t["m.weight_scale_inv"], (32, 32), _float)
+    d = DecodedTensor(t["m.weight"].info, t["m.weight"], t["m.weight_scale_inv"], (32, 32), _float, stored=(), scheme={})
     expected = (w.float() * s.repeat_interleave(32, 0)[:70].repeat_interleave(32, 1)[:, :100]).to(torch.bfloat16)
     assert torch.equal(torch.cat([d.read_rows(0, 13), d.read_rows(13, 45), d.read_rows(45, 70)]), expected)
 
@@ -215,7 +217,7 @@ def test_deepseek_v3_block_fp8_keeps_attention_and_dense_layers(tmp_path, tiny_d
     expected = to_layout(tiny_deepseek_v3, src, "fp8-block")
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in expected  # MLA counts as attention
     dst = tmp_path / "q"
-    run(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), dst, device="cpu", progress=False)
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["targets"] == [r"re:.*\.experts\..*"]
     assert set(qc["config_groups"]["group_1"]["targets"]) == {
@@ -232,13 +234,13 @@ def test_deepseek_v3_block_fp8_keeps_attention_and_dense_layers(tmp_path, tiny_d
 def test_quantize_dequantize_quantize_from_fp8(tmp_path, tiny_qwen3_moe, layout) -> None:
     """A mixed output, dequantized and quantized again, decodes to exactly what quantizing the FP8 input with
     --keep-dtype bf16 decodes to: kept weights come back as the BF16 they stand for, MXFP4 as a fixed point."""
-    from qstream.dequantize import dequantize_checkpoint
+    from qstream.convert.dequantize import dequantize_checkpoint
 
     src = tmp_path / "src"
     to_layout(tiny_qwen3_moe, src, layout)
 
     def quantize(source: Path, dst: Path, keep: str) -> Path:
-        run(make_plan(open_checkpoint(source), Selection("experts"), Rule.MSE3, 10**9, keep_dtype=keep), dst,
+        quantize_checkpoint(make_plan(open_checkpoint(source), Selection("experts"), Rule.MSE3, 10**9, keep_dtype=keep), dst,
             device="cpu", progress=False)
         return dst
 

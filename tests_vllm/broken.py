@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qstream.mxfp4 import Rule, quantize
+from qstream.format.mxfp4 import quantize
+from qstream.format.rules import Rule
 
 Breaker = Callable[[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]], None]
 ROUTER = re.compile(r"^model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.gate\.weight$")

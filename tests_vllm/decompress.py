@@ -26,7 +26,7 @@ def _decoders(qc: dict) -> dict[str, object]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from compressed_tensors.quantization.lifecycle.forward import dequantize
 
-    from qstream.ignore import scheme_format
+    from qstream.format.formats import scheme_format
 
     decoders = {}
     for group in qc["config_groups"].values():

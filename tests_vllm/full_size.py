@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from qstream.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
-from qstream.mxfp4 import Rule
-from qstream.plan import make_plan, parse_size
-from qstream.safetensors_io import DTYPE_NAMES, OutEntry, ShardWriter
-from qstream.selection import Selection
+from qstream.format.rules import Rule
+from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, open_checkpoint
+from qstream.io.safetensors_io import DTYPE_NAMES, OutEntry, ShardWriter
+from qstream.planning.plan import make_plan, parse_size
+from qstream.planning.selection import Selection
 
 # Qwen/Qwen3.5-35B-A3B config.json settings that differ from transformers' Qwen3_5MoeConfig defaults.
 TEXT = dict(
@@ -111,7 +111,7 @@ def main() -> None:
     t0 = time.perf_counter()
     dst = build(args.workdir)
     built = time.perf_counter() - t0
-    from qstream.vllm_check import check_with_vllm
+    from qstream.check.vllm import check_with_vllm
 
     t1 = time.perf_counter()
     report = check_with_vllm(dst)

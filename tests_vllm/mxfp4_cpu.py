@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn import Parameter
 
-from qstream.mxfp4 import dequantize
+from qstream.format.mxfp4 import dequantize
 from tests_vllm.standin import DequantKernel
 
 

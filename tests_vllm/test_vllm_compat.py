@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from qstream.vllm_check import check_with_vllm
+from qstream.check.vllm import check_with_vllm
 from tests_vllm.broken import BREAKERS, make_broken
 from tests_vllm.conftest import LAYOUTS, run_vllm
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qstream.safetensors_io import read_header
-from qstream.vllm_check import check_with_vllm
+from qstream.check.vllm import check_with_vllm
+from qstream.io.safetensors_io import read_header
 from tests_vllm.full_size import build
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from qstream import assets
-from qstream.vllm_check import check_with_vllm
+from qstream.check.vllm import check_with_vllm
+from qstream.common import cache_dir
 from tests_vllm.conftest import qstream, run_vllm
 from tests_vllm.decompress import decompress
 
@@ -22,7 +23,7 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory, vllm_installed):
     """{label: (quantized dir, compressed-tensors bf16 dir)} for the demo's two outputs."""
-    work = assets.cache_dir() / "vllm-suite"
+    work = cache_dir() / "vllm-suite"
     dense = assets.build_smollm2_dense(work / "smollm2-135m")
     moe = assets.build_smollm2_moe(dense, work / "smollm2-135m-moe4", num_experts=4)
     out = {}

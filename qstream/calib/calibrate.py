@@ -23,19 +23,20 @@ from pathlib import Path
 import torch
 
 from qstream.calib.stats import EXPERT_INDEX, EXPERT_MODES, ROUTED, Collector, layer_file
-from qstream.checkpoint import Checkpoint, open_checkpoint
-from qstream.dequantize import is_mxfp4_checkpoint
+from qstream.common import REPORT_NAME, resolve_device
+from qstream.convert.dequantize import is_mxfp4_checkpoint
+from qstream.convert.pipeline import peak_rss_bytes
 from qstream.engine.hidden import DEFAULT_BUDGET, HiddenStore
 from qstream.engine.model import StreamedModel
 from qstream.engine.run import DEFAULT_BATCH_TOKENS, Job, run
 from qstream.errors import QstreamError
-from qstream.evaluate import tokenize
-from qstream.pipeline import REPORT_NAME, peak_rss_bytes, resolve_device
-from qstream.safetensors_io import OutEntry, ShardWriter, read_header
-from qstream.selection import Selection, decide
-from qstream.source_formats import decode_checkpoint
-from qstream.staging import staging, write_json
-from qstream.text_sources import Text
+from qstream.io.checkpoint import Checkpoint, open_checkpoint
+from qstream.io.safetensors_io import OutEntry, ShardWriter, read_header
+from qstream.io.source_formats import decode_checkpoint
+from qstream.io.staging import staging, write_json
+from qstream.io.text_sources import Text
+from qstream.io.tokens import tokenize
+from qstream.planning.selection import Selection, decide
 
 STATS_NAME, SUMMARY_NAME = "calibration.safetensors", "calibration.json"
 SCHEMA = "qstream-calibration/1"
@@ -78,7 +79,7 @@ def calibration_ids(src: Path, text: Text, samples: int, seq_len: int) -> tuple[
     chars = need * 6  # about 4 characters per token in English: more than enough but for odd tokenizers
     while True:
         part = _part(text.text, chars, from_end)
-        ids = tokenize(src, Text(part, text.source))
+        ids, _ = tokenize(src, Text(part, text.source))
         if ids.numel() >= need or len(part) == len(text.text):
             break
         chars *= 2

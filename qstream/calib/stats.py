@@ -1,6 +1,6 @@
 """Per-input-channel activation statistics of quantizable weights, gathered while the engine runs a layer.
 
-For every source weight a preset could quantize (qstream.selection's all-linear set, routed experts included)
+For every source weight a preset could quantize (qstream.planning.selection's all-linear set, routed experts included)
 this keeps, under the weight's source name N (the STATS contract, notes in README):
   N:x2_sum  float64 [in] (2-D weight) or [E, in] (fused experts): sum over tokens of x_j^2 of its input
   N:tokens  int64 [] or [E]: tokens that contributed
@@ -226,7 +226,7 @@ class Collector:
             out[f"{s}:{X2}"] = parts[0].clone()
             out[f"{s}:{TOKENS}"] = parts[1].clone()
             if t.experts:
-                out[f"{s}:{ROUTED}"] = parts[2].clone()  # type: ignore[union-attr]
+                out[f"{s}:{ROUTED}"] = parts[2].clone()
         return out
 
 

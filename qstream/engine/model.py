@@ -4,7 +4,7 @@ The causal LM's class is picked from config.json as AutoModelForCausalLM picks i
 a multimodal checkpoint: no vision tower, no MTP layers) and built on the meta device, as `from_pretrained`
 builds it. Its parameters fall into parts: the input embeddings, each decoder layer, the head (final norm and
 lm_head) and whatever else the text model owns (resident, loaded once). A part is materialized from the
-checkpoint through qstream's readers (`qstream.models.lazy_state_dict`: BF16 as stored, FP8/MXFP8 and MXFP4
+checkpoint through qstream's readers (`qstream.engine.weights.lazy_state_dict`: BF16 as stored, FP8/MXFP8 and MXFP4
 decoded) and transformers' own key mapping and weight converters (fused or per-expert experts, prefixes), then
 sent back to the meta device when done.
 
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qstream.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from qstream.engine.weights import causal_lm_class, lazy_state_dict, read_stored
 from qstream.errors import QstreamError
-from qstream.models import causal_lm_class, lazy_state_dict, read_stored
+from qstream.io.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 
 EMBED, HEAD, RESIDENT = "embed", "head", "resident"
 Part = int | str  # a decoder layer's index, or EMBED / HEAD / RESIDENT

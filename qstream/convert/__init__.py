@@ -1,0 +1,1 @@
+"""Carrying out a conversion: the streaming quantize pipeline and dequantize."""

@@ -1,0 +1,239 @@
+"""Carry out a plan: stream tensors from the source shards into new shards, then publish.
+
+Everything is written into a temporary directory beside DST, which is renamed into
+place only once every shard, the config, the index and the report are on disk. A
+shard is written as `<name>.partial` and renamed when closed, so a killed run can be
+resumed shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
+from qstream.convert.streams import OrderedWriter, prefetch
+from qstream.errors import QstreamError
+from qstream.format.kernels import quantize_fast
+from qstream.format.mxfp4 import NonFiniteError, Quantized
+from qstream.format.rules import Rule
+from qstream.io.checkpoint import CONFIG_NAME
+from qstream.io.safetensors_io import read_header
+from qstream.io.shards import shard_file, write_index
+from qstream.io.source_formats import PackedExperts
+from qstream.io.staging import copy_side_files, staging, write_json
+from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
+
+STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
+READ_AHEAD = 2  # chunks read ahead of the quantizer
+WRITE_BEHIND = 6  # writes queued behind it (a chunk is two writes)
+
+
+@dataclass
+class TensorStats:
+    """Accumulated over every slice of one source tensor."""
+
+    shape: tuple[int, ...]
+    sq_error: float = 0.0
+    sq_norm: float = 0.0
+    offsets: list[int] = field(default_factory=lambda: [0, 0, 0])
+    lossless: bool = False  # copied from MXFP4 already in the source (gpt-oss): no error, no rule
+
+    def add(self, q: Quantized) -> None:
+        self.sq_error += q.sq_error
+        self.sq_norm += q.sq_norm
+        self.offsets = [a + b for a, b in zip(self.offsets, q.offset_counts)]
+
+    def as_state(self) -> dict:
+        return {"shape": list(self.shape), "sq_error": self.sq_error, "sq_norm": self.sq_norm, "offsets": self.offsets,
+                "lossless": self.lossless}
+
+    def merge_state(self, state: dict) -> None:
+        self.lossless = state["lossless"]
+        self.sq_error += state["sq_error"]
+        self.sq_norm += state["sq_norm"]
+        self.offsets = [a + b for a, b in zip(self.offsets, state["offsets"])]
+
+    def as_json(self, name: str, rule: str) -> dict:
+        blocks = sum(self.offsets) or 1
+        return {
+            "name": name,
+            "shape": list(self.shape),
+            "rule": "lossless (source MXFP4)" if self.lossless else rule,
+            "rel_error": self.sq_error / self.sq_norm if self.sq_norm else 0.0,
+            "exponent_share": {f"R-{s}": c / blocks for s, c in enumerate(self.offsets)},
+        }
+
+
+# What the reader hands the quantizer per chunk: rows read, MXFP4 already (a (packed, scales) pair from a
+# pre-quantized source), or None for a tensor copied byte for byte.
+Chunk = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, Chunk]]:
+    """(job, first output row, data) per chunk of at most CHUNK_ELEMENTS source elements."""
+    for job in jobs:
+        src = job.source
+        if isinstance(job, CopyJob):
+            if src.copyable:
+                yield job, 0, None
+            else:
+                for a, b in row_chunks(*src.info.row_shape, max_elements=CHUNK_ELEMENTS):
+                    yield job, a, src.read_rows(a, b)
+            continue
+        for a, b in row_chunks(job.rows, job.in_features, CHUNK_ELEMENTS):
+            r0, r1 = job.row_start + a * job.row_step, job.row_start + (b - 1) * job.row_step + 1
+            if isinstance(src, PackedExperts):
+                yield job, a, src.read_packed(r0, r1, job.row_step)
+            else:
+                yield job, a, src.read_rows(r0, r1)[:: job.row_step]
+
+
+def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device: torch.device) -> Quantized:
+    try:
+        return quantize_fast(w.to(device, non_blocking=True), rule)
+    except NonFiniteError as exc:
+        r0 = job.row_start + row * job.row_step
+        raise QstreamError(f"{job.source.name}: {exc} in rows from {r0}; fix the source weights") from exc
+
+
+def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
+                 advance: Callable[[int], None]) -> dict:
+    """Write one shard, reading ahead and writing behind; it takes its name only when complete.
+
+    Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
+    """
+    stats: dict[str, TensorStats] = {}
+    with shard_file(tmp, shard.file_name, shard.entries) as writer, OrderedWriter(WRITE_BEHIND) as writes:
+        for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
+            if isinstance(job, CopyJob):
+                if w is None:
+                    writes.submit(writer.copy_from, job.source.name, job.source.file, job.source.info)
+                    advance(job.bytes_in)
+                elif isinstance(w, torch.Tensor):  # decoded from FP8 and friends: written as its logical dtype
+                    writes.submit(writer.write, job.source.name, w, row * job.entries[0].row_nbytes)
+                    advance(w.numel() * w.element_size())
+                continue
+            st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
+            if isinstance(w, tuple):  # already MXFP4 in the source: a lossless copy
+                packed, scales = w
+                st.lossless = True
+                advance(packed.numel() + scales.numel())
+            elif isinstance(w, torch.Tensor):
+                q = _quantize_chunk(job, row, w, plan.rule, device)
+                packed, scales = q.packed.cpu(), q.scales.cpu()
+                st.add(q)
+                advance(w.numel() * w.element_size())
+            for entry, data in zip(job.entries, (packed, scales)):
+                writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
+        writes.drain()
+        saved = {name: st.as_state() for name, st in stats.items()}
+        write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
+    return saved
+
+
+def _completed_shard(tmp: Path, shard: Shard[Job]) -> dict | None:
+    """The saved statistics of a shard an earlier run finished, or None if it must be redone."""
+    path, stats_path = tmp / shard.file_name, tmp / f"{shard.file_name}{STATS_SUFFIX}"
+    if not (path.exists() and stats_path.exists()):
+        return None
+    try:
+        header = read_header(path)
+        saved = json.loads(stats_path.read_text())
+    except (QstreamError, json.JSONDecodeError):
+        return None
+    expected = {e.name: (e.dtype, e.shape) for e in shard.entries}
+    found = {n: (i.dtype, i.shape) for n, i in header.tensors.items()}
+    return saved if found == expected else None
+
+
+def fingerprint(plan: Plan) -> dict:
+    """What must match for a resumed run to continue an earlier one: source files, settings, layout."""
+    return {
+        "qstream_version": __import__("qstream").__version__,
+        "source": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in plan.source.weight_files],
+        "rule": plan.rule.value,
+        "keep_dtype": plan.keep_dtype,
+        "selection": [plan.selection.preset, list(plan.selection.include), list(plan.selection.exclude),
+                      plan.selection.skip_indivisible],
+        "shards": [[s.file_name, [[e.name, e.dtype, list(e.shape)] for e in s.entries]] for s in plan.shards],
+    }
+
+
+def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True,
+        resume: bool = False, finish: Callable[[Path], None] | None = None) -> dict:
+    """Quantize per the plan into dst; returns the report that is also written to dst.
+
+    Every run records its fingerprint, so a run killed at any point can be finished by the
+    same command with `resume=True`, redoing at most the shard that was in flight. `finish`
+    gets the complete but unpublished output directory (the command's own last steps).
+    """
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    stats: dict[str, TensorStats] = {}
+    fp = fingerprint(plan)
+    with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,
+                 bookkeeping=(f"*{STATS_SUFFIX}",)) as tmp:
+        with tqdm(total=plan.work_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for shard in plan.shards:
+                saved = _completed_shard(tmp, shard) if resume else None
+                if saved is None:
+                    saved = _write_shard(shard, tmp, plan, dev, bar.update)
+                else:
+                    bar.update(sum(j.bytes_in for j in shard.jobs))
+                for name, state in saved.items():
+                    stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
+        write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
+        write_json(tmp / CONFIG_NAME, plan.output_config())
+        side_files = copy_side_files(plan.source.root, tmp)
+        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files)
+        write_json(tmp / REPORT_NAME, report)
+        if finish is not None:
+            finish(tmp)
+    return report
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
+            side_files: list[str]) -> dict:
+    rule = plan.rule.value
+    tensors = [stats[name].as_json(name, rule) for name in plan.quantized_sources]
+    params = sum(t.info.numel for n, t in plan.source.tensors.items() if plan.decisions[n].quantize)
+    err = sum(s.sq_error for s in stats.values())
+    norm = sum(s.sq_norm for s in stats.values())
+    return {
+        "qstream_version": __import__("qstream").__version__,
+        "source": str(plan.source.root.resolve()),  # absolute: `qstream card` finds the source's card from anywhere
+        "rule": rule,
+        "preset": plan.selection.preset,
+        "include": list(plan.selection.include),
+        "exclude": list(plan.selection.exclude),
+        "device": dev.type,
+        "keep_dtype": plan.keep_dtype,
+        "kept_source_formats": {fmt: sum(m.fmt == fmt for m in plan.modules) for fmt, _ in plan.kept_schemes},
+        "ignore": list(plan.ignore),
+        "totals": {
+            "tensors_quantized": len(tensors),
+            "params_quantized": params,
+            "params_total": sum(t.info.numel for t in plan.source.tensors.values()),
+            "bytes_in": plan.bytes_in,
+            "bytes_out": plan.bytes_out,
+            "rel_error": err / norm if norm else 0.0,
+            "seconds": seconds,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "shards": len(plan.shards),
+        },
+        "copied_files": side_files,
+        "tensors": tensors,
+    }
