@@ -16,12 +16,13 @@ from typing import Any
 import click
 
 from qstream.errors import Interrupted, QstreamError
-from qstream.format.rules import Rule
+from qstream.format.rules import Method, Rule
 from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
 
 RULES = [r.value for r in Rule]
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 RESUMABLE = ("quantize", "calibrate")  # commands with --resume
+CALIB_SAMPLES, CALIB_SEQ_LEN = 128, 2048  # `qstream calibrate`'s defaults (calib.calibrate.DEFAULT_*, torch-free)
 
 
 class _Group(click.Group):
@@ -110,7 +111,21 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
 @click.option("--resume", is_flag=True,
               help="Finish an interrupted run of the same command, keeping its finished shards.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, **kw) -> None:
+@click.option("--method", type=_choice(m.value for m in Method), default=Method.RTN.value, show_default=True,
+              help="How exponents are chosen. " + "; ".join(f"{m.value}: {m.doc}" for m in Method) + ".")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, metavar="STATS",
+              help="Calibration statistics of SRC for --method imatrix (a directory `qstream calibrate` wrote); "
+                   "without it, SRC is calibrated first, as `qstream calibrate` does, into .DST.qstream-calib "
+                   "beside DST (kept: pass it to --calib next time).")
+@click.option("--calib-text", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Without --calib: calibrate on this UTF-8 file [default: as `qstream calibrate`].")
+@click.option("--calib-samples", type=int, default=None,
+              help=f"Without --calib: calibration windows [default: {CALIB_SAMPLES}].")
+@click.option("--calib-seq-len", type=int, default=None,
+              help=f"Without --calib: tokens per calibration window [default: {CALIB_SEQ_LEN}].")
+def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
+             calib: Path | None, calib_text: Path | None, calib_samples: int | None, calib_seq_len: int | None,
+             **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
 
     \b
@@ -119,14 +134,50 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./SmolLM2 ./SmolLM2-MXFP4 --preset mlp --rule even
       qstream quantize ./M ./M-MXFP4 --exclude '*layers.0.*' --max-shard-size 2GB
       qstream quantize ./Kimi-K2 ./Kimi-K2-MXFP4 --resume   # after a crash: finish it
+      qstream quantize ./M ./M-MXFP4 --method imatrix --calib ./M-stats   # after: qstream calibrate ./M ./M-stats
+      qstream quantize ./M ./M-MXFP4 --method imatrix   # calibrates ./M first
     """
     from qstream.quantize import quantize_checkpoint
     from qstream.report.summary import run_text
 
+    if method == Method.IMATRIX.value and kw["rule"] != Rule.MSE3.value:
+        raise QstreamError(f"--rule {kw['rule']} with --method imatrix: imatrix chooses its own exponents "
+                           "(mse3 where it has no statistics); drop --rule")
+    if method == Method.RTN.value and calib is not None:
+        raise QstreamError("--calib is used by --method imatrix only; add --method imatrix or drop --calib")
+    calib_opts = {"--calib-text": calib_text, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len}
+    given = [k for k, v in calib_opts.items() if v is not None]
+    if given and (method != Method.IMATRIX.value or calib is not None):
+        raise QstreamError(f"{given[0]} is used by --method imatrix without --calib only; drop it")
     plan = _plan(src, **kw)
-    report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume,
-                 progress=not no_progress and sys.stderr.isatty())
+    progress = not no_progress and sys.stderr.isatty()
+    imatrix = None
+    if method == Method.IMATRIX.value:
+        from qstream.calib.channel_weights import ChannelWeights, ImatrixSettings
+
+        if calib is None:
+            calib = _calibrate_first(src, dst, calib_text, calib_samples or CALIB_SAMPLES,
+                                     calib_seq_len or CALIB_SEQ_LEN, device, overwrite, resume, progress)
+        imatrix = ChannelWeights(ImatrixSettings(calib), plan)
+    report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
+                                 imatrix=imatrix)
     click.echo(run_text(report, str(dst)))
+
+
+def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
+                     overwrite: bool, resume: bool, progress: bool) -> Path:
+    """`--method imatrix` without --calib: STATS of SRC made as `qstream calibrate` makes them (its defaults),
+    beside DST's staging directory; a --resume reuses finished ones. Checks DST first, before any calibration."""
+    from qstream.calib.calibrate import STATS_NAME, Settings, calibrate
+    from qstream.io.staging import calib_dir_for, check_destination
+
+    check_destination(src, dst, overwrite or resume)
+    stats = calib_dir_for(dst)
+    if resume and (stats / STATS_NAME).is_file():
+        return stats
+    calibrate(src, stats, _text(text_file, None, "", "", ""), Settings(samples=samples, seq_len=seq_len, device=device),
+              overwrite=True, resume=resume, progress=progress)
+    return stats
 
 
 @cli.command("plan")
@@ -333,8 +384,8 @@ def eval_cmd(src: Path, quantized: tuple[Path, ...], text_file: Path | None, hf_
 @click.option("--hf-dataset", default="wikitext", show_default=True, help="Dataset name in --hf-cache.")
 @click.option("--hf-config", default="wikitext-2-raw-v1", show_default=True, help="Dataset config in --hf-cache.")
 @click.option("--hf-split", default="train", show_default=True, help="Split in --hf-cache.")
-@click.option("--samples", default=128, show_default=True, help="Calibration windows.")
-@click.option("--seq-len", default=2048, show_default=True, help="Tokens per window.")
+@click.option("--samples", default=CALIB_SAMPLES, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=CALIB_SEQ_LEN, show_default=True, help="Tokens per window.")
 @click.option("--experts", type=_choice(["all", "routed"]), default="all", show_default=True,
               help="all: every routed expert is measured on every token (the layer's output keeps the router's "
                    "choice); routed: each expert on the tokens routed to it.")

@@ -1,1 +1,2 @@
-"""Calibration: activation statistics of quantizable weights, measured through the streaming engine (issue 13)."""
+"""Calibration: activation statistics of quantizable weights, measured through the streaming engine (issue 13),
+and the quantizers that use them (imatrix exponents)."""

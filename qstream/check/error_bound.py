@@ -3,7 +3,10 @@
 A block's exponent is fixed by its rule and nearest rounding under a fixed exponent has one error, so a
 correct block has exactly the error its rule gives; any block above it (float tolerance aside) has a wrong
 scale or wrong codes: a scale off by one exponent makes a block's error several times larger, a
-nibble-order bug tens of times.
+nibble-order bug tens of times. An imatrix output (exponents chosen from calibration statistics, which
+verify does not read) is held to what holds for any choice within its candidate set: each block's exponent
+within R-depth..R (R = rceil's) and every code the nearest E2M1 value under the stored exponent
+(qstream.calib.imatrix).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qstream.calib.imatrix import nearest_code_problems
 from qstream.format.mxfp4 import BLOCK, E8M0_BIAS, E_MAX, dequantize, quantize
-from qstream.format.rules import Rule
+from qstream.format.rules import Method, Rule
 
 ERROR_TOLERANCE = 1e-9  # relative slack on a block's squared error: float64 summation only
 
@@ -54,3 +58,40 @@ def compare_chunk(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     over = got > bound * (1 + ERROR_TOLERANCE)
     worst = float((got[over] / bound[over]).max()) if over.any() else 1.0
     return ChunkComparison(float(got.sum()), qs[0].sq_norm, blocks, int(over.sum()), worst, False)
+
+
+def compare_nearest(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, depth: int) -> ChunkComparison:
+    """Hold an imatrix output to what any exponent choice in R-depth..R gives: blocks with an exponent
+    outside the set or a code off its nearest value count as over the bound."""
+    bad_exponent, bad_codes = nearest_code_problems(w, packed, scales, depth)
+    got = block_errors(w, packed, scales)
+    over = bad_exponent | bad_codes
+    return ChunkComparison(float(got.sum()), float((w.double() ** 2).sum()), scales.numel(), int(over.sum()), 1.0,
+                           False)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What each quantized block is held to: the error of re-running its rule (the worst of `rules` when
+    the rule is unknown) or, for an imatrix output (`depth` set), exponent and codes as any choice gives."""
+
+    rules: tuple[Rule, ...] = tuple(Rule)
+    depth: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.depth is not None:
+            return f"{Method.IMATRIX.value} (R-{self.depth}..R)"
+        return "/".join(r.value for r in self.rules)
+
+    def compare(self, w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> ChunkComparison:
+        if self.depth is None:
+            return compare_chunk(w, packed, scales, self.rules)
+        return compare_nearest(w, packed, scales, self.depth)
+
+    def failure(self, module: str, over: int, blocks: int, worst: float) -> str:
+        if self.depth is None:
+            return (f"{module}: {over} of {blocks} blocks have more error than rule {self.name} gives on the source "
+                    f"(worst {worst:.3g}x); its scales or codes are wrong")
+        return (f"{module}: {over} of {blocks} blocks have an exponent outside R-{self.depth}..R or codes that are "
+                "not the nearest values under their exponent; its scales or codes are wrong")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qstream.check.verify_report import Check, VerifyReport
-from qstream.check.verify_source import against_source, recorded_rule
+from qstream.check.verify_source import against_source, recorded_bound
 from qstream.check.verify_structure import CHEAP_CHECKS, layout, quantization_config
 from qstream.common import resolve_device
 from qstream.errors import QstreamError
@@ -41,7 +41,7 @@ def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
             fn = functools.partial(fn, external=parse_with_compressed_tensors)
         report.checks += _guarded(name, fn, out)
     if src is not None:
-        report.checks += _guarded("source tensors", against_source, src, out, recorded_rule(dst), dev)
+        report.checks += _guarded("source tensors", against_source, src, out, recorded_bound(dst), dev)
     return report
 
 

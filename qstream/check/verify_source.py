@@ -4,7 +4,8 @@ within its error bound.
 The error bound: a block's exponent is fixed by its rule, and nearest rounding under a fixed exponent has
 one error whatever the tie-breaking, so a correct output has, block for block, exactly the squared error
 of re-quantizing the source with the same rule (check.error_bound). The rule comes from DST's
-qstream_report.json; without one, each block is held to the worst of all rules. The source is
+qstream_report.json; without one, each block is held to the worst of all rules; an imatrix output to
+its candidate set and nearest codes (check.error_bound.Bound). The source is
 re-quantized with the torch path (`mxfp4.quantize`), not the C/Triton kernels `quantize` writes with, so
 a kernel bug cannot vouch for itself; on a GPU that costs about what quantizing did.
 """
@@ -18,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from qstream.check.error_bound import compare_chunk
+from qstream.check.error_bound import Bound
 from qstream.check.verify_report import Check
 from qstream.common import read_report, row_chunks
 from qstream.errors import QstreamError
 from qstream.format.formats import KEPT_FP8_DTYPES, MXFP4_FORMAT, PACKED, SCALE
 from qstream.format.mxfp4 import NonFiniteError
-from qstream.format.rules import Rule
+from qstream.format.rules import Method, Rule
 from qstream.io.checkpoint import CONFIG_NAME, Checkpoint, CheckpointTensor, SourceTensor
 from qstream.io.safetensors_io import read_rows
 from qstream.io.source_formats import PackedExperts, decode_checkpoint
@@ -34,22 +35,24 @@ CHUNK_ELEMENTS = 4 * 1024 * 1024  # source elements held at once
 HASH_CHUNK = 16 * 1024 * 1024
 
 
-def recorded_rule(dst: Path) -> Rule | None:
-    """The rule DST was written with, from its report; None if unknown."""
+def recorded_bound(dst: Path) -> Bound:
+    """The bound of the rule DST's report records; every rule's when unknown."""
     try:
-        return Rule(read_report(dst)["rule"])
+        report = read_report(dst)
+        if report["rule"] == Method.IMATRIX.value:
+            return Bound(depth=int(report[Method.IMATRIX.value]["depth"]))
+        return Bound((Rule(report["rule"]),))
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return Bound()
 
 
-def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor], rule: Rule | None,
+def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor], bound: Bound,
                    dev: torch.device) -> list[Check]:
     """Every source tensor copied (bytes, or a decoded one's values), kept in its source precision (bytes), or
     quantized; each quantized module within its error bound. The source is seen as the planner sees it:
     FP8/MXFP8 weights decoded, gpt-oss experts as their packed rows."""
     coverage = Check("source tensors")
     errors = Check("error bound")
-    rules = (rule,) if rule else tuple(Rule)
     tally = Tally()
     produced: set[str] = set()
     counts: dict[str, int] = defaultdict(int)
@@ -82,7 +85,7 @@ def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor],
             if isinstance(st, PackedExperts):
                 problem = _lossless_error(job, st, out)
             else:
-                problem = _job_error(job, out, rules, dev, tally)
+                problem = _job_error(job, out, bound, dev, tally)
             if problem:
                 errors.failures.append(problem)
     coverage.failures += [f"{n}: in the output but made from no source tensor"
@@ -93,7 +96,7 @@ def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor],
         coverage.failures.append(f"{out.root / CONFIG_NAME}: differs from the source's beyond quantization_config "
                                  f"(keys {keys[:5]})")
     coverage.detail = f"{len(decoded.tensors)} source tensors: " + ", ".join(f"{n} {k}" for k, n in counts.items())
-    errors.detail = tally.detail(rules)
+    errors.detail = tally.detail(bound)
     return [coverage, errors]
 
 
@@ -135,9 +138,9 @@ def _lossless_error(job: QuantJob, experts: PackedExperts, out: Checkpoint[Sourc
     return None if same else f"{job.module}: differs from the source's MXFP4 bytes (a lossless copy was expected)"
 
 
-def _job_error(job: QuantJob, out: Checkpoint[SourceTensor], rules: tuple[Rule, ...], dev: torch.device,
+def _job_error(job: QuantJob, out: Checkpoint[SourceTensor], bound: Bound, dev: torch.device,
                tally: Tally) -> str | None:
-    """Stream one module's source rows and output bytes through `compare_chunk`; a line if it fails."""
+    """Stream one module's source rows and output bytes through the bound; a line if it fails."""
     src = job.source
     packed, scale = out.tensors[job.module + PACKED], out.tensors[job.module + SCALE]
     rows, n = job.row_end - job.row_start, job.in_features
@@ -150,8 +153,8 @@ def _job_error(job: QuantJob, out: Checkpoint[SourceTensor], rules: tuple[Rule, 
     for r0, r1 in row_chunks(rows, n, CHUNK_ELEMENTS):
         w = src.read_rows(job.row_start + r0, job.row_start + r1).to(dev)
         try:
-            c = compare_chunk(w, read_rows(packed.file, packed.info, r0, r1).to(dev),
-                              read_rows(scale.file, scale.info, r0, r1).to(dev), rules)
+            c = bound.compare(w, read_rows(packed.file, packed.info, r0, r1).to(dev),
+                              read_rows(scale.file, scale.info, r0, r1).to(dev))
         except NonFiniteError as exc:
             return f"{src.name}: {exc} in rows {job.row_start + r0}..{job.row_start + r1}"
         over, blocks, worst = over + c.over, blocks + c.blocks, max(worst, c.worst)
@@ -161,11 +164,7 @@ def _job_error(job: QuantJob, out: Checkpoint[SourceTensor], rules: tuple[Rule, 
     tally.modules += 1
     tally.identical += identical
     tally.blocks += blocks
-    if over:
-        return (f"{job.module}: {over} of {blocks} blocks have more error than rule "
-                f"{'/'.join(r.value for r in rules)} gives on the source (worst {worst:.3g}x); "
-                "its scales or codes are wrong")
-    return None
+    return bound.failure(job.module, over, blocks, worst) if over else None
 
 
 @dataclass
@@ -178,8 +177,9 @@ class Tally:
     sq_error: float = 0.0
     sq_norm: float = 0.0
 
-    def detail(self, rules: tuple[Rule, ...]) -> str:
-        names = "/".join(r.value for r in rules)
+    def detail(self, bound: Bound) -> str:
         rel = self.sq_error / self.sq_norm if self.sq_norm else 0.0
-        return (f"{self.modules} modules, {self.blocks} blocks, rel. error {rel:.3e}; "
-                f"{self.identical} modules byte-identical to rule {names} re-run on the source")
+        head = f"{self.modules} modules, {self.blocks} blocks, rel. error {rel:.3e}; "
+        if bound.depth is not None:
+            return head + f"every exponent within R-{bound.depth}..R and every code nearest under it"
+        return head + f"{self.identical} modules byte-identical to rule {bound.name} re-run on the source"

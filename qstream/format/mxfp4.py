@@ -49,7 +49,7 @@ class Quantized:
     scales: torch.Tensor  # uint8 [..., in/32], E + 127
     sq_error: float  # sum((dequantized - w)^2), float64
     sq_norm: float  # sum(w^2), float64
-    offset_counts: tuple[int, int, int]  # blocks whose E is R, R-1, R-2 (R = RCEIL's E)
+    offset_counts: tuple[int, int, int]  # blocks whose E is R, R-1, R-2 or below (R = RCEIL's E)
 
 
 class NonFiniteError(ValueError):
@@ -82,11 +82,18 @@ def rule_exponents(amax: torch.Tensor, rule: Rule) -> torch.Tensor:
 
 
 def e2m1_index(y: torch.Tensor) -> torch.Tensor:
-    """Magnitude index (uint8, 0..7) of non-negative scaled values, nearest with ties to even."""
-    idx = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
-    for mid, tie_up in E2M1_MIDPOINTS:
-        idx += (y >= mid) if tie_up else (y > mid)
-    return idx
+    """Magnitude index (uint8, 0..7) of non-negative float32 scaled values, nearest with ties to even.
+
+    The index counts the midpoints below y; a midpoint that rounds up on a tie is moved one float32 step
+    down, so `y >= mid` becomes `y > mid'` and one bucketize counts them all exactly.
+    """
+    return torch.bucketize(y, _midpoints(y.device), out_int32=True).to(torch.uint8)
+
+
+def _midpoints(device: torch.device) -> torch.Tensor:
+    mids = torch.tensor([m for m, _ in E2M1_MIDPOINTS], dtype=torch.float32, device=device)
+    up = torch.tensor([t for _, t in E2M1_MIDPOINTS], device=device)
+    return torch.where(up, torch.nextafter(mids, torch.zeros_like(mids)), mids)
 
 
 def _magnitudes(device: torch.device) -> torch.Tensor:
@@ -120,27 +127,40 @@ def _mse3_choice(a: torch.Tensor, r: torch.Tensor, lut: torch.Tensor) -> torch.T
     return best_s
 
 
-def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
-    """Quantize w [..., in] (in % 32 == 0) to MXFP4 codes and scales under `rule`."""
+def to_blocks(w: torch.Tensor) -> torch.Tensor:
+    """w [..., in] (in % 32 == 0) as float32 blocks [-1, in/32, 32]; NonFiniteError on NaN or Inf."""
     check_shape(tuple(w.shape))
-    lead, n = tuple(w.shape[:-1]), w.shape[-1]
-    x = w.reshape(-1, n // BLOCK, BLOCK).float()
+    x = w.reshape(-1, w.shape[-1] // BLOCK, BLOCK).float()
     if not torch.isfinite(x).all():
         raise NonFiniteError(f"{int((~torch.isfinite(x)).sum())} NaN or Inf value(s)")
+    return x
+
+
+def quantize(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
+    """Quantize w [..., in] (in % 32 == 0) to MXFP4 codes and scales under `rule`."""
+    x = to_blocks(w)
     a = x.abs()
     amax = a.amax(-1)
-    lut = _magnitudes(w.device)
     r = rule_exponents(amax, Rule.RCEIL)
     if rule is Rule.MSE3:
-        e = r - _mse3_choice(a, r, lut)
+        e = r - _mse3_choice(a, r, _magnitudes(w.device))
     else:
         e = rule_exponents(amax, rule)
+    return encode(x, e, r, tuple(w.shape))
+
+
+def encode(x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, shape: tuple[int, ...]) -> Quantized:
+    """Blocks x [-1, in/32, 32] under the chosen exponents e, every element rounded to nearest (ties to
+    even); r is RCEIL's exponent per block, for the offset counts; shape is the weight's own."""
+    lead, n = shape[:-1], shape[-1]
+    a = x.abs()
+    lut = _magnitudes(x.device)
     y = _scaled(a, e)
     idx = e2m1_index(y)
     q = lut[idx.long()]
     codes = idx | ((torch.signbit(x) & (idx > 0)).to(torch.uint8) << 3)
     d = (q - y).double()
-    scale2 = torch.ldexp(torch.ones((), dtype=torch.float64, device=w.device), 2 * e.double())  # (2^E)^2 per block
+    scale2 = torch.ldexp(torch.ones((), dtype=torch.float64, device=x.device), 2 * e.double())  # (2^E)^2 per block
     sq_error = float(((d * d).sum(-1) * scale2).sum())
     offsets = (r - e).clamp(0, 2).flatten()
     counts = torch.bincount(offsets.long(), minlength=3)

@@ -1,4 +1,5 @@
-"""The MXFP4 block size and the exponent rules, one table: name, formula, kernel code, candidates searched.
+"""The MXFP4 block size and the exponent rules, one table: name, formula, kernel code, candidates searched;
+and the methods (data-free rule, or imatrix from calibration statistics), one table too.
 
 Plain tables without torch: the CLI builds its `--rule` choices and help from them without importing torch.
 
@@ -60,6 +61,25 @@ RULES: dict[Rule, RuleSpec] = {
     Rule.MSE3: RuleSpec("least squared error of {R-2, R-1, R}, R = rceil", 3, candidates=(0, 1, 2), searched=(0, 1)),
 }
 assert all(s.searched == tuple(range(len(s.searched))) for s in RULES.values())  # the kernels count from 0
+
+
+class Method(str, enum.Enum):
+    """How the exponents are chosen: from the weights alone by --rule, or also from calibration statistics."""
+
+    RTN = "rtn"
+    IMATRIX = "imatrix"
+
+    @property
+    def doc(self) -> str:
+        return METHODS[self]
+
+
+# Read by the CLI (`--method` choices and help), the report (an imatrix run records it as its rule) and verify.
+METHODS: dict[Method, str] = {
+    Method.RTN: "each block's exponent by --rule from the weights alone",
+    Method.IMATRIX: "per block, the exponent of least activation-weighted squared error, from calibration "
+                    "statistics (--calib); modules without statistics use mse3",
+}
 
 
 def c_defines() -> tuple[str, ...]:

@@ -44,6 +44,11 @@ def temp_dir_for(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.qstream-partial"
 
 
+def calib_dir_for(dst: Path) -> Path:
+    """Where `quantize --method imatrix` without --calib writes the statistics it calibrates first."""
+    return dst.parent / f".{dst.name}.qstream-calib"
+
+
 def copy_side_files(src: Path, tmp: Path, also_skip: frozenset[str] = frozenset()) -> list[str]:
     """Tokenizer, templates, licences, ...: every non-weight file, unchanged (but those in `also_skip`)."""
     skip = {CONFIG_NAME, INDEX_NAME, *also_skip}

@@ -31,7 +31,7 @@ from qstream.format.formats import (
     scheme_format,
 )
 from qstream.format.mxfp4 import BLOCK
-from qstream.format.rules import Rule
+from qstream.format.rules import Method, Rule
 from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.selection import ROLES, Region, Role, region_of, role_of
 
@@ -210,7 +210,6 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
     base = Path(report["source"]).name
     name = name or dst.resolve().name
     totals = report["totals"]
-    rule = Rule(report["rule"])
     front = {k: carried[k] for k in CARRIED_KEYS if k in carried}
     front.update({"base_model": carried.get("base_model", base), "tags": "[mxfp4, compressed-tensors, vllm, qstream]"})
     moe = (f"{facts['experts']} experts, {facts['experts_per_token']} routed per token"
@@ -243,7 +242,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         "## Method", "",
         f"- Format: MXFP4 (OCP Microscaling): E2M1 elements, E8M0 scale per block of {BLOCK} along the input "
         f"dimension; compressed-tensors {mxfp4} (uint8 scales, even column in the low nibble).",
-        f"- Exponent rule: `{rule.value}`: {rule.doc}. Data-free: no calibration data.",
+        _rule_line(report),
         f"- {totals['tensors_quantized']} tensors, {totals['params_quantized']:,} parameters quantized; "
         f"relative weight error sum((Wq-W)^2)/sum(W^2) = {totals['rel_error']:.3e}.",
         "- Kept as they were (the `ignore` list, as vLLM matches it):",
@@ -270,6 +269,20 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         "",
     ]
     return "\n".join(lines)
+
+
+def _rule_line(report: dict) -> str:
+    """How the exponents were chosen: a data-free rule, or imatrix with what its statistics covered."""
+    im = report.get(Method.IMATRIX.value)
+    if im is None:
+        rule = Rule(report["rule"])
+        return f"- Exponent rule: `{rule.value}`: {rule.doc}. Data-free: no calibration data."
+    total = im["modules_imatrix"] + im["modules_fallback"]
+    return (f"- Exponent rule: `{Method.IMATRIX.value}`: per block, of {im['candidates']} (R = rceil's), the "
+            f"exponent of least activation-weighted squared error sum_j a_j (q_j - w_j)^2, a_j = {im['weights']} "
+            f"from calibration statistics (`{Path(im['stats']).name}`, made by `qstream calibrate`); elements "
+            f"rounded to nearest. {im['modules_fallback']} of {total} modules had no statistics and used "
+            f"`{im['fallback_rule']}`.")
 
 
 def write_card(dst: Path, source_readme: Path | None = None, name: str | None = None) -> Path:
