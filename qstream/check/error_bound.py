@@ -130,8 +130,8 @@ def compare_fast(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bo
     """`bound.compare`'s verdict with `kernel` re-quantizing, and what the kernel wrote per rule it ran (for the
     audit that holds it to the torch path).
 
-    Rules: each of bound.rules is run until every block equals some rule's bytes; blocks that equal none are
-    held to the torch bound (compare_chunk). Imatrix: a block equal to a candidate rule's bytes has the nearest
+    Rules: each of bound.rules is run until one's bytes equal the output's; blocks that equal no rule's bytes
+    are held to the torch bound (compare_chunk). Imatrix: a block equal to a candidate rule's bytes has the nearest
     codes under its exponent, which is then checked against R (RCEIL's bytes); the others go to
     nearest_code_problems.
     """
@@ -144,7 +144,7 @@ def compare_fast(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bo
             return ChunkComparison(q.sq_error, q.sq_norm, scales.numel(), 0, 1.0, True), ran
         differs = ~blocks_equal(q, packed, scales)
         unmatched = differs if unmatched is None else unmatched & differs
-        if not unmatched.any():
+        if bound.depth is not None and not unmatched.any():  # (rules: any of them may still match whole)
             break
     assert unmatched is not None  # rules is never empty
     over, worst = 0, 1.0
