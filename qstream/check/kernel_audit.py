@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,14 +59,17 @@ class Sampling:
 DEFAULT_SAMPLING = Sampling()
 
 
-@dataclass
 class _Pending:
-    """Sampled blocks gathered for one rule: source blocks and the kernel's bytes for them, per tensor."""
+    """Sampled blocks gathered for one rule: source blocks (float32, exact for every input dtype) and the kernel's
+    bytes for them, in buffers allocated once: many small long-lived tensors among the chunks' large ones would
+    keep the allocator from returning freed memory (glibc held 1 GiB that way)."""
 
-    names: list[str] = field(default_factory=list)
-    w: list[torch.Tensor] = field(default_factory=list)
-    packed: list[torch.Tensor] = field(default_factory=list)
-    scales: list[torch.Tensor] = field(default_factory=list)
+    def __init__(self, device: torch.device) -> None:
+        self.w = torch.empty(FLUSH_BLOCKS, BLOCK, device=device)
+        self.packed = torch.empty(FLUSH_BLOCKS, BLOCK // 2, dtype=torch.uint8, device=device)
+        self.scales = torch.empty(FLUSH_BLOCKS, 1, dtype=torch.uint8, device=device)
+        self.spans: list[tuple[str, int]] = []  # (tensor, blocks) in buffer order
+        self.used = 0
 
 
 class KernelAudit:
@@ -75,45 +78,41 @@ class KernelAudit:
 
     def __init__(self, sampling: Sampling, backend: str) -> None:
         self.sampling, self.backend = sampling, backend
-        self._pending: dict[Rule, _Pending] = defaultdict(_Pending)
-        self._gathered = 0
+        self._pending: dict[Rule, _Pending] = {}
         self.drawn: dict[str, int] = defaultdict(int)  # distinct blocks audited per tensor
         self.wrong: dict[tuple[str, Rule], int] = defaultdict(int)
         self.audited: dict[tuple[str, Rule], int] = defaultdict(int)
 
     def add(self, name: str, local: torch.Tensor | None, w: torch.Tensor, ran: dict[Rule, Quantized]) -> None:
         """The blocks `local` (flat indices into the chunk; None: all) of chunk w and the kernel's bytes for them."""
-        wb = w.reshape(-1, BLOCK)
-        if local is not None:
-            local = local.to(w.device)
-        pick = (lambda t: t) if local is None else (lambda t: t[local])
-        k = wb.shape[0] if local is None else local.numel()
-        if not k:
-            return
-        self.drawn[name] += k
-        for rule, q in ran.items():
-            p = self._pending[rule]
-            p.names.append(name)
-            p.w.append(pick(wb))
-            p.packed.append(pick(q.packed.reshape(-1, BLOCK // 2)))
-            p.scales.append(pick(q.scales.reshape(-1, 1)))
-            self._gathered += k
-        if self._gathered >= FLUSH_BLOCKS:
-            self.flush()
+        idx = torch.arange(w.numel() // BLOCK) if local is None else local
+        self.drawn[name] += idx.numel()
+        for part in idx.to(w.device).split(FLUSH_BLOCKS):
+            for rule, q in ran.items():
+                p = self._pending.get(rule) or self._pending.setdefault(rule, _Pending(w.device))
+                if p.used + part.numel() > FLUSH_BLOCKS:
+                    self._check(rule, p)
+                k, end = part.numel(), p.used + part.numel()
+                p.w[p.used:end] = w.reshape(-1, BLOCK)[part]
+                p.packed[p.used:end] = q.packed.reshape(-1, BLOCK // 2)[part]
+                p.scales[p.used:end] = q.scales.reshape(-1, 1)[part]
+                p.spans.append((name, k))
+                p.used = end
 
-    def flush(self) -> None:
-        """Re-quantize everything gathered with the torch path and count the blocks where the kernel differs."""
-        for rule, p in self._pending.items():
-            q = quantize(torch.cat(p.w), rule)
-            same = blocks_equal(q, torch.cat(p.packed), torch.cat(p.scales)).reshape(-1)
-            for name, part in zip(p.names, same.split([t.shape[0] for t in p.w])):
-                self.audited[name, rule] += part.numel()
+    def _check(self, rule: Rule, p: _Pending) -> None:
+        """Re-quantize what `p` holds with the torch path and count the blocks where the kernel's bytes differ."""
+        if p.used:
+            q = quantize(p.w[:p.used], rule)
+            same = blocks_equal(q, p.packed[:p.used], p.scales[:p.used]).reshape(-1)
+            for (name, k), part in zip(p.spans, same.split([k for _, k in p.spans])):
+                self.audited[name, rule] += k
                 self.wrong[name, rule] += int((~part).sum())
-        self._pending.clear()
-        self._gathered = 0
+        p.spans.clear()
+        p.used = 0
 
     def failures(self) -> list[str]:
-        self.flush()
+        for rule, p in self._pending.items():
+            self._check(rule, p)
         return [f"{name}: the {self.backend} kernel's {rule.value} bytes differ from the torch path's on {bad} of "
                 f"{self.audited[name, rule]} sampled blocks; the fast check cannot vouch for this output: rerun "
                 "with --full (and report this qstream bug)"

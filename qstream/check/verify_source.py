@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,18 @@ def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor],
     checks = Check("source tensors"), Check("error bound")
     decoded = decode_checkpoint(src)
     work, produced, counts = _work(decoded, out)
+    found: list[_Found | Future[_Found]] = []  # source tensors' failures, in order (copies compared on a thread)
+    quantized = _Quantized(bound, dev, None if full else KernelAudit(sampling, backend_name(dev)), checks[1])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qstream-compare") as copies:
+        for item in prefetch(_read(work, out, TORCH_CHUNK_ELEMENTS if full else CHUNK_ELEMENTS, copies), READ_AHEAD):
+            if isinstance(item, _JobChunk):
+                quantized.compare(item)
+            elif isinstance(item, Future) or item.check == 0:
+                found.append(item)
+            else:
+                checks[1].failures += item.failures
+        for f in found:
+            checks[0].failures += (f.result() if isinstance(f, Future) else f).failures
     checks[0].failures += [f"{n}: in the output but made from no source tensor"
                            for n in out.tensors if n not in produced]
     config = {k: v for k, v in out.config.items() if k != "quantization_config"}
@@ -107,58 +120,65 @@ def against_source(src: Checkpoint[SourceTensor], out: Checkpoint[SourceTensor],
         keys = sorted(k for k in config.keys() | decoded.config.keys() if config.get(k) != decoded.config.get(k))
         checks[0].failures.append(f"{out.root / CONFIG_NAME}: differs from the source's beyond quantization_config "
                                   f"(keys {keys[:5]})")
-    tally = Tally()
-    audit = None if full else KernelAudit(sampling, backend_name(dev))
-    samples: dict[str, torch.Tensor | None] = {}
-    module = _Module()
-    chunk = TORCH_CHUNK_ELEMENTS if full else CHUNK_ELEMENTS
-    for item in prefetch(_read(work, out, chunk), READ_AHEAD):
-        if isinstance(item, _Found):
-            checks[item.check].failures += item.failures
-            continue
-        job = item.job
-        if module.job is not job:
-            module = _Module(job)
-        if module.failed:
-            continue
-        w, packed, scales = (t.to(dev, non_blocking=True) for t in (item.w, item.packed, item.scales))
-        try:
-            if audit is None:
-                c = bound.compare(w, packed, scales)
-            else:
-                c, ran = compare_fast(w, packed, scales, bound, quantize_fast)
-                name = job.source.name
-                if name not in samples:
-                    samples[name] = sampling.blocks(name, job.source.info.numel // BLOCK)
-                bpr = job.in_features // BLOCK
-                lo, hi = (job.row_start + item.r0) * bpr, (job.row_start + item.r1) * bpr
-                audit.add(name, _within(samples[name], lo, hi), w, ran)
-        except NonFiniteError as exc:
-            module.failed = True
-            rows = f"{job.row_start + item.r0}..{job.row_start + item.r1}"
-            checks[1].failures.append(f"{job.source.name}: {exc} in rows {rows}")
-            continue
-        module.add(c)
-        if item.last:
-            tally.add(module)
-            if module.over:
-                checks[1].failures.append(bound.failure(job.module, module.over, module.blocks, module.worst))
     checks[0].detail = f"{len(decoded.tensors)} source tensors: " + ", ".join(f"{n} {k}" for k, n in counts.items())
-    checks[1].detail = tally.detail(bound)
-    if audit is None:
-        checks[1].detail += "; every block re-quantized by the torch path (--full)"
-    else:
-        checks[1].failures += audit.failures()
-        checks[1].detail += "; " + audit.detail()
+    quantized.finish()
     return list(checks)
 
 
-def _within(sample: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
-    """The sampled block indices in [lo, hi), relative to lo (None: all blocks are sampled)."""
-    if sample is None:
-        return None
-    a, b = torch.searchsorted(sample, torch.tensor([lo, hi])).tolist()
-    return sample[a:b] - lo
+class _Quantized:
+    """The error-bound check of quantized modules, fed chunk by chunk in order."""
+
+    def __init__(self, bound: Bound, dev: torch.device, audit: KernelAudit | None, check: Check) -> None:
+        self.bound, self.dev, self.audit, self.check = bound, dev, audit, check
+        self.tally = Tally()
+        self.module = _Module()
+        self.samples: dict[str, torch.Tensor | None] = {}
+
+    def compare(self, item: _JobChunk) -> None:
+        job = item.job
+        if self.module.job is not job:
+            self.module = _Module(job)
+        module = self.module
+        if module.failed:
+            return
+        w, packed, scales = (t.to(self.dev, non_blocking=True) for t in (item.w, item.packed, item.scales))
+        try:
+            if self.audit is None:
+                c = self.bound.compare(w, packed, scales)
+            else:
+                c, ran = compare_fast(w, packed, scales, self.bound, quantize_fast)
+                self.audit.add(job.source.name, self._sampled(item, self.audit.sampling), w, ran)
+        except NonFiniteError as exc:
+            module.failed = True
+            rows = f"{job.row_start + item.r0}..{job.row_start + item.r1}"
+            self.check.failures.append(f"{job.source.name}: {exc} in rows {rows}")
+            return
+        module.add(c)
+        if item.last:
+            self.tally.add(module)
+            if module.over:
+                self.check.failures.append(self.bound.failure(job.module, module.over, module.blocks, module.worst))
+
+    def _sampled(self, item: _JobChunk, sampling: Sampling) -> torch.Tensor | None:
+        """The chunk's blocks in its tensor's sample, as flat indices into the chunk (None: all)."""
+        job, name = item.job, item.job.source.name
+        if name not in self.samples:
+            self.samples[name] = sampling.blocks(name, job.source.info.numel // BLOCK)
+        sample = self.samples[name]
+        if sample is None:
+            return None
+        bpr = job.in_features // BLOCK
+        lo, hi = (job.row_start + item.r0) * bpr, (job.row_start + item.r1) * bpr
+        a, b = torch.searchsorted(sample, torch.tensor([lo, hi])).tolist()
+        return sample[a:b] - lo
+
+    def finish(self) -> None:
+        self.check.detail = self.tally.detail(self.bound)
+        if self.audit is None:
+            self.check.detail += "; every block re-quantized by the torch path (--full)"
+        else:
+            self.check.failures += self.audit.failures()
+            self.check.detail += "; " + self.audit.detail()
 
 
 def _work(decoded: Checkpoint[CheckpointTensor], out: Checkpoint[SourceTensor]
@@ -199,14 +219,15 @@ def _work(decoded: Checkpoint[CheckpointTensor], out: Checkpoint[SourceTensor]
     return work, produced, counts
 
 
-def _read(work: list[_Work], out: Checkpoint[SourceTensor], chunk: int) -> Iterator[_Found | _JobChunk]:
-    """Run on the reader thread: copies and lossless modules compared outright, quantized modules read in row
-    chunks of at most `chunk` source elements beside the output's bytes for them."""
+def _read(work: list[_Work], out: Checkpoint[SourceTensor], chunk: int,
+          copies: ThreadPoolExecutor) -> Iterator[_Found | Future[_Found] | _JobChunk]:
+    """Run on the reader thread: copies handed to `copies` to compare, lossless modules compared outright,
+    quantized modules read in row chunks of at most `chunk` source elements beside the output's bytes for them."""
     for item in work:
         if isinstance(item, _Found):
             yield item
         elif isinstance(item, _CopyWork):
-            yield _Found(0, _copy_problems(item.src, item.out))
+            yield copies.submit(lambda c: _Found(0, _copy_problems(c.src, c.out)), item)
         elif isinstance(item, _LosslessWork):
             problem = _lossless_error(item.job, item.experts, out)
             yield _Found(1, [problem] if problem else [])
