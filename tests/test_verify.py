@@ -2,11 +2,14 @@
 
 Outputs are written by the real `qstream quantize` (in-process) from the tiny real-layout fixtures,
 then broken on disk the way peers' tools broke theirs: scale bytes off by a constant, NaN scales,
-fused experts left in BF16 without an ignore entry, a missing tensor, a stale index.
+fused experts left in BF16 without an ignore entry, a missing tensor, a stale index. The fast source check is
+held to the torch path: same verdicts, a block outside the kernel audit's sample still caught, and a broken
+kernel (even one that wrote the output) caught by the audit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,12 +24,17 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from qstream.check.error_bound import block_errors, compare_chunk
+from qstream.calib.imatrix import quantize_weighted
+from qstream.check import verify_source
+from qstream.check.error_bound import Bound, block_errors, compare_chunk, compare_fast
+from qstream.check.kernel_audit import Sampling
 from qstream.check.verify import verify, verify_written
 from qstream.cli import cli
 from qstream.common import REPORT_NAME
+from qstream.convert import pipeline
 from qstream.errors import QstreamError
-from qstream.format.mxfp4 import pack_codes, quantize, unpack_codes
+from qstream.format.kernels import quantize_fast
+from qstream.format.mxfp4 import Quantized, pack_codes, quantize, unpack_codes
 from qstream.format.rules import Rule
 from qstream.io.checkpoint import CONFIG_NAME, IN_PROGRESS_MARKER, INDEX_NAME, open_checkpoint
 
@@ -280,6 +288,81 @@ def test_bound_ignores_tie_direction() -> None:
     assert compare_chunk(w, pack_codes(other), q.scales, (Rule.FLOOR,)).over == 1
 
 
+# ------------------------------------------------------------------------- the fast check and its audit
+
+FUSED = f"{L0}.mlp.experts.gate_up_proj"  # EXPERT's source: [8, 64, 64], 1024 blocks; EXPERT is rows 64..95
+
+
+def error_check(report) -> object:
+    return next(c for c in report.checks if c.name == "error bound")
+
+
+@pytest.mark.parametrize("bound", [Bound((Rule.MSE3,)), Bound(), Bound(depth=2)], ids=["mse3", "any rule", "imatrix"])
+def test_fast_comparison_reaches_the_torch_verdict(bound: Bound) -> None:
+    """compare_fast (kernel bytes, torch on the blocks they do not vouch for) = Bound.compare (torch everywhere)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 256, generator=g).to(torch.bfloat16)
+    q = quantize_weighted(w, torch.rand(256, generator=g) + 0.1) if bound.depth else quantize(w, Rule.MSE3)
+    scales, codes = q.scales.clone(), unpack_codes(q.packed)
+    scales[3, 2] += 1
+    scales[7, 0] -= 2
+    codes[10, 40] ^= 0x1
+    codes[20, 100] ^= 0x8
+    for packed, sc in ((q.packed, q.scales), (pack_codes(codes), scales)):
+        fast, ran = compare_fast(w, packed, sc, bound, quantize_fast)
+        slow = bound.compare(w, packed, sc)
+        assert (fast.over, fast.blocks, fast.identical) == (slow.over, slow.blocks, slow.identical)
+        assert fast.worst == pytest.approx(slow.worst) and fast.sq_error == pytest.approx(slow.sq_error)
+        assert ran and all(torch.equal(k.packed, quantize(w, r).packed) for r, k in ran.items())
+    assert slow.over >= 3  # the corruptions are caught, not just agreed on
+
+
+def test_sampling_is_seeded_per_tensor() -> None:
+    blocks = 10**6
+    a = Sampling().blocks("a", blocks)
+    assert a is not None and torch.equal(a, Sampling().blocks("a", blocks))  # reproducible
+    assert not torch.equal(a, Sampling().blocks("b", blocks))  # another tensor, another sample
+    assert not torch.equal(a, Sampling(seed=1).blocks("a", blocks))
+    assert 900 < a.numel() <= blocks // 1024 and int(a.max()) < blocks and bool((a[1:] > a[:-1]).all())
+    assert Sampling().blocks("small", 256) is None  # audited whole
+
+
+def test_corrupt_block_outside_the_sample_is_caught(broken: Path, tiny_qwen35: Path) -> None:
+    """The audit samples blocks, the comparison does not: a block the sample missed still fails the bound."""
+    sample = Sampling().blocks(FUSED, 8 * 64 * 64 // 32)
+    assert sample is not None
+    row, blk = next((r, b) for r in range(32) for b in range(2) if (64 + r) * 2 + b not in set(sample.tolist()))
+    shift_scales(-1, rows=slice(row, row + 1), blocks=slice(blk, blk + 1))(broken)
+    check = error_check(verify(broken, tiny_qwen35))
+    assert len(check.failures) == 1 and check.failures[0].startswith(f"{EXPERT}: 1 of 64 blocks have more error")
+    assert "held to the torch path on" in check.detail
+
+
+def broken_kernel(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
+    """A systematic kernel bug: every 16th block's exponent one too large (the codes still fit it)."""
+    q = quantize_fast(w, rule)
+    scales = q.scales.clone()
+    scales.view(-1)[5::16] += 1
+    return dataclasses.replace(q, scales=scales)
+
+
+def test_broken_kernel_is_caught_by_the_audit(tiny_qwen35: Path, qwen35_out: Path, tmp_path: Path,
+                                              monkeypatch) -> None:
+    """A kernel bug cannot vouch for itself: an output it wrote passes the fast comparison block for block, and
+    only the torch audit of the sample sees it; a good output checked with it passes no bad block either."""
+    monkeypatch.setattr(pipeline, "quantize_fast", broken_kernel)
+    monkeypatch.setattr(verify_source, "quantize_fast", broken_kernel)
+    run_quantize(tiny_qwen35, tmp_path / "out")
+    check = error_check(verify(tmp_path / "out", tiny_qwen35, sampling=Sampling(min_draws=16, share=10**9)))
+    assert check.failures and all("kernel's mse3 bytes differ from the torch path's" in f and "--full" in f
+                                  for f in check.failures), check.failures
+    assert any(f.startswith(f"{FUSED}: ") for f in check.failures)
+    full = error_check(verify(tmp_path / "out", tiny_qwen35, full=True))
+    assert full.failures and all("more error than rule mse3 gives" in f for f in full.failures)
+    good = error_check(verify(qwen35_out, tiny_qwen35))
+    assert good.failures and all("kernel's mse3 bytes differ" in f for f in good.failures)
+
+
 def test_verify_written_accepts_unfinished_and_raises_on_failure(broken: Path) -> None:
     (broken / IN_PROGRESS_MARKER).write_text("")
     verify_written(broken)
@@ -299,7 +382,9 @@ def qstream(*args: str) -> subprocess.CompletedProcess:
 def test_cli_exit_codes_and_output(qwen35_out: Path, broken: Path, tiny_qwen35: Path) -> None:
     good = qstream("verify", str(qwen35_out), "--source", str(tiny_qwen35))
     assert good.returncode == 0 and good.stdout.startswith(f"verify {qwen35_out} against {tiny_qwen35}: OK")
-    assert "error bound" in good.stdout and good.stderr == ""
+    assert "error bound" in good.stdout and "(seed 0)" in good.stdout and good.stderr == ""
+    res = CliRunner().invoke(cli, ["verify", str(qwen35_out), "--source", str(tiny_qwen35), "--full", "--seed", "3"])
+    assert res.exit_code == 0 and "every block re-quantized by the torch path (--full)" in res.output
     shift_scales(+1)(broken)
     bad = qstream("verify", str(broken), "--source", str(tiny_qwen35), "--json")
     assert bad.returncode == 1, bad.stderr

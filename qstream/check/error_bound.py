@@ -7,19 +7,39 @@ nibble-order bug tens of times. An imatrix output (exponents chosen from calibra
 verify does not read) is held to what holds for any choice within its candidate set: each block's exponent
 within R-depth..R (R = rceil's) and every code the nearest E2M1 value under the stored exponent
 (qstream.calib.imatrix).
+
+`compare_fast` reaches the same verdict with a fast quantizer (the C or Triton kernel): a block whose bytes equal
+the kernel's re-quantization under a rule meets that rule's bound by definition, and only the blocks that equal no
+rule's bytes go through the torch functions above. That verdict is as good as the kernel, which
+qstream.check.kernel_audit holds to the torch path on a sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qstream.calib.imatrix import nearest_code_problems
-from qstream.format.mxfp4 import BLOCK, E8M0_BIAS, E_MAX, dequantize, quantize
+from qstream.format.mxfp4 import BLOCK, E8M0_BIAS, E_MAX, E_MIN, Quantized, dequantize, quantize
 from qstream.format.rules import Method, Rule
 
 ERROR_TOLERANCE = 1e-9  # relative slack on a block's squared error: float64 summation only
+TORCH_BLOCKS = 128 * 1024  # blocks the torch fallback of compare_fast holds at once (4 Mi elements)
+# Rules whose kernel bytes stand in for an imatrix block's nearest codes: RCEIL (it also gives R) and the two
+# rules most often choosing the imatrix exponent; a block under any other exponent goes to the torch check.
+NEAREST_CANDIDATES = (Rule.RCEIL, Rule.MSE3, Rule.FLOOR)
+
+Quantizer = Callable[[torch.Tensor, Rule], Quantized]  # qstream.format.kernels.quantize_fast's signature
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal, through numpy on CPU: torch's is a parallel elementwise op, 200x slower on 2 loaded cores."""
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        return torch.equal(a, b)
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a.numpy(), b.numpy()))
 
 
 def block_errors(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -51,7 +71,7 @@ def compare_chunk(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     qs = [quantize(w, r) for r in rules]
     blocks = scales.numel()
     for q in qs:
-        if torch.equal(q.packed, packed) and torch.equal(q.scales, scales):
+        if same_bytes(q.packed, packed) and same_bytes(q.scales, scales):
             return ChunkComparison(q.sq_error, q.sq_norm, blocks, 0, 1.0, True)
     got = block_errors(w, packed, scales)
     bound = torch.stack([block_errors(w, q.packed, q.scales) for q in qs]).amax(0)
@@ -110,3 +130,54 @@ class Bound:
         codes = "" if self.method == Method.GPTQ else " or codes that are not the nearest values under their exponent"
         return (f"{module}: {over} of {blocks} blocks have an exponent outside R-{self.depth}..R{codes}; its scales "
                 "or codes are wrong")
+
+
+def blocks_equal(q: Quantized, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """bool [rows, in/32]: blocks whose scale byte and 16 code bytes equal q's."""
+    codes = (q.packed == packed).reshape(*scales.shape, BLOCK // 2).all(-1)
+    return codes & (q.scales == scales)
+
+
+def _block_parts(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                 idx: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The blocks idx (all if None) of w/packed/scales as [k, 32] / [k, 16] / [k, 1], at most TORCH_BLOCKS
+    per part: the torch functions hold float64 copies of what they are given."""
+    blocks = w.reshape(-1, BLOCK), packed.reshape(-1, BLOCK // 2), scales.reshape(-1, 1)
+    if idx is None:
+        return list(zip(*(b.split(TORCH_BLOCKS) for b in blocks)))
+    return [tuple(b[part] for b in blocks) for part in idx.split(TORCH_BLOCKS) if part.numel()]  # type: ignore[misc]
+
+
+def compare_fast(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bound: Bound,
+                 kernel: Quantizer) -> tuple[ChunkComparison, dict[Rule, Quantized]]:
+    """`bound.compare`'s verdict with `kernel` re-quantizing, and what the kernel wrote per rule it ran (for the
+    audit that holds it to the torch path).
+
+    Rules: each of bound.rules is run until one's bytes equal the output's; blocks that equal no rule's bytes
+    are held to the torch bound (compare_chunk). Imatrix: a block equal to a candidate rule's bytes has the nearest
+    codes under its exponent, which is then checked against R (RCEIL's bytes); the others go to
+    nearest_code_problems.
+    """
+    rules = bound.rules if bound.depth is None else NEAREST_CANDIDATES
+    ran: dict[Rule, Quantized] = {}
+    unmatched: torch.Tensor | None = None
+    for rule in rules:
+        q = ran[rule] = kernel(w, rule)
+        if bound.depth is None and same_bytes(q.packed, packed) and same_bytes(q.scales, scales):
+            return ChunkComparison(q.sq_error, q.sq_norm, scales.numel(), 0, 1.0, True), ran
+        differs = ~blocks_equal(q, packed, scales)
+        unmatched = differs if unmatched is None else unmatched & differs
+        if bound.depth is not None and not unmatched.any():  # (rules: any of them may still match whole)
+            break
+    assert unmatched is not None  # rules is never empty
+    over, worst = 0, 1.0
+    if bound.depth is not None:  # matched blocks: nearest codes; their exponent against the kernel's R
+        r = ran[Rule.RCEIL].scales.to(torch.int32) - E8M0_BIAS
+        e = scales.to(torch.int32) - E8M0_BIAS
+        over += int((~unmatched & ((e > r) | (e < (r - bound.depth).clamp(min=E_MIN)))).sum())
+    for part in _block_parts(w, packed, scales, unmatched.reshape(-1).nonzero().squeeze(1)):
+        c = bound.compare(*part)
+        over += c.over
+        worst = max(worst, c.worst)
+    got = sum(float(block_errors(*part).sum()) for part in _block_parts(w, packed, scales))
+    return ChunkComparison(got, next(iter(ran.values())).sq_norm, scales.numel(), over, worst, False), ran

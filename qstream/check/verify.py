@@ -3,7 +3,8 @@ its source.
 
 Each check returns a `Check` (what it looked at, and every failure as one line naming the tensor or file).
 The cheap checks (verify_structure) read headers, config.json and the scale bytes only, so `quantize` runs
-them before publishing; the source checks (verify_source) stream both checkpoints in row chunks.
+them before publishing; the source checks (verify_source) stream both checkpoints in row chunks, re-quantizing
+with the fast kernels held to the torch path on a seeded sample (check.kernel_audit), or with the torch path alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+from qstream.check.kernel_audit import DEFAULT_SAMPLING, Sampling
 from qstream.check.verify_report import Check, VerifyReport
 from qstream.check.verify_source import against_source, recorded_bound
 from qstream.check.verify_structure import CHEAP_CHECKS, layout, quantization_config
@@ -20,12 +22,14 @@ from qstream.errors import QstreamError
 from qstream.io.checkpoint import open_checkpoint, require_dir
 
 
-def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
-           unfinished_ok: bool = False, parse_with_compressed_tensors: bool = True) -> VerifyReport:
+def verify(dst: Path, source: Path | None = None, *, device: str = "cpu", full: bool = False,
+           sampling: Sampling = DEFAULT_SAMPLING, unfinished_ok: bool = False,
+           parse_with_compressed_tensors: bool = True) -> VerifyReport:
     """Run every check on dst (and against source if given); a bad dst gives failures, not exceptions
     (but a dst that is not a directory at all is a usage error).
 
-    `device` ("cpu", "cuda", "auto") is where the source comparison re-quantizes: as costly as quantizing.
+    `device` ("cpu", "cuda", "auto") is where the source comparison re-quantizes: with the fast kernels, audited
+    on the blocks `sampling` draws, about as costly as quantizing; with `full`, every block through the torch path.
     `parse_with_compressed_tensors` also runs compressed-tensors' own config parser when it is installed
     (importing it costs ~180 MiB, which `quantize` does not spend on its own, fixed, config).
     """
@@ -41,7 +45,8 @@ def verify(dst: Path, source: Path | None = None, *, device: str = "cpu",
             fn = functools.partial(fn, external=parse_with_compressed_tensors)
         report.checks += _guarded(name, fn, out)
     if src is not None:
-        report.checks += _guarded("source tensors", against_source, src, out, recorded_bound(dst), dev)
+        report.checks += _guarded("source tensors", against_source, src, out, recorded_bound(dst), dev,
+                                  full, sampling)
     return report
 
 
