@@ -22,6 +22,7 @@ from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
 RULES = [r.value for r in Rule]
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 RESUMABLE = ("quantize", "calibrate")  # commands with --resume
+LOCAL_RAY = "local"  # a bare --ray: start a local Ray instance
 CALIB_SAMPLES, CALIB_SEQ_LEN = 128, 2048  # `qstream calibrate`'s defaults (calib.calibrate.DEFAULT_*, torch-free)
 
 
@@ -123,9 +124,13 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
               help=f"Without --calib: calibration windows [default: {CALIB_SAMPLES}].")
 @click.option("--calib-seq-len", type=int, default=None,
               help=f"Without --calib: tokens per calibration window [default: {CALIB_SEQ_LEN}].")
+@click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None, metavar="[ADDRESS]",
+              help="Write the shards as Ray tasks (pip install 'qstream[ray]'): on the cluster at ADDRESS (host:port, "
+                   "ray://host:port or auto; SRC and DST on a filesystem every node mounts at the same path), or "
+                   "with a bare --ray after SRC DST on a local Ray instance with all cores. Same bytes as without.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
              calib: Path | None, calib_text: Path | None, calib_samples: int | None, calib_seq_len: int | None,
-             **kw) -> None:
+             ray_address: str | None, **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
 
     \b
@@ -136,6 +141,7 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./Kimi-K2 ./Kimi-K2-MXFP4 --resume   # after a crash: finish it
       qstream quantize ./M ./M-MXFP4 --method imatrix --calib ./M-stats   # after: qstream calibrate ./M ./M-stats
       qstream quantize ./M ./M-MXFP4 --method imatrix   # calibrates ./M first
+      qstream quantize ./M ./M-MXFP4 --ray   # a shard per task on a local Ray instance (--ray HOST:PORT: a cluster)
     """
     from qstream.quantize import quantize_checkpoint
     from qstream.report.summary import run_text
@@ -149,6 +155,11 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     given = [k for k, v in calib_opts.items() if v is not None]
     if given and (method != Method.IMATRIX.value or calib is not None):
         raise QstreamError(f"{given[0]} is used by --method imatrix without --calib only; drop it")
+    cluster = None
+    if ray_address is not None:
+        from qstream.cluster import Cluster, check_address
+
+        cluster = Cluster(None if ray_address == LOCAL_RAY else check_address(ray_address))
     plan = _plan(src, **kw)
     progress = not no_progress and sys.stderr.isatty()
     imatrix = None
@@ -160,7 +171,7 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
                                      calib_seq_len or CALIB_SEQ_LEN, device, overwrite, resume, progress)
         imatrix = ChannelWeights(ImatrixSettings(calib), plan)
     report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
-                                 imatrix=imatrix)
+                                 imatrix=imatrix, cluster=cluster)
     click.echo(run_text(report, str(dst)))
 
 

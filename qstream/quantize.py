@@ -7,22 +7,32 @@ writes its model card. Checks and cards sit above the conversion, so the convers
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from qstream.check.verify import verify_written
+from qstream.cluster import Cluster, connected
 from qstream.convert.pipeline import ChannelWeighting, run
+from qstream.convert.scale_out import RayShards
+from qstream.io.staging import check_destination
 from qstream.planning.plan import Plan
 from qstream.report.card import write_card
 
 
 def quantize_checkpoint(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False,
-                        progress: bool = True, resume: bool = False, imatrix: ChannelWeighting | None = None) -> dict:
+                        progress: bool = True, resume: bool = False, imatrix: ChannelWeighting | None = None,
+                        cluster: Cluster | None = None) -> dict:
     """Write DST per the plan, verified and with its model card; returns the run's report. `imatrix`: channel
-    weights from calibration statistics (qstream.calib.channel_weights), for `--method imatrix`."""
+    weights from calibration statistics (qstream.calib.channel_weights), for `--method imatrix`. `cluster`:
+    write the shards as Ray tasks there (`--ray`); the same bytes as without."""
 
     def finish(tmp: Path) -> None:
         verify_written(tmp)  # a failure here is a qstream bug: nothing is published
         write_card(tmp, plan.source.root / "README.md", name=Path(dst).name)
 
-    return run(plan, dst, device=device, overwrite=overwrite, progress=progress, resume=resume, finish=finish,
-               imatrix=imatrix)
+    if cluster:  # before Ray starts: a refused DST costs no cluster
+        check_destination(plan.source.root, dst, overwrite or resume)
+    with connected(cluster) if cluster else contextlib.nullcontext({}) as resources:
+        shards = RayShards(cluster, resources, device) if cluster else None
+        return run(plan, dst, device=device, overwrite=overwrite, progress=progress, resume=resume, finish=finish,
+                   imatrix=imatrix, shards=shards)
