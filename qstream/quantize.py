@@ -7,7 +7,6 @@ writes its model card. Checks and cards sit above the conversion, so the convers
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from qstream.check.verify import verify_written
@@ -30,9 +29,12 @@ def quantize_checkpoint(plan: Plan, dst: Path, device: str = "auto", overwrite: 
         verify_written(tmp)  # a failure here is a qstream bug: nothing is published
         write_card(tmp, plan.source.root / "README.md", name=Path(dst).name)
 
-    if cluster:  # before Ray starts: a refused DST costs no cluster
-        check_destination(plan.source.root, dst, overwrite or resume)
-    with connected(cluster) if cluster else contextlib.nullcontext({}) as resources:
-        shards = RayShards(cluster, resources, device) if cluster else None
+    def convert(shards: RayShards | None = None) -> dict:
         return run(plan, dst, device=device, overwrite=overwrite, progress=progress, resume=resume, finish=finish,
                    imatrix=imatrix, shards=shards)
+
+    if cluster is None:
+        return convert()
+    check_destination(plan.source.root, dst, overwrite or resume)  # before Ray starts: a refused DST costs nothing
+    with connected(cluster) as resources:
+        return convert(RayShards(cluster, resources, device))

@@ -161,7 +161,8 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
     """
     stats: dict[str, TensorStats] = {}
     current: tuple[Job | None, torch.Tensor | None] = (None, None)  # the module in flight and its weights
-    with shard_file(tmp, shard.file_name, shard.entries, partial_suffix) as writer, OrderedWriter(WRITE_BEHIND) as writes:
+    with (shard_file(tmp, shard.file_name, shard.entries, partial_suffix) as writer,
+          OrderedWriter(WRITE_BEHIND) as writes):
         for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
             if isinstance(job, CopyJob):
                 if w is None:
