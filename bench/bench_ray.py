@@ -11,7 +11,7 @@ seconds from its report (Ray's start excluded), GB/s of input over those, speed-
 efficiency (speed-up / N; issue 16 asks >= 0.8 until the disk limits), and whether every output file but the
 report is byte-identical to the one-process output. The shard size sets the parallelism: a shard is a task.
 
-    python bench/bench_ray.py                               # 1 layer, 1 and all-cores workers, 256MB shards
+    python bench/bench_ray.py                               # 1 layer, 1 and all-cores workers, 64MB shards
     python bench/bench_ray.py --layers 4 --workers 1,4,8,16 --json out.json   # on a larger machine
 """
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--workers", default=f"1,{os.cpu_count()}", help="comma-separated worker counts")
-    ap.add_argument("--max-shard-size", default="256MB")
+    ap.add_argument("--max-shard-size", default="64MB", help="a shard is a task [default: 64MB]")
     ap.add_argument("--work", type=Path, default=None, help="[default: $QSTREAM_CACHE/bench-ray]")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", nargs=4, metavar=("SRC", "DST", "N", "SIZE"), help=argparse.SUPPRESS)
@@ -82,12 +82,14 @@ def main() -> None:
     work = args.work or cache_dir() / "bench-ray"
     work.mkdir(parents=True, exist_ok=True)
     src = ensure_checkpoint(work, args.layers)
-    ref = work / "out-one-process"
+    ref = work / "one-process" / "q"  # the card is titled with the directory's name: "q" for every case
+    ref.parent.mkdir(exist_ok=True)
     rows = [case("one process", [sys.executable, "-m", "qstream", "quantize", str(src), str(ref), "--device", "cpu",
                                  "--max-shard-size", args.max_shard_size, "--no-progress", "--overwrite"], src, ref, work)]
     rows[0]["identical"] = True
     for n in map(int, args.workers.split(",")):
-        dst = work / f"out-ray-{n}"
+        dst = work / f"ray-{n}" / "q"
+        dst.parent.mkdir(exist_ok=True)
         row = case(f"ray {n}", [sys.executable, __file__, "--child", str(src), str(dst), str(n), args.max_shard_size],
                    src, dst, work)
         row["workers"], row["identical"] = n, same_outputs(dst, ref)
@@ -106,7 +108,9 @@ def main() -> None:
               f"{f'{speed:.2f}x' if speed else '':>20} | {f'{speed / n:.2f}' if speed else '':>10} | "
               f"{'yes' if r['identical'] else 'NO':>9} |")
     if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "cores": os.cpu_count(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"layers": args.layers, "cores": os.cpu_count(),
+                                         "max_shard_size": args.max_shard_size, "rows": rows}, indent=2))
+    shutil.rmtree(ref)
     if not all(r["identical"] for r in rows):
         raise SystemExit("outputs differ")
 

@@ -21,6 +21,7 @@ from qstream.errors import QstreamError
 
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's node address is loopback (a one-machine cluster)
 MAX_RETRIES = 3  # attempts after the first for a task whose worker process or node died
+CANCEL_WAIT_S = 60  # how long a stopped run waits for its cancelled tasks to end
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def run_tasks(fn: Callable[..., Any], items: Sequence[Any], shared: tuple = (), 
     `shared` is put into the object store once and handed to every task. A task whose worker process or
     node died is run again, up to `max_retries` times (fn must then start its work afresh); an exception
     raised by fn is not retried: it is raised here as itself, and so is a KeyboardInterrupt. Whenever the
-    caller stops early, tasks not yet finished are cancelled. Call it inside `connected`.
+    caller stops early, tasks not yet finished are cancelled, and waited for. Call it inside `connected`.
     """
     ray = _ray(False)
     refs = [ray.put(value) for value in shared]
@@ -107,6 +108,8 @@ def run_tasks(fn: Callable[..., Any], items: Sequence[Any], shared: tuple = (), 
                 raise QstreamError(f"a Ray worker died {max_retries + 1} times running task {i} of {fn.__name__} "
                                    f"({str(exc).splitlines()[0]}); see the Ray logs of the cluster") from None
             yield i, result
-    finally:
+    finally:  # cancel what is left, and wait until it has stopped writing (the caller cleans up after us)
         for ref in pending:
             ray.cancel(ref, force=True)
+        if pending:
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)

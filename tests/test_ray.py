@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from qstream.planning.plan import Plan, QuantJob, make_plan, parse_size
 from qstream.planning.selection import Selection
 from tests.calib_stats import collect_stats
 from tests.fixtures import assert_same_files
+from tests.test_bad_input import assert_refused, nan_in_selected, tree_hashes
 
 os.environ.setdefault(LOCAL_ONLY_ENV, "0")  # the test's cluster listens on loopback only (read at Ray's import)
 ray = pytest.importorskip("ray")
@@ -101,6 +103,15 @@ def test_imatrix_same_bytes(tiny_qwen3_moe_fused: Path, address: str, tmp_path: 
     assert res.exit_code == 0, res.output
     assert_same_files(tmp_path / "ray" / "q", tmp_path / "ref" / "q", skip=(REPORT_NAME,))
     same_report(ref_report, json.loads((tmp_path / "ray" / "q" / REPORT_NAME).read_text()))
+
+
+def test_bad_source_in_a_task(tiny_qwen35: Path, address: str, tmp_path: Path) -> None:
+    """A NaN found by a task: the task's own one-line error, exit 2, nothing that looks finished."""
+    src = Path(shutil.copytree(tiny_qwen35, tmp_path / "src"))
+    name = nan_in_selected(src)
+    before, dst = tree_hashes(src), tmp_path / "q"
+    msg = assert_refused(quantize(src, dst, "--ray", address), name, src, before, dst)
+    assert "fix the source weights" in msg and not temp_dir_for(dst).exists()
 
 
 def victim(plan: Plan) -> int:
