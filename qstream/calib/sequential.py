@@ -25,6 +25,7 @@ ones are run again with their stored results, for their outputs). The same input
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -363,9 +364,8 @@ class GptqModules:
         summary = self.results / SUMMARY_NAME
         if not summary.is_file():
             raise QstreamError(f"{self.results}: no {SUMMARY_NAME}; GPTQ results are incomplete: run again")
-        import json
-
         self.summary = json.loads(summary.read_text())
+        self.solve_report = json.loads((self.results / REPORT_NAME).read_text())  # times: the report's, not the card's
         self.where: dict[str, tuple[Path, TensorInfo, TensorInfo]] = {}
         for path in sorted(self.results.glob("layer-*.safetensors")):
             tensors = read_header(path).tensors
@@ -399,4 +399,5 @@ class GptqModules:
     def describe(self) -> dict:
         s = self.summary
         return {"results": str(self.results), **s["settings"], "tokens": s["tokens"], "cases": s["cases"],
-                "case_meaning": s["case_meaning"], "text": s["text"]}
+                "case_meaning": s["case_meaning"], "text": s["text"], "expert_coverage": s["expert_coverage"],
+                "solve_report": self.solve_report}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +27,7 @@ from qstream.format.mxfp4 import NonFiniteError, Quantized
 from qstream.format.rules import Rule
 from qstream.io.checkpoint import CONFIG_NAME
 from qstream.io.safetensors_io import read_header
-from qstream.io.shards import shard_file, write_index
+from qstream.io.shards import PARTIAL, shard_file, write_index
 from qstream.io.source_formats import PackedExperts
 from qstream.io.staging import copy_side_files, staging, write_json
 from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
@@ -51,6 +51,18 @@ class Calibrated(Protocol):
 
     def describe(self) -> dict:
         """The settings and what calibration gave each module, for the report."""
+
+
+class ShardRunner(Protocol):
+    """Writes the shards a run still needs elsewhere than in this process (qstream.convert.scale_out: as Ray
+    tasks), each with `_write_shard`; the run keeps the plan, resume, the report and publishing."""
+
+    def __call__(self, plan: Plan, todo: Sequence[int], tmp: Path, calibrated: Calibrated | None,
+                 advance: Callable[[int], None]) -> Iterator[tuple[int, dict]]:
+        """Writes plan.shards[i] for each i in todo into tmp; yields (i, its saved statistics) as each is done."""
+
+    def describe(self) -> dict:
+        """Where the shards were written, for the report."""
 
 
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
@@ -142,7 +154,8 @@ def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device
 
 
 def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
-                 advance: Callable[[int], None], calibrated: Calibrated | None = None) -> dict:
+                 advance: Callable[[int], None], calibrated: Calibrated | None = None,
+                 partial_suffix: str = PARTIAL) -> dict:
     """Write one shard, reading ahead and writing behind; it takes its name only when complete.
 
     Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
@@ -150,7 +163,8 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
     """
     stats: dict[str, TensorStats] = {}
     current: tuple[Job | None, Any] = (None, None)  # the module in flight and its calibration data
-    with shard_file(tmp, shard.file_name, shard.entries) as writer, OrderedWriter(WRITE_BEHIND) as writes:
+    with (shard_file(tmp, shard.file_name, shard.entries, partial_suffix) as writer,
+          OrderedWriter(WRITE_BEHIND) as writes):
         for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
             if isinstance(job, CopyJob):
                 if w is None:
@@ -180,6 +194,17 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
         saved = {name: st.as_state() for name, st in stats.items()}
         write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
     return saved
+
+
+def _in_process(device: torch.device) -> Callable[..., Iterator[tuple[int, dict]]]:
+    """The default runner: the shards one after the other, in this process."""
+
+    def write(plan: Plan, todo: Sequence[int], tmp: Path, calibrated: Calibrated | None,
+              advance: Callable[[int], None]) -> Iterator[tuple[int, dict]]:
+        for i in todo:
+            yield i, _write_shard(plan.shards[i], tmp, plan, device, advance, calibrated)
+
+    return write
 
 
 def _completed_shard(tmp: Path, shard: Shard[Job]) -> dict | None:
@@ -213,13 +238,14 @@ def fingerprint(plan: Plan, calibrated: Calibrated | None = None) -> dict:
 
 def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True,
         resume: bool = False, finish: Callable[[Path], None] | None = None,
-        calibrated: Calibrated | None = None) -> dict:
+        calibrated: Calibrated | None = None, shards: ShardRunner | None = None) -> dict:
     """Quantize per the plan into dst; returns the report that is also written to dst.
 
     Every run records its fingerprint, so a run killed at any point can be finished by the
     same command with `resume=True`, redoing at most the shard that was in flight. `finish`
     gets the complete but unpublished output directory (the command's own last steps). With
     `calibrated` (a calibrated method's data checked against this plan), modules are quantized by it.
+    `shards` writes the shards elsewhere (Ray tasks); the output is the same bytes, statistics merged in plan order.
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
@@ -229,18 +255,23 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
                  bookkeeping=(f"*{STATS_SUFFIX}",)) as tmp:
         with tqdm(total=plan.work_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
-            for shard in plan.shards:
-                saved = _completed_shard(tmp, shard) if resume else None
-                if saved is None:
-                    saved = _write_shard(shard, tmp, plan, dev, bar.update, calibrated)
-                else:
+            saved: dict[int, dict] = {}
+            for i, shard in enumerate(plan.shards):
+                done = _completed_shard(tmp, shard) if resume else None
+                if done is not None:
+                    saved[i] = done
                     bar.update(sum(j.bytes_in for j in shard.jobs))
-                for name, state in saved.items():
-                    stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
+            todo = [i for i in range(len(plan.shards)) if i not in saved]
+            written = (shards or _in_process(dev))(plan, todo, tmp, calibrated, bar.update)
+            saved.update(written)
+        for i in range(len(plan.shards)):  # in plan order: the same sums however the shards were written
+            for name, state in saved[i].items():
+                stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
         write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
         write_json(tmp / CONFIG_NAME, plan.output_config())
         side_files = copy_side_files(plan.source.root, tmp)
-        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated)
+        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated,
+                         shards.describe() if shards else None)
         write_json(tmp / REPORT_NAME, report)
         if finish is not None:
             finish(tmp)
@@ -252,7 +283,7 @@ def peak_rss_bytes() -> int:
 
 
 def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
-            side_files: list[str], calibrated: Calibrated | None = None) -> dict:
+            side_files: list[str], calibrated: Calibrated | None = None, scale_out: dict | None = None) -> dict:
     rule = calibrated.method if calibrated else plan.rule.value
     tensors = [stats[name].as_json(name, rule) for name in plan.quantized_sources]
     extra = {rule: {**calibrated.describe(), "fallback_rule": plan.rule.value,
@@ -275,6 +306,7 @@ def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torc
         "kept_source_formats": {fmt: sum(m.fmt == fmt for m in plan.modules) for fmt, _ in plan.kept_schemes},
         "ignore": list(plan.ignore),
         **extra,
+        **({"scale_out": scale_out} if scale_out else {}),
         "totals": {
             "tensors_quantized": len(tensors),
             "params_quantized": params,
