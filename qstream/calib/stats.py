@@ -37,7 +37,7 @@ from qstream.engine.model import StreamedModel
 X2, TOKENS, ROUTED = "x2_sum", "tokens", "routed"
 EXPERT_MODES = ("all", "routed")
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
-GROUP_BYTES_CUDA, GROUP_BYTES_CPU = 256 << 20, 16 << 20  # batched experts' intermediate (down_input_sums)
+GROUP_BYTES_CUDA, GROUP_BYTES_CPU = 256 << 20, 4 << 20  # batched experts' intermediate (down_input_sums)
 
 
 def x2_sum(x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +72,15 @@ class _Target:
     sources: list[str]
     total: _Acc
     experts: int = 0  # > 0: a fused experts parameter [E, ...]
+
+
+def experts_module(name: str) -> tuple[str, int | None]:
+    """A routed expert weight's experts module, and its expert index when the weight is one expert's own:
+    `...mlp.experts.gate_up_proj` -> (`...mlp.experts`, None); `...experts.3.w1.weight` -> (`...experts`, 3)."""
+    m = EXPERT_INDEX.search(name)
+    if m is not None:
+        return name[:m.start()] + ".experts", int(m[1])
+    return name.rpartition(".")[0], None
 
 
 def layer_file(index: int) -> str:
