@@ -300,9 +300,9 @@ def routed_sums(experts: Any, x: torch.Tensor, index: torch.Tensor, up: bool, do
     n_exp = experts.down_proj.shape[0]
     flat = index.reshape(-1)
     keep = flat < n_exp  # an index past the experts (padding) routes nowhere
-    order = torch.argsort(torch.where(keep, flat, n_exp), stable=True)[:int(keep.sum())]
+    ends = torch.bincount(flat[keep], minlength=n_exp).cumsum(0).tolist()  # the one device sync
+    order = torch.argsort(torch.where(keep, flat, n_exp), stable=True)[:ends[-1]]
     xs = x[order // index.shape[-1]]
-    ends = torch.bincount(flat[keep], minlength=n_exp).cumsum(0).tolist()
     inner = experts.down_proj.shape[1 if experts.is_transposed else 2]
     up_x2, down_x2 = (torch.zeros(n_exp, width, dtype=torch.float32, device=x.device) if on else None
                       for on, width in ((up, x.shape[-1]), (down, inner)))
