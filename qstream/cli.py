@@ -514,7 +514,8 @@ def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, work
 @click.option("--source-readme", type=click.Path(path_type=Path), default=None,
               help="The base model's card, whose license and base_model are carried over [default: SOURCE/README.md].")
 def card_cmd(dst: Path, source_readme: Path | None) -> None:
-    """(Re)write DST/README.md from the measurements stored in DST (report, eval results).
+    """(Re)write DST/README.md from the measurements stored in DST (report, eval results), and for an imatrix
+    run of an MoE model its expert coverage heatmap (with the `plot` extra).
 
     \b
     Examples:

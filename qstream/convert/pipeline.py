@@ -72,7 +72,7 @@ WRITE_BEHIND = 6  # writes queued behind it (a chunk is two writes)
 
 @dataclass
 class TensorStats:
-    """Accumulated over every slice of one source tensor."""
+    """Accumulated over every slice of one source tensor; a fused experts tensor [E, out, in] also per expert."""
 
     shape: tuple[int, ...]
     sq_error: float = 0.0
@@ -81,15 +81,24 @@ class TensorStats:
     lossless: bool = False  # copied from MXFP4 already in the source (gpt-oss): no error, no rule
     weighted: int = 0  # modules (experts) quantized by a calibrated method
     fallback: int = 0  # modules of a calibrated run without calibration data: plan.rule
+    expert_sq: list[list[float]] = field(default_factory=list)  # fused experts: [sq_error per expert, sq_norm per]
 
-    def add(self, q: Quantized) -> None:
+    def __post_init__(self) -> None:
+        if len(self.shape) == 3 and not self.expert_sq:
+            self.expert_sq = [[0.0] * self.shape[0], [0.0] * self.shape[0]]
+
+    def add(self, q: Quantized, expert: int = 0) -> None:
         self.sq_error += q.sq_error
         self.sq_norm += q.sq_norm
         self.offsets = [a + b for a, b in zip(self.offsets, q.offset_counts)]
+        if self.expert_sq:
+            self.expert_sq[0][expert] += q.sq_error
+            self.expert_sq[1][expert] += q.sq_norm
 
     def as_state(self) -> dict:
         return {"shape": list(self.shape), "sq_error": self.sq_error, "sq_norm": self.sq_norm, "offsets": self.offsets,
-                "lossless": self.lossless, "weighted": self.weighted, "fallback": self.fallback}
+                "lossless": self.lossless, "weighted": self.weighted, "fallback": self.fallback,
+                "expert_sq": self.expert_sq}
 
     def merge_state(self, state: dict) -> None:
         self.lossless = state["lossless"]
@@ -98,6 +107,8 @@ class TensorStats:
         self.offsets = [a + b for a, b in zip(self.offsets, state["offsets"])]
         self.weighted += state["weighted"]
         self.fallback += state["fallback"]
+        self.expert_sq = [[a + b for a, b in zip(mine, theirs)] for mine, theirs in zip(self.expert_sq,
+                                                                                        state["expert_sq"])]
 
     def as_json(self, name: str, rule: str) -> dict:
         blocks = sum(self.offsets) or 1
@@ -106,8 +117,12 @@ class TensorStats:
             "shape": list(self.shape),
             "rule": "lossless (source MXFP4)" if self.lossless else rule,
             "rel_error": self.sq_error / self.sq_norm if self.sq_norm else 0.0,
+            "sq_error": self.sq_error,
+            "sq_norm": self.sq_norm,
             "exponent_share": {f"R-{s}": c / blocks for s, c in enumerate(self.offsets)},
         }
+        if self.expert_sq:  # per expert of a fused tensor: the card's expert table and plot
+            out["expert_sq_error"], out["expert_sq_norm"] = self.expert_sq
         if self.weighted + self.fallback:  # a calibrated run: which modules had calibration data
             modules = self.weighted + self.fallback
             out["rule"] = (f"{rule} (mse3 for {self.fallback} of {modules} modules: no statistics)"
@@ -186,7 +201,7 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                     st.fallback += current[1] is None
                 q = _quantize_chunk(job, row, w, plan.rule, device, calibrated, current[1])
                 packed, scales = q.packed.cpu(), q.scales.cpu()
-                st.add(q)
+                st.add(q, job.row_start // job.source.info.shape[1] if len(job.source.info.shape) == 3 else 0)
                 advance(w.numel() * w.element_size())
             for entry, data in zip(job.entries, (packed, scales)):
                 writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
