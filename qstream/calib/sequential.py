@@ -237,7 +237,7 @@ class SequentialGptq:
             if len(src.info.shape) != 2 or src.info.shape[1] != t.width:
                 out.update(_plain(name, src))
                 continue
-            w = src.read_rows(0, src.info.shape[0]).float().to(t.h.device)  # type: ignore[union-attr]
+            w = src.read_rows(0, src.info.shape[0]).to(t.h.device).float()  # type: ignore[union-attr]
             packed, scales, case = solve_modules(w[None], t.h[None], t.tokens[None], self.s)  # type: ignore[index]
             out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})
         return out
@@ -263,11 +263,11 @@ class SequentialGptq:
                     continue
                 slot = group.index(e)
                 sel = [slot]
-                w = src.read_rows(0, shape[0]).float()[None]
+                w = src.read_rows(0, shape[0]).to(h.device).float()[None]
             elif len(shape) == 3 and shape[0] == t.experts:
                 sel = list(range(len(group)))
                 rows = src.read_rows(group[0] * shape[1], (group[-1] + 1) * shape[1])
-                w = rows.float().reshape(len(group), *shape[1:])
+                w = rows.to(h.device).float().reshape(len(group), *shape[1:])
             else:
                 continue  # a layout the Hessians do not fit: _plain later
             if w.shape[-1] != t.width:
@@ -324,7 +324,7 @@ def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSe
                 stale.unlink()
             first = next((i for i in range(model.n_layers) if not (tmp / layer_file(i)).exists()), model.n_layers)
             editor = SequentialGptq(plan, tmp, s, device, workers)
-            with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp) as store:
+            with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp, device) as store:
                 stats = run(model, job, store, editor, 0, s.batch_tokens, progress, ahead=False, workers=workers)
             summary = _summary(plan, tmp, model.n_layers, text_info, s, device, dtype)
             write_json(tmp / SUMMARY_NAME, summary)
