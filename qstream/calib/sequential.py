@@ -71,7 +71,7 @@ class GptqSettings:
     seq_len: int = DEFAULT_SEQ_LEN
     damp: float = DAMP
     block: int = LAZY_BLOCK
-    act_order: bool = False
+    act_order: bool = True  # columns by decreasing Hessian diagonal, exponents staying with their blocks (measured)
     depth: int = DEPTH
     min_tokens: int = 0
     dtype: str = "auto"
