@@ -37,7 +37,9 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(BENCH)]
+
+from quality import paired_z, summed  # noqa: E402
 
 from qstream import assets  # noqa: E402
 from qstream.calib.channel_weights import ChannelWeights, ImatrixSettings  # noqa: E402
@@ -47,11 +49,11 @@ from qstream.convert.pipeline import run  # noqa: E402
 from qstream.evals.evaluate import tokenize  # noqa: E402
 from qstream.evals.models import load_model  # noqa: E402
 from qstream.evals.scoring import Totals, score, windows  # noqa: E402
-from qstream.io.text_sources import wikipedia  # noqa: E402
 from qstream.format.kernels import quantize_fast  # noqa: E402
 from qstream.format.mxfp4 import E8M0_BIAS, quantize, rule_exponents, to_blocks  # noqa: E402
 from qstream.format.rules import Rule  # noqa: E402
 from qstream.io.checkpoint import open_checkpoint  # noqa: E402
+from qstream.io.text_sources import wikipedia  # noqa: E402
 from qstream.planning.plan import make_plan  # noqa: E402
 from qstream.planning.selection import Selection  # noqa: E402
 from tests.calib_stats import collect_stats  # noqa: E402
@@ -142,20 +144,6 @@ def evaluate_cases(src: Path, scored: list[Scored], ids: torch.Tensor, wins: lis
                 s.per_window.append(score(logits, targets, ref))
             print(f"  window {i + 1}/{len(wins)}", file=sys.stderr, flush=True)
     return source_totals
-
-
-def summed(ts: list[Totals]) -> Totals:
-    out = Totals()
-    for t in ts:
-        out.add(t)
-    return out
-
-
-def paired_z(base: list[Totals], other: list[Totals]) -> tuple[float, float]:
-    """(mean over windows of KL_base - KL_other per token, its z = mean / standard error)."""
-    d = torch.tensor([b.kl / b.tokens - o.kl / o.tokens for b, o in zip(base, other, strict=True)], dtype=torch.float64)
-    se = float(d.std(unbiased=True)) / math.sqrt(len(d))
-    return float(d.mean()), float(d.mean()) / se if se > 0 else math.inf
 
 
 def report_rows(scored: list[Scored], source: list[Totals]) -> tuple[list[list[str]], list[dict]]:
