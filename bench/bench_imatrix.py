@@ -121,7 +121,7 @@ def quantize_case(src: Path, selection: Selection, case: Case, stats: dict[bool,
     if case.depth is not None:
         settings = ImatrixSettings(stats[case.routed_stats], case.depth, case.mean_fraction, case.weighting)
         imatrix = ChannelWeights(settings, plan)
-    report = run(plan, dst, device="cpu", overwrite=True, progress=False, imatrix=imatrix)
+    report = run(plan, dst, device="cpu", overwrite=True, progress=False, calibrated=imatrix)
     return Scored(case, dst, report["totals"]["seconds"], offsets_histogram(src, dst))
 
 

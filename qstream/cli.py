@@ -11,13 +11,18 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from qstream.errors import Interrupted, QstreamError
 from qstream.format.rules import Method, Rule
 from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
+
+if TYPE_CHECKING:
+    from qstream.calib.sequential import GptqModules
+    from qstream.convert.pipeline import Calibrated
+    from qstream.planning.plan import Plan
 
 RULES = [r.value for r in Rule]
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -118,11 +123,11 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
                    "without it, SRC is calibrated first, as `qstream calibrate` does, into .DST.qstream-calib "
                    "beside DST (kept: pass it to --calib next time).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="Without --calib: calibrate on this UTF-8 file [default: as `qstream calibrate`].")
+              help="imatrix without --calib, gptq: calibrate on this UTF-8 file [default: as `qstream calibrate`].")
 @click.option("--calib-samples", type=int, default=None,
-              help=f"Without --calib: calibration windows [default: {CALIB_SAMPLES}].")
+              help=f"imatrix without --calib, gptq: calibration windows [default: {CALIB_SAMPLES}].")
 @click.option("--calib-seq-len", type=int, default=None,
-              help=f"Without --calib: tokens per calibration window [default: {CALIB_SEQ_LEN}].")
+              help=f"imatrix without --calib, gptq: tokens per calibration window [default: {CALIB_SEQ_LEN}].")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
              calib: Path | None, calib_text: Path | None, calib_samples: int | None, calib_seq_len: int | None,
              **kw) -> None:
@@ -136,31 +141,41 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./Kimi-K2 ./Kimi-K2-MXFP4 --resume   # after a crash: finish it
       qstream quantize ./M ./M-MXFP4 --method imatrix --calib ./M-stats   # after: qstream calibrate ./M ./M-stats
       qstream quantize ./M ./M-MXFP4 --method imatrix   # calibrates ./M first
+      qstream quantize ./M ./M-MXFP4 --method gptq --calib-samples 128 --calib-seq-len 2048
     """
     from qstream.quantize import quantize_checkpoint
     from qstream.report.summary import run_text
 
-    if method == Method.IMATRIX.value and kw["rule"] != Rule.MSE3.value:
-        raise QstreamError(f"--rule {kw['rule']} with --method imatrix: imatrix chooses its own exponents "
+    calibrated_method = method != Method.RTN.value
+    if calibrated_method and kw["rule"] != Rule.MSE3.value:
+        raise QstreamError(f"--rule {kw['rule']} with --method {method}: {method} chooses its own exponents "
                            "(mse3 where it has no statistics); drop --rule")
-    if method == Method.RTN.value and calib is not None:
+    if method != Method.IMATRIX.value and calib is not None:
         raise QstreamError("--calib is used by --method imatrix only; add --method imatrix or drop --calib")
     calib_opts = {"--calib-text": calib_text, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len}
     given = [k for k, v in calib_opts.items() if v is not None]
-    if given and (method != Method.IMATRIX.value or calib is not None):
-        raise QstreamError(f"{given[0]} is used by --method imatrix without --calib only; drop it")
+    if given and (not calibrated_method or calib is not None):
+        raise QstreamError(f"{given[0]} is used by --method imatrix without --calib and by --method gptq only; drop it")
     plan = _plan(src, **kw)
     progress = not no_progress and sys.stderr.isatty()
-    imatrix = None
+    samples, seq_len = calib_samples or CALIB_SAMPLES, calib_seq_len or CALIB_SEQ_LEN
+    calibrated: Calibrated | None = None
     if method == Method.IMATRIX.value:
         from qstream.calib.channel_weights import ChannelWeights, ImatrixSettings
 
         if calib is None:
-            calib = _calibrate_first(src, dst, calib_text, calib_samples or CALIB_SAMPLES,
-                                     calib_seq_len or CALIB_SEQ_LEN, device, overwrite, resume, progress)
-        imatrix = ChannelWeights(ImatrixSettings(calib), plan)
+            calib = _calibrate_first(src, dst, calib_text, samples, seq_len, device, overwrite, resume, progress)
+        calibrated = ChannelWeights(ImatrixSettings(calib), plan)
+    elif method == Method.GPTQ.value:
+        calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, overwrite, resume, progress)
     report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
-                                 imatrix=imatrix)
+                                 calibrated=calibrated)
+    if method == Method.GPTQ.value:
+        import shutil
+
+        from qstream.io.staging import gptq_dir_for
+
+        shutil.rmtree(gptq_dir_for(dst), ignore_errors=True)  # DST holds them now
     click.echo(run_text(report, str(dst)))
 
 
@@ -178,6 +193,22 @@ def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int,
     calibrate(src, stats, _text(text_file, None, "", "", ""), Settings(samples=samples, seq_len=seq_len, device=device),
               overwrite=True, resume=resume, progress=progress)
     return stats
+
+
+def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
+                overwrite: bool, resume: bool, progress: bool) -> GptqModules:
+    """`--method gptq`: SRC solved layer by layer through the engine into .DST.qstream-gptq beside DST (removed
+    once DST is written); a --resume continues or reuses them. Checks DST first."""
+    from qstream.calib.sequential import SUMMARY_NAME, GptqModules, GptqSettings, solve_sequential
+    from qstream.io.staging import check_destination, gptq_dir_for
+
+    check_destination(plan.source.root, dst, overwrite or resume)
+    results = gptq_dir_for(dst)
+    if not (resume and (results / SUMMARY_NAME).is_file()):
+        solve_sequential(plan, results, _text(text_file, None, "", "", ""),
+                         GptqSettings(samples=samples, seq_len=seq_len, device=device), overwrite=True, resume=resume,
+                         progress=progress)
+    return GptqModules(results, plan)
 
 
 @cli.command("plan")

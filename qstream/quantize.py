@@ -10,19 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from qstream.check.verify import verify_written
-from qstream.convert.pipeline import ChannelWeighting, run
+from qstream.convert.pipeline import Calibrated, run
 from qstream.planning.plan import Plan
 from qstream.report.card import write_card
 
 
 def quantize_checkpoint(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False,
-                        progress: bool = True, resume: bool = False, imatrix: ChannelWeighting | None = None) -> dict:
-    """Write DST per the plan, verified and with its model card; returns the run's report. `imatrix`: channel
-    weights from calibration statistics (qstream.calib.channel_weights), for `--method imatrix`."""
+                        progress: bool = True, resume: bool = False, calibrated: Calibrated | None = None) -> dict:
+    """Write DST per the plan, verified and with its model card; returns the run's report. `calibrated`: a
+    calibrated method's per-module data (imatrix channel weights, sequential GPTQ's solved modules)."""
 
     def finish(tmp: Path) -> None:
         verify_written(tmp)  # a failure here is a qstream bug: nothing is published
         write_card(tmp, plan.source.root / "README.md", name=Path(dst).name)
 
     return run(plan, dst, device=device, overwrite=overwrite, progress=progress, resume=resume, finish=finish,
-               imatrix=imatrix)
+               calibrated=calibrated)

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from qstream.calib import imatrix
-from qstream.calib.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-from qstream.calib.calibrate import STATS_NAME
+from qstream.calib.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, STATS_NAME
 from qstream.calib.imatrix import DEPTH, MAX_DEPTH, WEIGHT_BITS, block_weights, nearest_code_problems, quantize_weighted
 from qstream.calib.imatrix_ref import (
     block_weights_ref,
@@ -264,7 +263,7 @@ def test_fused_experts_read_their_rows(tiny_qwen3_moe_fused: Path, fused_stats: 
     assert tensors[FUSED_DOWN_1]["rule"] == "mse3 (no statistics)"
     assert tensors[FUSED_GATE_UP_0]["modules_fallback"] == 2  # expert 3: gate and up
     assert report["imatrix"]["modules_fallback"] == experts + 2
-    assert report["imatrix"]["modules_imatrix"] == 4 * 2 * experts * 3 // 2 - experts - 2
+    assert report["imatrix"]["modules_calibrated"] == 4 * 2 * experts * 3 // 2 - experts - 2
     assert report["imatrix"]["tensors_with_fallback"] == [FUSED_GATE_UP_0, FUSED_DOWN_1]
     src, out = load_tensors(tiny_qwen3_moe_fused), load_tensors(dst)
     sums, tokens = load_file(str(fused_stats / STATS_NAME)), None
@@ -284,7 +283,7 @@ def test_fused_experts_read_their_rows(tiny_qwen3_moe_fused: Path, fused_stats: 
     assert check.ok, check.summary()
     assert "every exponent within R-2..R" in check.summary()
     card = (dst / "README.md").read_text()
-    assert "`imatrix`" in card and f"{experts + 2} of {report['imatrix']['modules_imatrix'] + experts + 2} modules" in card
+    assert "`imatrix`" in card and f"{experts + 2} of {report['imatrix']['modules_calibrated'] + experts + 2} modules" in card
 
 
 def test_per_expert_names_and_determinism(tiny_mixtral: Path, tmp_path: Path) -> None:
@@ -299,7 +298,7 @@ def test_per_expert_names_and_determinism(tiny_mixtral: Path, tmp_path: Path) ->
     names = assert_same_files(*outs, skip=(REPORT_NAME,))
     assert "README.md" in names and any(n.endswith(".safetensors") for n in names)
     report = json.loads((outs[0] / "qstream_report.json").read_text())
-    assert report["imatrix"]["modules_fallback"] == 0 and report["imatrix"]["modules_imatrix"] == 2 * 4 * 3
+    assert report["imatrix"]["modules_fallback"] == 0 and report["imatrix"]["modules_calibrated"] == 2 * 4 * 3
     name = "model.layers.1.block_sparse_moe.experts.2.w2"
     sums = load_file(str(stats / STATS_NAME))
     want = quantize_weighted(load_tensors(tiny_mixtral)[name + ".weight"],
@@ -401,7 +400,7 @@ def test_imatrix_without_calib_calibrates_first(tiny_qwen35: Path, tmp_path: Pat
     stats = calib_dir_for(tmp_path / "auto")
     assert (stats / STATS_NAME).is_file() and not temp_dir_for(stats).exists()
     report = json.loads((tmp_path / "auto" / REPORT_NAME).read_text())
-    assert report["rule"] == "imatrix" and report["imatrix"]["modules_imatrix"] > 0
+    assert report["rule"] == "imatrix" and report["imatrix"]["modules_calibrated"] > 0
     assert report["imatrix"]["stats"] == str(stats)
     res = CliRunner().invoke(cli, ["calibrate", str(src), str(tmp_path / "hand"), "--text-file", str(prose),
                                    "--samples", "2", "--seq-len", "64", "--device", "cpu", "--no-progress"])

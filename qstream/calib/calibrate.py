@@ -107,7 +107,7 @@ def _where(text: Text) -> str:
     return str(text.source.get("path") or text.source.get("package") or text.source.get("kind"))
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_of(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16
     if name not in DTYPES:
@@ -129,7 +129,7 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
     t0 = time.perf_counter()
     if settings.experts not in EXPERT_MODES:
         raise QstreamError(f"--experts {settings.experts!r}: choose one of {', '.join(EXPERT_MODES)}")
-    device, dtype = resolve_device(settings.device), _dtype(settings.dtype)
+    device, dtype = resolve_device(settings.device), dtype_of(settings.dtype)
     ckpt = open_checkpoint(Path(src))
     if is_mxfp4_checkpoint(ckpt):
         raise QstreamError(f"{ckpt.root}: already MXFP4; calibrate the checkpoint it was quantized from")

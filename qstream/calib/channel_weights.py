@@ -19,6 +19,7 @@ from qstream.calib.calibrate import STATS_NAME
 from qstream.calib.imatrix import DEPTH, MAX_DEPTH, quantize_weighted
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import Quantized
+from qstream.format.rules import Method
 from qstream.io.safetensors_io import TensorInfo, read_header, read_rows
 from qstream.io.source_formats import PackedExperts
 from qstream.planning.plan import Plan, QuantJob
@@ -107,8 +108,10 @@ class ChannelWeights:
         """The settings, for the run's report."""
         return self.settings.describe()
 
-    def quantize(self, w: torch.Tensor, a: torch.Tensor) -> Quantized:
-        """Rows w [rows, in] of one module (whole rows) with its channel weights a [in]."""
+    method = Method.IMATRIX.value
+
+    def quantize(self, w: torch.Tensor, a: torch.Tensor, row: int = 0) -> Quantized:
+        """Rows w [rows, in] of one module (whole rows; the first is `row`) with its channel weights a [in]."""
         if self.settings.weighting == "x2-sqrt":
             w2 = w.double() ** 2
             a = a.to(w.device) * torch.sqrt(w2.mean(-1, keepdim=True) + w2)

@@ -142,10 +142,15 @@ def hessian_batch(h: torch.Tensor) -> torch.Tensor:
 
 
 def as_quantized(w: torch.Tensor, codes: torch.Tensor, exponents: torch.Tensor) -> Quantized:
-    """Codes [..., in] and exponents [..., in/32] as qstream stores them, with the report's statistics:
-    squared error against w, and blocks whose exponent is RCEIL's R of w, R-1, R-2 (below R-2: R-2)."""
-    packed, scales = pack_codes(codes), (exponents + E8M0_BIAS).to(torch.uint8)
+    """Codes [..., in] and exponents [..., in/32] as qstream stores them, with the report's statistics."""
+    return stored(w, pack_codes(codes), (exponents + E8M0_BIAS).to(torch.uint8))
+
+
+def stored(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> Quantized:
+    """Packed codes and scales of w [..., in] with the report's statistics: squared error against w, and
+    blocks whose exponent is RCEIL's R of w, R-1, R-2 (below R-2: R-2)."""
     x = w.double()
+    exponents = scales.to(torch.int32) - E8M0_BIAS
     r = rule_exponents(w.float().reshape(*w.shape[:-1], -1, BLOCK).abs().amax(-1), Rule.RCEIL)
     counts = torch.bincount((r - exponents).clamp(0, 2).flatten().long(), minlength=3).tolist()
     return Quantized(

@@ -90,31 +90,46 @@ def compare_nearest(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                            False)
 
 
+def compare_exponents(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, depth: int) -> ChunkComparison:
+    """Hold a GPTQ output to what holds for any GPTQ result on the MXFP4 grid: each block's exponent within
+    R-depth..R (its codes are not the nearest values: GPTQ moves them to cancel earlier columns' errors)."""
+    bad_exponent, _ = nearest_code_problems(w, packed, scales, depth)
+    got = block_errors(w, packed, scales)
+    over = bad_exponent | ~torch.isfinite(got)
+    return ChunkComparison(float(got.sum()), float((w.double() ** 2).sum()), scales.numel(), int(over.sum()), 1.0,
+                           False)
+
+
 @dataclass(frozen=True)
 class Bound:
     """What each quantized block is held to: the error of re-running its rule (the worst of `rules` when
-    the rule is unknown) or, for an imatrix output (`depth` set), exponent and codes as any choice gives."""
+    the rule is unknown) or, for a calibrated output (`depth` set: imatrix, gptq), exponent (and for imatrix
+    codes) as any choice gives."""
 
     rules: tuple[Rule, ...] = tuple(Rule)
     depth: int | None = None
+    method: Method = Method.IMATRIX
 
     @property
     def name(self) -> str:
         if self.depth is not None:
-            return f"{Method.IMATRIX.value} (R-{self.depth}..R)"
+            return f"{self.method.value} (R-{self.depth}..R)"
         return "/".join(r.value for r in self.rules)
 
     def compare(self, w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> ChunkComparison:
         if self.depth is None:
             return compare_chunk(w, packed, scales, self.rules)
+        if self.method == Method.GPTQ:
+            return compare_exponents(w, packed, scales, self.depth)
         return compare_nearest(w, packed, scales, self.depth)
 
     def failure(self, module: str, over: int, blocks: int, worst: float) -> str:
         if self.depth is None:
             return (f"{module}: {over} of {blocks} blocks have more error than rule {self.name} gives on the source "
                     f"(worst {worst:.3g}x); its scales or codes are wrong")
-        return (f"{module}: {over} of {blocks} blocks have an exponent outside R-{self.depth}..R or codes that are "
-                "not the nearest values under their exponent; its scales or codes are wrong")
+        codes = "" if self.method == Method.GPTQ else " or codes that are not the nearest values under their exponent"
+        return (f"{module}: {over} of {blocks} blocks have an exponent outside R-{self.depth}..R{codes}; its scales "
+                "or codes are wrong")
 
 
 def blocks_equal(q: Quantized, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

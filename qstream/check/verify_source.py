@@ -49,8 +49,9 @@ def recorded_bound(dst: Path) -> Bound:
     """The bound of the rule DST's report records; every rule's when unknown."""
     try:
         report = read_report(dst)
-        if report["rule"] == Method.IMATRIX.value:
-            return Bound(depth=int(report[Method.IMATRIX.value]["depth"]))
+        if report["rule"] in (Method.IMATRIX.value, Method.GPTQ.value):
+            method = Method(report["rule"])
+            return Bound(depth=int(report[method.value]["depth"]), method=method)
         return Bound((Rule(report["rule"]),))
     except (OSError, ValueError, KeyError, TypeError):
         return Bound()

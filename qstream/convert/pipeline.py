@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -24,7 +24,7 @@ from qstream.convert.streams import OrderedWriter, prefetch
 from qstream.errors import QstreamError
 from qstream.format.kernels import quantize_fast
 from qstream.format.mxfp4 import NonFiniteError, Quantized
-from qstream.format.rules import Method, Rule
+from qstream.format.rules import Rule
 from qstream.io.checkpoint import CONFIG_NAME
 from qstream.io.safetensors_io import read_header
 from qstream.io.shards import shard_file, write_index
@@ -33,24 +33,26 @@ from qstream.io.staging import copy_side_files, staging, write_json
 from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
 
 
-class ChannelWeighting(Protocol):
-    """Precomputed channel weights per module (qstream.calib.channel_weights.ChannelWeights, built by the
-    command from calibration statistics): the pipeline's one door to calibration, so convert/ imports no calib/."""
+class Calibrated(Protocol):
+    """A calibrated method's per-module data (imatrix channel weights: qstream.calib.channel_weights; sequential
+    GPTQ's solved modules: qstream.calib.sequential), built by the command from calibration: the pipeline's one
+    door to calibration, so convert/ imports no calib/."""
 
-    def for_job(self, job: QuantJob) -> torch.Tensor | None:
-        """A module's channel weights [in], or None when it has none (quantized with plan.rule)."""
+    method: str  # the Method value the report records as its rule
 
-    def quantize(self, w: torch.Tensor, a: torch.Tensor) -> Quantized:
-        """Whole rows w [rows, in] of one module with its channel weights a [in]."""
+    def for_job(self, job: QuantJob) -> Any | None:
+        """A module's calibrated data, or None when it has none (quantized with plan.rule)."""
+
+    def quantize(self, w: torch.Tensor, data: Any, row: int) -> Quantized:
+        """Whole rows w [rows, in] of one module, from its first row `row` on, with its data."""
 
     def fingerprint(self) -> dict:
         """What a resumed run must find unchanged."""
 
     def describe(self) -> dict:
-        """The settings, for the report."""
+        """The settings and what calibration gave each module, for the report."""
 
 
-IMATRIX = Method.IMATRIX.value  # the rule an imatrix run records (per-block exponents from statistics)
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
 READ_AHEAD = 2  # chunks read ahead of the quantizer
 WRITE_BEHIND = 6  # writes queued behind it (a chunk is two writes)
@@ -65,8 +67,8 @@ class TensorStats:
     sq_norm: float = 0.0
     offsets: list[int] = field(default_factory=lambda: [0, 0, 0])
     lossless: bool = False  # copied from MXFP4 already in the source (gpt-oss): no error, no rule
-    weighted: int = 0  # modules (experts) given imatrix exponents
-    fallback: int = 0  # modules of an imatrix run without statistics: mse3
+    weighted: int = 0  # modules (experts) quantized by a calibrated method
+    fallback: int = 0  # modules of a calibrated run without calibration data: plan.rule
 
     def add(self, q: Quantized) -> None:
         self.sq_error += q.sq_error
@@ -94,11 +96,11 @@ class TensorStats:
             "rel_error": self.sq_error / self.sq_norm if self.sq_norm else 0.0,
             "exponent_share": {f"R-{s}": c / blocks for s, c in enumerate(self.offsets)},
         }
-        if self.weighted + self.fallback:  # an imatrix run: which modules had statistics
+        if self.weighted + self.fallback:  # a calibrated run: which modules had calibration data
             modules = self.weighted + self.fallback
-            out["rule"] = (f"{IMATRIX} (mse3 for {self.fallback} of {modules} modules: no statistics)"
-                           if self.fallback and self.weighted else IMATRIX if self.weighted else "mse3 (no statistics)")
-            out["modules_imatrix"], out["modules_fallback"] = self.weighted, self.fallback
+            out["rule"] = (f"{rule} (mse3 for {self.fallback} of {modules} modules: no statistics)"
+                           if self.fallback and self.weighted else rule if self.weighted else "mse3 (no statistics)")
+            out["modules_calibrated"], out["modules_fallback"] = self.weighted, self.fallback
         return out
 
 
@@ -127,12 +129,12 @@ def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, Chunk]]:
 
 
 def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device: torch.device,
-                    imatrix: ChannelWeighting | None = None, weights: torch.Tensor | None = None) -> Quantized:
-    """Rows of one module under `rule`, or with its channel `weights` under the imatrix choice (the torch
+                    calibrated: Calibrated | None = None, data: Any = None) -> Quantized:
+    """Rows of one module under `rule`, or by the calibrated method with the module's `data` (the torch
     path: the C and Triton kernels implement the data-free rules only)."""
     try:
-        if imatrix is not None and weights is not None:
-            return imatrix.quantize(w.to(device, non_blocking=True), weights)
+        if calibrated is not None and data is not None:
+            return calibrated.quantize(w.to(device, non_blocking=True), data, row)
         return quantize_fast(w.to(device, non_blocking=True), rule)
     except NonFiniteError as exc:
         r0 = job.row_start + row * job.row_step
@@ -140,14 +142,14 @@ def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device
 
 
 def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
-                 advance: Callable[[int], None], imatrix: ChannelWeighting | None = None) -> dict:
+                 advance: Callable[[int], None], calibrated: Calibrated | None = None) -> dict:
     """Write one shard, reading ahead and writing behind; it takes its name only when complete.
 
     Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
-    With `imatrix`, each module's channel weights are read once, as its first rows arrive.
+    With `calibrated`, each module's calibration data is read once, as its first rows arrive.
     """
     stats: dict[str, TensorStats] = {}
-    current: tuple[Job | None, torch.Tensor | None] = (None, None)  # the module in flight and its weights
+    current: tuple[Job | None, Any] = (None, None)  # the module in flight and its calibration data
     with shard_file(tmp, shard.file_name, shard.entries) as writer, OrderedWriter(WRITE_BEHIND) as writes:
         for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
             if isinstance(job, CopyJob):
@@ -164,11 +166,11 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                 st.lossless = True
                 advance(packed.numel() + scales.numel())
             elif isinstance(w, torch.Tensor):
-                if imatrix is not None and current[0] is not job:
-                    current = (job, imatrix.for_job(job))
+                if calibrated is not None and current[0] is not job:
+                    current = (job, calibrated.for_job(job))
                     st.weighted += current[1] is not None
                     st.fallback += current[1] is None
-                q = _quantize_chunk(job, row, w, plan.rule, device, imatrix, current[1])
+                q = _quantize_chunk(job, row, w, plan.rule, device, calibrated, current[1])
                 packed, scales = q.packed.cpu(), q.scales.cpu()
                 st.add(q)
                 advance(w.numel() * w.element_size())
@@ -195,9 +197,9 @@ def _completed_shard(tmp: Path, shard: Shard[Job]) -> dict | None:
     return saved if found == expected else None
 
 
-def fingerprint(plan: Plan, imatrix: ChannelWeighting | None = None) -> dict:
+def fingerprint(plan: Plan, calibrated: Calibrated | None = None) -> dict:
     """What must match for a resumed run to continue an earlier one: source files, settings, layout."""
-    extra = {"imatrix": imatrix.fingerprint()} if imatrix else {}
+    extra = {calibrated.method: calibrated.fingerprint()} if calibrated else {}
     return {**extra,
         "qstream_version": __import__("qstream").__version__,
         "source": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in plan.source.weight_files],
@@ -211,18 +213,18 @@ def fingerprint(plan: Plan, imatrix: ChannelWeighting | None = None) -> dict:
 
 def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True,
         resume: bool = False, finish: Callable[[Path], None] | None = None,
-        imatrix: ChannelWeighting | None = None) -> dict:
+        calibrated: Calibrated | None = None) -> dict:
     """Quantize per the plan into dst; returns the report that is also written to dst.
 
     Every run records its fingerprint, so a run killed at any point can be finished by the
     same command with `resume=True`, redoing at most the shard that was in flight. `finish`
     gets the complete but unpublished output directory (the command's own last steps). With
-    `imatrix` (calibration statistics checked against this plan) exponents are chosen per block from them.
+    `calibrated` (a calibrated method's data checked against this plan), modules are quantized by it.
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
     stats: dict[str, TensorStats] = {}
-    fp = fingerprint(plan, imatrix)
+    fp = fingerprint(plan, calibrated)
     with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,
                  bookkeeping=(f"*{STATS_SUFFIX}",)) as tmp:
         with tqdm(total=plan.work_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
@@ -230,7 +232,7 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
             for shard in plan.shards:
                 saved = _completed_shard(tmp, shard) if resume else None
                 if saved is None:
-                    saved = _write_shard(shard, tmp, plan, dev, bar.update, imatrix)
+                    saved = _write_shard(shard, tmp, plan, dev, bar.update, calibrated)
                 else:
                     bar.update(sum(j.bytes_in for j in shard.jobs))
                 for name, state in saved.items():
@@ -238,7 +240,7 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
         write_json(tmp / CONFIG_NAME, plan.output_config())
         side_files = copy_side_files(plan.source.root, tmp)
-        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, imatrix)
+        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated)
         write_json(tmp / REPORT_NAME, report)
         if finish is not None:
             finish(tmp)
@@ -250,14 +252,14 @@ def peak_rss_bytes() -> int:
 
 
 def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
-            side_files: list[str], imatrix: ChannelWeighting | None = None) -> dict:
-    rule = IMATRIX if imatrix else plan.rule.value
+            side_files: list[str], calibrated: Calibrated | None = None) -> dict:
+    rule = calibrated.method if calibrated else plan.rule.value
     tensors = [stats[name].as_json(name, rule) for name in plan.quantized_sources]
-    extra = {IMATRIX: {**imatrix.describe(), "fallback_rule": plan.rule.value,
-                       "modules_imatrix": sum(s.weighted for s in stats.values()),
-                       "modules_fallback": sum(s.fallback for s in stats.values()),
-                       "tensors_with_fallback": [n for n in plan.quantized_sources if stats[n].fallback]}
-             } if imatrix else {}
+    extra = {rule: {**calibrated.describe(), "fallback_rule": plan.rule.value,
+                    "modules_calibrated": sum(s.weighted for s in stats.values()),
+                    "modules_fallback": sum(s.fallback for s in stats.values()),
+                    "tensors_with_fallback": [n for n in plan.quantized_sources if stats[n].fallback]}
+             } if calibrated else {}
     params = sum(t.info.numel for n, t in plan.source.tensors.items() if plan.decisions[n].quantize)
     err = sum(s.sq_error for s in stats.values())
     norm = sum(s.sq_norm for s in stats.values())

@@ -80,6 +80,16 @@ class DeviceReader:
         return out.view(t.info.torch_dtype).reshape(t.info.shape)
 
 
+class _Given:
+    """A value handed to transformers' loader where it expects a safetensors slice (`x[...]`)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        return self.value[index]  # type: ignore[index]
+
+
 def _dormant(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     """Stands in for a module's forward while it is not the live one: its input passes unchanged."""
     return hidden_states
@@ -227,6 +237,10 @@ class StreamedModel:
         """Checkpoint tensor names (as the plan names them) that fill model parameter `target`."""
         return self._sources_of.get(target, [])
 
+    def part_sources(self, part: Part) -> list[str]:
+        """Checkpoint tensor names (as the plan names them) that fill `part`."""
+        return list(self._parts[part].sources)
+
     def part_bytes(self, part: Part) -> int:
         return sum(e - b for _, b, e in self._parts[part].ranges)
 
@@ -237,15 +251,23 @@ class StreamedModel:
 
     # ---- loading and freeing ------------------------------------------------------------------------
 
-    def load(self, part: Part) -> None:
-        """Materialize `part` on the device from the checkpoint (thread-safe against passes on other parts)."""
+    def load(self, part: Part, replace: dict[str, torch.Tensor] | None = None) -> None:
+        """Materialize `part` on the device from the checkpoint (thread-safe against passes on other parts).
+
+        `replace`: checkpoint tensors (by the names `sources_of` gives) to load from these values instead, in
+        the stored shape, through the same key mapping and converters (sequential GPTQ swaps in a layer's
+        quantized weights so)."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
         p = self._parts[part]
         config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype,
                                      dtype_plan=self.model._get_dtype_plan(self.dtype), weight_mapping=self._mapping)
-        state = {n: self._lazy[n] for n in p.sources}
+        replace = replace or {}
+        unknown = sorted(set(replace) - set(p.sources))
+        if unknown:
+            raise ValueError(f"{unknown[0]} does not fill part {part!r}")
+        state = {n: _Given(replace[n]) if n in replace else self._lazy[n] for n in p.sources}
         info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         problems = [f"{n} has shape {list(got)}, the model wants {list(want)}"
                     for n, got, want in sorted(info.mismatched_keys) if n in p.targets]

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm import tqdm
@@ -77,6 +77,19 @@ class Observer(Protocol):
     def batch_end(self, batch: int) -> None: ...
 
     def layer_end(self, model: StreamedModel, index: int) -> None: ...
+
+
+Forward = Callable[[bool], None]  # every batch through the live layer; True: its outputs replace the inputs
+
+
+@runtime_checkable
+class Editor(Observer, Protocol):
+    """An Observer that changes the layer it watches (sequential GPTQ): between `layer_begin` and `layer_end`
+    the engine calls `edit` instead of running the batches once. `forward(False)` runs every batch watched,
+    the store keeping the layer's inputs, as often as the editor needs; after changing the layer's weights
+    it must call `forward(True)` once, unwatched, so that the next layer reads the changed layer's outputs."""
+
+    def edit(self, model: StreamedModel, index: int, forward: Forward) -> None: ...
 
 
 @dataclass
@@ -142,7 +155,7 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
     batches = job.batches(batch_tokens)
     waits: list[float] = []
 
-    def one(k: int, watched: bool, part: Part, bar: tqdm) -> None:
+    def one(k: int, watched: bool, part: Part, bar: tqdm, write: bool = True) -> None:
         first, count, length = batches[k]
         r0 = job.offsets[first]
         with torch.inference_mode():
@@ -154,8 +167,10 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
                 out = model.layer_pass(store.read(r0, r0 + count * length).view(count, length, -1).to(model.device))
             if watched:
                 observer.batch_end(k)  # type: ignore[union-attr]
-            store.write(r0, out)
-        bar.update(count * length)
+            if write:
+                store.write(r0, out)
+        if write:
+            bar.update(count * length)
 
     with tqdm(total=len(parts) * job.tokens, unit="tok", unit_scale=True, desc="layers", disable=not progress,
               dynamic_ncols=True) as bar, _single_threaded_ops(workers > 1), \
@@ -166,9 +181,20 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
             watched = observer is not None and layer is not None and layer >= observe_from
             if watched:
                 observer.layer_begin(model, layer)  # type: ignore[union-attr, arg-type]
-            with model.live(*([] if layer is None else [model.layers[layer]])):
-                for done in [pool.submit(one, k, watched, part, bar) for k in range(len(batches))]:
+
+            def forward(write: bool, watched: bool = watched, part: Part = part) -> None:
+                """Every batch; watched batches when the observer sees this layer and (for an Editor) only
+                while the store keeps the inputs."""
+                edits = isinstance(observer, Editor)
+                for done in [pool.submit(one, k, watched and not (edits and write), part, bar, write)
+                             for k in range(len(batches))]:
                     done.result()
+
+            with model.live(*([] if layer is None else [model.layers[layer]])):
+                if watched and isinstance(observer, Editor):
+                    observer.edit(model, layer, forward)  # type: ignore[arg-type]
+                else:
+                    forward(True)
             if watched:
                 observer.layer_end(model, layer)  # type: ignore[union-attr, arg-type]
             name = part if isinstance(part, str) else f"layer {part}"

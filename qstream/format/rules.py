@@ -68,6 +68,7 @@ class Method(str, enum.Enum):
 
     RTN = "rtn"
     IMATRIX = "imatrix"
+    GPTQ = "gptq"
 
     @property
     def doc(self) -> str:
@@ -79,6 +80,8 @@ METHODS: dict[Method, str] = {
     Method.RTN: "each block's exponent by --rule from the weights alone",
     Method.IMATRIX: "per block, the exponent of least activation-weighted squared error, from calibration "
                     "statistics (--calib); modules without statistics use mse3",
+    Method.GPTQ: "sequential GPTQ through the layer-streaming engine: block exponents by the imatrix choice, then "
+                 "each column rounded with the inverse-Hessian error update (each expert with its own tokens)",
 }
 
 

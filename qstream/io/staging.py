@@ -49,6 +49,11 @@ def calib_dir_for(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.qstream-calib"
 
 
+def gptq_dir_for(dst: Path) -> Path:
+    """Where `quantize --method gptq` writes the modules it solves before the conversion writes DST."""
+    return dst.parent / f".{dst.name}.qstream-gptq"
+
+
 def copy_side_files(src: Path, tmp: Path, also_skip: frozenset[str] = frozenset()) -> list[str]:
     """Tokenizer, templates, licences, ...: every non-weight file, unchanged (but those in `also_skip`)."""
     skip = {CONFIG_NAME, INDEX_NAME, *also_skip}

@@ -273,11 +273,22 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
 
 def _rule_line(report: dict) -> str:
     """How the exponents were chosen: a data-free rule, or imatrix with what its statistics covered."""
+    gq = report.get(Method.GPTQ.value)
+    if gq is not None:
+        c = gq["cases"]
+        return (f"- Method: `{Method.GPTQ.value}`: sequential GPTQ (Frantar et al.) on the MXFP4 grid, layer by layer "
+                f"through qstream's streaming engine, each layer calibrated on the outputs of the quantized layers "
+                f"before it: per block the activation-weighted exponent of R-{gq['depth']}..R, then columns rounded "
+                f"in order with the inverse-Hessian error update ({gq['damp']:g} dampening, lazy blocks of "
+                f"{gq['block']}), on {gq['tokens']:,} calibration tokens ({gq['samples']} x {gq['seq_len']}). "
+                f"Modules: {c['gptq']} solved on their own tokens, {c['gptq-all-tokens']} routed experts with too "
+                f"few tokens on every token's statistics, {c['imatrix']} by the imatrix choice alone, {c['mse3']} "
+                "by mse3 (no tokens).")
     im = report.get(Method.IMATRIX.value)
     if im is None:
         rule = Rule(report["rule"])
         return f"- Exponent rule: `{rule.value}`: {rule.doc}. Data-free: no calibration data."
-    total = im["modules_imatrix"] + im["modules_fallback"]
+    total = im["modules_calibrated"] + im["modules_fallback"]
     return (f"- Exponent rule: `{Method.IMATRIX.value}`: per block, of {im['candidates']} (R = rceil's), the "
             f"exponent of least activation-weighted squared error sum_j a_j (q_j - w_j)^2, a_j = {im['weights']} "
             f"from calibration statistics (`{Path(im['stats']).name}`, made by `qstream calibrate`); elements "

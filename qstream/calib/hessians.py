@@ -1,0 +1,228 @@
+"""Hessians H = sum over tokens of x x^T of a live layer's quantizable weights, gathered while the engine runs it:
+what sequential GPTQ (qstream.calib.sequential) solves with.
+
+A Linear's input is caught by a forward pre-hook. A fused experts module (transformers' experts interface,
+see qstream.calib.stats) is caught with its routing: each routed expert's gate/up projection gets the Hessian
+of the tokens routed to it and its down projection that of its own intermediate activations on them. Every
+experts module also keeps the Hessian of all its input tokens (shared by every expert's gate/up), and on
+request the down-projection Hessian of chosen experts over all tokens: the all-experts statistics a starved
+expert falls back to. Experts are gathered in groups (one pass of the layer each), so that a layer of 256
+experts with 2048 inputs never holds more Hessians than its memory budget.
+
+Each batch's products are formed in float32 and summed into float64 totals in batch order, whichever thread
+ran the batch: the same Hessians run to run and across thread counts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qstream.calib.stats import _is_experts, down_input
+from qstream.engine.model import StreamedModel
+
+LINEAR, UP, DOWN = "linear", "up", "down"  # what a target's input is: a Linear's, experts' gate/up, experts' down
+
+
+@dataclass
+class Target:
+    """A model parameter whose input is watched, the planned source tensors it was loaded from, and its sums.
+
+    A Linear: `h` [in, in] over every token, `tokens`. Experts: `routed` [E] tokens the router sent to each;
+    `h` [G, in, in] and `tokens` [G] for the current group's experts (routed tokens, or every token for a
+    starved expert's down projection); gate/up also keep `h_all` [in, in] over every token, `tokens_all`."""
+
+    param: str
+    sources: list[str]
+    kind: str
+    width: int
+    experts: int = 0
+    module: Any = None
+    h: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    routed: torch.Tensor | None = None
+    h_all: torch.Tensor | None = None
+    tokens_all: int = 0
+
+
+@dataclass
+class _Pass:
+    """One pass over the batches. The first gathers every Linear's Hessian, the experts' shared all-token
+    Hessian and their routed counts; each later one a group of experts' Hessians (`starved`: those whose
+    down projection is measured on every token)."""
+
+    group: Sequence[int] = ()
+    starved: frozenset[int] = frozenset()
+    partials: dict[int, dict[tuple[int, str], list]] = field(default_factory=dict)
+    next: int = 0
+
+    @property
+    def first(self) -> bool:
+        return not self.group
+
+
+class Hessians:
+    """Hooks on the live layer's planned weights and their sums, in batch order (a half of an engine Observer).
+
+    `wanted`: the planned source tensor names; `device`: where the sums live."""
+
+    def __init__(self, wanted: set[str], device: torch.device) -> None:
+        self.wanted, self.device = wanted, device
+        self.targets: list[Target] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pass: _Pass | None = None
+
+    # ---- hooks --------------------------------------------------------------------------------------
+
+    def watch(self, model: StreamedModel, index: int) -> None:
+        """Find the planned weights of decoder layer `index` (loaded) and hook their inputs."""
+        self.targets = []
+        for name, module in model.layers[index].named_modules(prefix=model.layer_path(index)):
+            if isinstance(module, nn.Linear):
+                t = self._target(model, f"{name}.weight", LINEAR, module.in_features)
+                if t is not None:
+                    self._handles.append(module.register_forward_pre_hook(self._linear_hook(t)))
+            elif _is_experts(module):
+                self._watch_experts(model, name, module)
+
+    def unwatch(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def expert_targets(self) -> list[Target]:
+        return [t for t in self.targets if t.experts]
+
+    def _target(self, model: StreamedModel, param: str, kind: str, width: int, experts: int = 0,
+                module: Any = None) -> Target | None:
+        sources = [s for s in model.sources_of(param) if s in self.wanted]
+        if not sources:
+            return None
+        t = Target(param, sources, kind, width, experts, module)
+        self.targets.append(t)
+        return t
+
+    def _linear_hook(self, t: Target) -> Callable:
+        def hook(module: nn.Linear, args: tuple) -> None:
+            if self._pass is not None and self._pass.first:
+                x = args[0].reshape(-1, module.in_features)
+                self._add((id(t), "h"), x)
+        return hook
+
+    def _watch_experts(self, model: StreamedModel, name: str, experts: Any) -> None:
+        up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        up, down = getattr(experts, up_name), experts.down_proj
+        n_exp = up.shape[0]
+        hidden = up.shape[1] if experts.is_transposed else up.shape[2]
+        inner = down.shape[1] if experts.is_transposed else down.shape[2]
+        t_up = self._target(model, f"{name}.{up_name}", UP, hidden, n_exp, experts)
+        t_down = self._target(model, f"{name}.down_proj", DOWN, inner, n_exp, experts)
+        if t_up is None and t_down is None:
+            return
+        params = list(inspect.signature(type(experts).forward).parameters)[1:4]  # hidden, indices, weights
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
+            x = bound[params[0]].reshape(-1, hidden)
+            index = bound[params[1]].reshape(x.shape[0], -1)
+            self._expert_sums(module, x, index, [t for t in (t_up, t_down) if t is not None])
+
+        self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _expert_sums(self, experts: Any, x: torch.Tensor, index: torch.Tensor, targets: list[Target]) -> None:
+        p = self._pass
+        if p is None:
+            return
+        if p.first:
+            counts = torch.bincount(index.reshape(-1).cpu(), minlength=targets[0].experts)[:targets[0].experts]
+            for t in targets:
+                self._add((id(t), "routed"), counts)
+                if t.kind == UP:
+                    self._add((id(t), "all"), x)
+            return
+        for slot, e in enumerate(p.group):
+            xe = x if e in p.starved else x[(index == e).any(-1)]
+            for t in targets:
+                if t.kind == UP and e in p.starved:
+                    continue  # a starved expert's gate/up uses the shared all-token Hessian
+                self._add((id(t), f"e{slot}"), xe if t.kind == UP else down_input(experts, e, xe))
+
+    def _add(self, key: tuple[int, str], x: torch.Tensor) -> None:
+        """This batch's x^T x (float32) and token count under `key` (routed counts: added as they are)."""
+        partial = self._local.partial
+        if key[1] == "routed":
+            value, n = x, 0
+        else:
+            xf = x.float()
+            value, n = xf.T @ xf, x.shape[0]
+        if key in partial:
+            partial[key][0] += value
+            partial[key][1] += n
+        else:
+            partial[key] = [value, n]
+
+    # ---- passes -------------------------------------------------------------------------------------
+
+    def begin_pass(self, group: Sequence[int] = (), starved: frozenset[int] = frozenset()) -> None:
+        """The next pass over the batches gathers the first pass's sums (no group) or a group's (see _Pass)."""
+        self._pass = _Pass(group, starved)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=self.device)
+
+        for t in self.targets:
+            if not t.experts:
+                t.h, t.tokens = zeros(t.width, t.width), torch.zeros((), dtype=torch.int64)
+            elif not group:
+                t.routed = torch.zeros(t.experts, dtype=torch.int64)
+                if t.kind == UP:
+                    t.h_all, t.tokens_all = zeros(t.width, t.width), 0
+            else:
+                t.h = None  # the previous group's go before this one's are made
+                t.h = zeros(len(group), t.width, t.width)
+                t.tokens = torch.zeros(len(group), dtype=torch.int64)
+
+    def end_pass(self) -> None:
+        p = self._pass
+        self._pass = None
+        if p is not None and p.partials:
+            raise RuntimeError(f"batches {sorted(p.partials)} finished after a missing one")
+
+    def batch_begin(self, batch: int) -> None:
+        self._local.partial = {}
+
+    def batch_end(self, batch: int) -> None:
+        """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing."""
+        p = self._pass
+        if p is None:
+            return
+        with self._lock:
+            p.partials[batch] = self._local.partial
+            by_id = {id(t): t for t in self.targets}
+            while p.next in p.partials:
+                for (tid, what), (value, n) in p.partials.pop(p.next).items():
+                    _merge(by_id[tid], what, value, n)
+                p.next += 1
+
+
+def _merge(t: Target, what: str, value: torch.Tensor, n: int) -> None:
+    if what == "h":
+        t.h += value  # type: ignore[operator]
+        t.tokens += n  # type: ignore[operator, assignment]
+    elif what == "routed":
+        t.routed += value  # type: ignore[operator]
+    elif what == "all":
+        t.h_all += value  # type: ignore[operator]
+        t.tokens_all += n
+    else:
+        slot = int(what[1:])
+        t.h[slot] += value  # type: ignore[index]
+        t.tokens[slot] += n  # type: ignore[index]

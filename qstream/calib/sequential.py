@@ -1,0 +1,402 @@
+"""`quantize --method gptq`: sequential GPTQ through the layer-streaming engine, solved layer by layer into
+results the conversion then writes.
+
+For each decoder layer in order, the calibration tokens' hidden states, as the already quantized layers before
+it computed them, run through the layer with its source weights while hooks gather the Hessians of its planned
+weights (qstream.calib.hessians). Each planned weight is then solved by GPTQ (qstream.calib.gptq) under block
+exponents chosen as imatrix chooses them (qstream.calib.imatrix, channel weights = the Hessian's diagonal per
+token), the layer is reloaded with its quantized weights and run again, so that the next layer calibrates on
+what the quantized model computes. Routed experts: each expert's gate/up projection is solved with the Hessian
+of the tokens routed to it and its down projection with that of its own intermediate activations. An expert
+the router sent fewer tokens than its input width (its Hessian would be singular: GPTQ would fit those few
+tokens) uses the all-experts statistics instead: the Hessian of every token for gate/up, and its down
+projection's activations on every token. Experts are gathered and solved in groups within `hessian_budget`.
+
+How each module was solved (its case): GPTQ on its own tokens, GPTQ on all tokens (a starved expert), the
+imatrix choice (a Hessian that is not positive definite even dampened), mse3 (no tokens at all, or a layout
+the Hessian does not fit). The summary counts them per layer.
+
+RESULTS is a directory: per finished decoder layer `layer-NNNNN.safetensors` holding, for each planned source
+tensor N (seen as [-1, in]), `N:packed` uint8 [rows, in/2], `N:scales` uint8 [rows, in/32] and `N:case` int8
+per module ([] or [E]); and `gptq.json`. A killed run resumes at the first unfinished layer (the finished
+ones are run again with their stored results, for their outputs). The same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from qstream.calib.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids, dtype_of
+from qstream.calib.gptq import DAMP, LAZY_BLOCK, Prepared, SingularHessianError, prepare, solve, stored
+from qstream.calib.hessians import UP, Hessians, Target
+from qstream.calib.imatrix import DEPTH, quantize_weighted
+from qstream.calib.stats import EXPERT_INDEX, layer_file, write_atomic
+from qstream.common import REPORT_NAME, resolve_device
+from qstream.convert.dequantize import is_mxfp4_checkpoint
+from qstream.convert.pipeline import peak_rss_bytes
+from qstream.engine.hidden import DEFAULT_BUDGET, HiddenStore
+from qstream.engine.model import StreamedModel
+from qstream.engine.run import DEFAULT_BATCH_TOKENS, Forward, Job, run
+from qstream.errors import QstreamError
+from qstream.format.mxfp4 import E8M0_BIAS, Quantized, dequantize, quantize
+from qstream.format.rules import BLOCK, Method, Rule
+from qstream.io.checkpoint import CheckpointTensor
+from qstream.io.safetensors_io import TensorInfo, read_header, read_rows
+from qstream.io.staging import staging, write_json
+from qstream.io.text_sources import Text
+from qstream.planning.plan import Plan, QuantJob
+
+SUMMARY_NAME = "gptq.json"
+SCHEMA = "qstream-gptq/1"
+CASES = ("gptq", "gptq-all-tokens", "imatrix", "mse3")  # how a module was solved, by its stored code
+OWN, ALL_TOKENS, IMATRIX, MSE3 = range(len(CASES))
+HESSIAN_BUDGET = 2 << 30  # bytes of expert Hessians gathered at once (a group of experts)
+PACKED, SCALES, CASE, ROUTED = ":packed", ":scales", ":case", ":routed"  # ROUTED: per experts module
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """How to calibrate and solve. `min_tokens` 0: an expert needs as many routed tokens as its input width."""
+
+    samples: int = DEFAULT_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
+    damp: float = DAMP
+    block: int = LAZY_BLOCK
+    act_order: bool = False
+    depth: int = DEPTH
+    min_tokens: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    hidden_budget: int = DEFAULT_BUDGET
+    hessian_budget: int = HESSIAN_BUDGET
+
+    def describe(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("device", "hidden_budget", "hessian_budget")}
+
+
+# ---- solving: pure functions of weights and Hessians --------------------------------------------------------
+
+
+def solve_modules(w: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, s: GptqSettings,
+                  own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Modules w [B, out, in] with Hessians h [B, in, in] over tokens [B] -> packed, scales, case int8 [B].
+
+    Each module's exponents are the imatrix choice under diag(h) / tokens; GPTQ then rounds its columns. `own`
+    [B] bool: the Hessian is the module's own tokens' (else all tokens': a starved expert). No tokens: mse3;
+    a Hessian GPTQ cannot factor: the imatrix choice alone."""
+    b, out, n = w.shape
+    packed = torch.empty(b, out, n // 2, dtype=torch.uint8)
+    scales = torch.empty(b, out, n // BLOCK, dtype=torch.uint8)
+    case = torch.full((b,), MSE3, dtype=torch.int8)
+    live = [i for i in range(b) if int(tokens[i]) > 0]
+    for i in range(b):
+        if i not in live:
+            q = quantize(w[i], Rule.MSE3)
+            packed[i], scales[i] = q.packed.cpu(), q.scales.cpu()
+    if not live:
+        return packed, scales, case
+    exps, weighted = [], []
+    for i in live:
+        a = torch.diagonal(h[i]) / int(tokens[i])
+        q = quantize_weighted(w[i], a.to(w.device).clamp(min=0))
+        weighted.append(q)
+        exps.append(q.scales.to(torch.int32) - E8M0_BIAS)
+    sel = torch.tensor(live)
+    prep: Prepared | None
+    try:
+        bad: list[int] = []
+        prep = prepare(h[sel.to(h.device)], damp=s.damp, act_order=s.act_order)
+    except SingularHessianError as exc:
+        bad = exc.bad
+        keep = [k for k in range(len(live)) if k not in bad]
+        prep = prepare(h[sel[keep].to(h.device)], damp=s.damp, act_order=s.act_order) if keep else None
+    good = [k for k in range(len(live)) if k not in bad]
+    if good and prep is not None:
+        q = solve(w[sel[good].to(w.device)].float(), prep, torch.stack([exps[k] for k in good]), block=s.block)
+        for j, k in enumerate(good):
+            i = live[k]
+            packed[i], scales[i] = q.packed[j].cpu(), q.scales[j].cpu()
+            case[i] = OWN if own is None or bool(own[i]) else ALL_TOKENS
+    for k in bad:
+        i = live[k]
+        packed[i], scales[i] = weighted[k].packed.cpu(), weighted[k].scales.cpu()
+        case[i] = IMATRIX
+    return packed, scales, case
+
+
+def expert_groups(n_experts: int, widths: list[int], budget: int, workers: int) -> list[list[int]]:
+    """Experts in groups whose Hessians (float64 totals, a float32 partial per batch in flight) fit `budget`."""
+    per_expert = sum(w * w for w in widths) * (8 + 4 * workers)
+    size = max(1, min(n_experts, budget // max(1, per_expert)))
+    return [list(range(a, min(a + size, n_experts))) for a in range(0, n_experts, size)]
+
+
+# ---- the engine's editor ----------------------------------------------------------------------------------
+
+
+class SequentialGptq:
+    """An engine Editor: per decoder layer, Hessians, solve, results file, reload with the quantized weights."""
+
+    def __init__(self, plan: Plan, out_dir: Path, s: GptqSettings, device: torch.device, workers: int,
+                 progress: bool = False) -> None:
+        self.plan, self.out_dir, self.s, self.workers, self.progress = plan, Path(out_dir), s, workers, progress
+        self.hessians = Hessians(set(plan.quantized_sources), device)
+        self.seconds: dict[int, float] = {}
+
+    def layer_begin(self, model: StreamedModel, index: int) -> None:
+        pass
+
+    def layer_end(self, model: StreamedModel, index: int) -> None:
+        pass
+
+    def batch_begin(self, batch: int) -> None:
+        self.hessians.batch_begin(batch)
+
+    def batch_end(self, batch: int) -> None:
+        self.hessians.batch_end(batch)
+
+    def edit(self, model: StreamedModel, index: int, forward: Forward) -> None:
+        path = self.out_dir / layer_file(index)
+        if not path.exists():
+            t0 = time.perf_counter()
+            write_atomic(path, self._solve_layer(model, index, forward))
+            self.seconds[index] = time.perf_counter() - t0
+        with safe_open(str(path), "pt") as f:
+            replace = {}
+            for name in model.part_sources(index):
+                if f"{name}{PACKED}" in f.keys():
+                    shape = self.plan.source.tensors[name].info.shape
+                    replace[name] = dequantize(f.get_tensor(name + PACKED), f.get_tensor(name + SCALES),
+                                               model.dtype).reshape(shape)
+        model.free(index)
+        model.load(index, replace)
+        forward(True)
+
+    def _solve_layer(self, model: StreamedModel, index: int, forward: Forward) -> dict[str, torch.Tensor]:
+        hs = self.hessians
+        out: dict[str, torch.Tensor] = {}
+        hs.watch(model, index)
+        try:
+            hs.begin_pass()
+            forward(False)
+            hs.end_pass()
+            for t in hs.targets:
+                if not t.experts:
+                    out.update(self._solve_linear(t))
+            experts = hs.expert_targets
+            if experts:
+                n_exp, routed = experts[0].experts, experts[0].routed
+                floor = self.s.min_tokens or max(t.width for t in experts)
+                starved = frozenset(e for e in range(n_exp) if int(routed[e]) < floor)  # type: ignore[index]
+                parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+                for group in expert_groups(n_exp, [t.width for t in experts], self.s.hessian_budget, self.workers):
+                    hs.begin_pass(group, starved & frozenset(group))
+                    forward(False)
+                    hs.end_pass()
+                    for t in experts:
+                        for name, r in self._solve_group(t, group, starved).items():
+                            parts.setdefault(name, []).append(r)
+                out.update(self._joined(parts))
+                out[experts[0].param.rpartition(".")[0] + ROUTED] = routed.clone()  # type: ignore[union-attr]
+        finally:
+            hs.unwatch()
+            for t in hs.targets:
+                t.h = t.h_all = None
+        for name in model.part_sources(index):  # planned weights no hook saw: plain mse3
+            if name in self.plan.decisions and self.plan.decisions[name].quantize and f"{name}{PACKED}" not in out:
+                out.update(_plain(name, self.plan.source.tensors[name]))
+        return out
+
+    def _joined(self, parts: dict[str, list[tuple[torch.Tensor, ...]]]) -> dict[str, torch.Tensor]:
+        """Experts' results, solved group by group, as a layer file holds them."""
+        out = {}
+        for name, rs in parts.items():
+            shape = self.plan.source.tensors[name].info.shape
+            out[name + PACKED] = torch.cat([r[0] for r in rs]).reshape(-1, shape[-1] // 2)
+            out[name + SCALES] = torch.cat([r[1] for r in rs]).reshape(-1, shape[-1] // BLOCK)
+            case = torch.cat([r[2] for r in rs])
+            out[name + CASE] = case.reshape(()) if len(shape) == 2 else case
+        return out
+
+    def _solve_linear(self, t: Target) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in t.sources:
+            src = self.plan.source.tensors[name]
+            if len(src.info.shape) != 2 or src.info.shape[1] != t.width:
+                out.update(_plain(name, src))
+                continue
+            w = src.read_rows(0, src.info.shape[0]).float().to(t.h.device)  # type: ignore[union-attr]
+            packed, scales, case = solve_modules(w[None], t.h[None], t.tokens[None], self.s)  # type: ignore[index]
+            out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})
+        return out
+
+    def _solve_group(self, t: Target, group: list[int], starved: frozenset[int]
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each source of experts target `t`: its group experts' packed, scales, cases (by source name)."""
+        h = t.h.clone()  # type: ignore[union-attr]
+        tokens = t.tokens.clone()  # type: ignore[union-attr]
+        own = torch.tensor([e not in starved for e in group])
+        if t.kind == UP:
+            for slot, e in enumerate(group):
+                if e in starved:
+                    h[slot], tokens[slot] = t.h_all, t.tokens_all  # type: ignore[assignment]
+        out = {}
+        for name in t.sources:
+            src = self.plan.source.tensors[name]
+            shape = src.info.shape
+            m = EXPERT_INDEX.search(name) if len(shape) == 2 else None
+            if m is not None:  # one expert's own weight
+                e = int(m[1])
+                if e not in group:
+                    continue
+                slot = group.index(e)
+                sel = [slot]
+                w = src.read_rows(0, shape[0]).float()[None]
+            elif len(shape) == 3 and shape[0] == t.experts:
+                sel = list(range(len(group)))
+                rows = src.read_rows(group[0] * shape[1], (group[-1] + 1) * shape[1])
+                w = rows.float().reshape(len(group), *shape[1:])
+            else:
+                continue  # a layout the Hessians do not fit: _plain later
+            if w.shape[-1] != t.width:
+                continue
+            out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], self.s, own[sel])
+        return out
+
+
+def _plain(name: str, src: CheckpointTensor) -> dict[str, torch.Tensor]:
+    """mse3 of a planned weight without usable Hessians (case mse3), as a layer file holds it."""
+    shape = src.info.shape
+    q = quantize(src.read_rows(0, src.info.row_shape[0]).float(), Rule.MSE3)
+    case = torch.full(shape[:1] if len(shape) == 3 else (), MSE3, dtype=torch.int8)
+    return {name + PACKED: q.packed, name + SCALES: q.scales, name + CASE: case}
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+
+def _fingerprint(plan: Plan, text: dict, s: GptqSettings, device: torch.device) -> dict:
+    return {"writer": "qstream quantize --method gptq", "qstream_version": __import__("qstream").__version__,
+            "source": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in plan.source.weight_files],
+            "planned": hashlib.sha256("\n".join(plan.quantized_sources).encode()).hexdigest(),
+            "text_sha256": text["sha256"], "taken": text["taken"], "device": device.type, **s.describe()}
+
+
+def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSettings(), overwrite: bool = False,
+                     resume: bool = False, progress: bool = True) -> dict:
+    """Write RESULTS `out` (see module doc) for the planned weights of plan.source; returns the summary."""
+    t0 = time.perf_counter()
+    device, dtype = resolve_device(s.device), dtype_of(s.dtype)
+    ckpt = plan.source
+    if is_mxfp4_checkpoint(ckpt):
+        raise QstreamError(f"{ckpt.root}: already MXFP4; run GPTQ on the checkpoint it was quantized from")
+    with StreamedModel(ckpt.root, dtype, device) as model:
+        ids, text_info = calibration_ids(ckpt.root, text, s.samples, s.seq_len)
+        if int(ids.max()) >= model.vocab_size:
+            raise QstreamError(f"{ckpt.root}: its tokenizer yields id {int(ids.max())}, beyond the model's "
+                               f"{model.vocab_size} embeddings; the tokenizer does not belong to this model")
+        job = Job(ids, tuple((k * s.seq_len, (k + 1) * s.seq_len) for k in range(s.samples)))
+        workers = 1 if device.type == "cuda" else torch.get_num_threads()
+        with staging(ckpt.root, Path(out), overwrite, "qstream gptq", _fingerprint(plan, text_info, s, device),
+                     resume, bookkeeping=("qstream-hidden-*",)) as tmp:
+            for stale in tmp.glob("qstream-hidden-*"):
+                stale.unlink()
+            first = next((i for i in range(model.n_layers) if not (tmp / layer_file(i)).exists()), model.n_layers)
+            editor = SequentialGptq(plan, tmp, s, device, workers)
+            with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp) as store:
+                stats = run(model, job, store, editor, 0, s.batch_tokens, progress, ahead=False, workers=workers)
+            summary = _summary(plan, tmp, model.n_layers, text_info, s, device, dtype)
+            write_json(tmp / SUMMARY_NAME, summary)
+            write_json(tmp / REPORT_NAME, {
+                "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(), "tokens": job.tokens,
+                "resumed_from_layer": first if resume else None,
+                "solve_seconds": {str(k): v for k, v in sorted(editor.seconds.items())},
+                "parts": [asdict(p) for p in stats.parts]})
+    return summary
+
+
+def _summary(plan: Plan, tmp: Path, n_layers: int, text: dict, s: GptqSettings, device: torch.device,
+             dtype: torch.dtype) -> dict:
+    """What was solved how, per layer, and the routed tokens each experts module saw."""
+    layers, coverage = [], []
+    for i in range(n_layers):
+        with safe_open(str(tmp / layer_file(i)), "pt") as f:
+            counts = [0] * len(CASES)
+            for key in sorted(f.keys()):
+                if key.endswith(CASE):
+                    for c in f.get_tensor(key).reshape(-1).tolist():
+                        counts[c] += 1
+                elif key.endswith(ROUTED):
+                    routed = f.get_tensor(key).tolist()
+                    coverage.append({"module": key.removesuffix(ROUTED), "routed": routed,
+                                     "without_tokens": [e for e, c in enumerate(routed) if c == 0]})
+        layers.append(dict(zip(CASES, counts)))
+    return {"schema": SCHEMA, "qstream_version": __import__("qstream").__version__,
+            "source": str(plan.source.root.resolve()), "text": text, "samples": s.samples, "seq_len": s.seq_len,
+            "tokens": s.samples * s.seq_len, "settings": s.describe(), "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type, "cases": {c: sum(layer[c] for layer in layers) for c in CASES},
+            "cases_counted": "per planned source tensor, per expert of a fused experts tensor",
+            "case_meaning": {"gptq": "GPTQ with the module's own tokens",
+                             "gptq-all-tokens": "GPTQ with every token's statistics (a routed expert the router "
+                                                "sent fewer tokens than its input width)",
+                             "imatrix": "the imatrix choice alone (its Hessian could not be factored)",
+                             "mse3": "mse3 (no tokens, or a layout its Hessian does not fit)"},
+            "layers": layers, "expert_coverage": coverage}
+
+
+class GptqModules:
+    """RESULTS checked against a plan, as the conversion's calibrated method (convert.pipeline.Calibrated):
+    every planned module's codes and scales, read as its rows are written."""
+
+    method = Method.GPTQ.value
+
+    def __init__(self, results: Path, plan: Plan) -> None:
+        self.results = Path(results)
+        summary = self.results / SUMMARY_NAME
+        if not summary.is_file():
+            raise QstreamError(f"{self.results}: no {SUMMARY_NAME}; GPTQ results are incomplete: run again")
+        import json
+
+        self.summary = json.loads(summary.read_text())
+        self.where: dict[str, tuple[Path, TensorInfo, TensorInfo]] = {}
+        for path in sorted(self.results.glob("layer-*.safetensors")):
+            tensors = read_header(path).tensors
+            for key, info in tensors.items():
+                if key.endswith(PACKED):
+                    name = key.removesuffix(PACKED)
+                    self.where[name] = (path, info, tensors[name + SCALES])
+        for name in plan.quantized_sources:
+            shape = plan.source.tensors[name].info.shape
+            rows = plan.source.tensors[name].info.row_shape[0]
+            got = self.where.get(name)
+            if got is None or got[1].shape != (rows, shape[-1] // 2) or got[2].shape != (rows, shape[-1] // BLOCK):
+                raise QstreamError(f"{self.results}: no GPTQ result of the right shape for {name}; the results are "
+                                   "for another model or plan: remove them and run again")
+
+    def for_job(self, job: QuantJob) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's packed codes and scales, rows as the job takes them from its source."""
+        path, packed, scales = self.where[job.source.name]
+        r1 = job.row_start + (job.rows - 1) * job.row_step + 1
+        return tuple(read_rows(path, info, job.row_start, r1)[::job.row_step]  # type: ignore[return-value]
+                     for info in (packed, scales))
+
+    def quantize(self, w: torch.Tensor, data: Any, row: int) -> Quantized:
+        packed, scales = data
+        return stored(w, packed[row:row + w.shape[0]].to(w.device), scales[row:row + w.shape[0]].to(w.device))
+
+    def fingerprint(self) -> dict:
+        st = (self.results / SUMMARY_NAME).stat()
+        return {"results": [str(self.results), st.st_size, st.st_mtime_ns]}
+
+    def describe(self) -> dict:
+        s = self.summary
+        return {"results": str(self.results), **s["settings"], "tokens": s["tokens"], "cases": s["cases"],
+                "case_meaning": s["case_meaning"], "text": s["text"]}

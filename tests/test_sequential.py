@@ -1,0 +1,286 @@
+"""Sequential GPTQ through the engine (`quantize --method gptq`): Hessians equal to the whole model's own inputs
+(each layer's taken after the layers before it were quantized), routed and starved experts, the cases each module
+is solved by, determinism across runs and thread counts, resume, verify, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from qstream.calib import sequential
+from qstream.calib.gptq import gptq_quantize
+from qstream.calib.hessians import UP, Target
+from qstream.calib.imatrix import quantize_weighted
+from qstream.calib.sequential import CASES, IMATRIX, MSE3, OWN, GptqSettings, solve_modules
+from qstream.check.verify import verify
+from qstream.cli import cli
+from qstream.common import REPORT_NAME
+from qstream.errors import Interrupted
+from qstream.evals.models import load_model
+from qstream.format.mxfp4 import E8M0_BIAS, Rule, dequantize, quantize
+from qstream.io.staging import gptq_dir_for, temp_dir_for
+from tests.fixtures import assert_same_files, load_tensors
+from tests.test_bad_input import assert_refused, tree_hashes
+from tests.test_evaluate import PROSE, byte_tokenizer
+
+SMALL = ["--calib-samples", "3", "--calib-seq-len", "48"]
+
+
+def _quantize(src: Path, dst: Path, *args: object) -> Result:
+    return CliRunner().invoke(cli, ["quantize", str(src), str(dst), "--no-progress", "--device", "cpu",
+                                    *map(str, args)])
+
+
+def _source(fixture: Path, tmp_path: Path) -> tuple[Path, Path]:
+    src = tmp_path / "src"
+    shutil.copytree(fixture, src)
+    byte_tokenizer(src)  # any text tokenizes
+    prose = tmp_path / "prose.txt"
+    prose.write_text(PROSE * 3)
+    return src, prose
+
+
+# ------------------------------------------------------------------------------------------------ solving
+
+
+def test_solve_modules_cases() -> None:
+    """Own tokens: GPTQ under the imatrix exponents; no tokens: mse3; a Hessian that cannot be factored: the
+    imatrix choice alone; the all-token flag marks GPTQ on every token's statistics."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 8, 64, generator=g)
+    x = torch.randn(4, 200, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    h = (x.transpose(1, 2) @ x).double()
+    h[2] = -torch.eye(64, dtype=torch.float64)  # not positive definite
+    tokens = torch.tensor([200, 0, 200, 200])
+    own = torch.tensor([True, True, True, False])
+    packed, scales, case = solve_modules(w, h, tokens, GptqSettings(), own)
+    assert case.tolist() == [OWN, MSE3, IMATRIX, CASES.index("gptq-all-tokens")]
+    q = quantize(w[1], Rule.MSE3)
+    assert torch.equal(packed[1], q.packed) and torch.equal(scales[1], q.scales)
+    a = torch.diagonal(h[2]) / 200
+    q = quantize_weighted(w[2], a.clamp(min=0))
+    assert torch.equal(packed[2], q.packed) and torch.equal(scales[2], q.scales)
+    e = quantize_weighted(w[0], torch.diagonal(h[0]) / 200).scales.to(torch.int32) - E8M0_BIAS
+    q = gptq_quantize(w[0], h[0], e)
+    assert torch.equal(packed[0], q.packed) and torch.equal(scales[0], q.scales)
+
+
+# ------------------------------------------------------------------------------------------------ Hessians
+
+
+def _captured_hessians(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str], torch.Tensor]:
+    """Every Hessian the editor solves with, by (model parameter, kind of group)."""
+    seen: dict[tuple[str, str], torch.Tensor] = {}
+    solve_linear, solve_group = sequential.SequentialGptq._solve_linear, sequential.SequentialGptq._solve_group
+
+    def linear(self, t: Target):  # noqa: ANN001, ANN202
+        seen[(t.param, "linear")] = t.h.clone()  # type: ignore[union-attr]
+        return solve_linear(self, t)
+
+    def group(self, t: Target, grp: list[int], starved: frozenset[int]):  # noqa: ANN001, ANN202
+        seen[(t.param, f"group{grp[0]}")] = t.h.clone()  # type: ignore[union-attr]
+        seen[(t.param, "routed")] = t.routed.clone()  # type: ignore[union-attr]
+        if t.kind == UP:
+            seen[(t.param, "all")] = t.h_all.clone()  # type: ignore[union-attr]
+        return solve_group(self, t, grp, starved)
+
+    monkeypatch.setattr(sequential.SequentialGptq, "_solve_linear", linear)
+    monkeypatch.setattr(sequential.SequentialGptq, "_solve_group", group)
+    return seen
+
+
+def _reference_inputs(src: Path, dst: Path, ids: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """Inputs of decoder layer `layer`'s Linears and experts in the WHOLE model (transformers' own forward, float32),
+    with the layers before it holding their quantized weights from `dst` (as the sequential engine runs them)."""
+    model = load_model(src, torch.float32, torch.device("cpu"))
+    quantized = load_model(dst, torch.float32, torch.device("cpu"))
+    for i in range(layer):
+        model.model.layers[i].load_state_dict(quantized.model.layers[i].state_dict())
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.model.layers[layer].named_modules(prefix=f"model.layers.{layer}"):
+        if isinstance(module, torch.nn.Linear) or hasattr(module, "has_gate"):
+            def hook(m, args, kwargs, name=name):  # noqa: ANN001, ANN202
+                x = args[0] if args else kwargs["hidden_states"]
+                got[name] = x.reshape(-1, x.shape[-1])
+                if hasattr(m, "has_gate"):
+                    got[name + ":index"] = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    return got
+
+
+def test_hessians_are_the_quantized_prefix_inputs(tiny_llama: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layer 1's Hessians (float32 engine) equal x^T x of its inputs in the whole model whose layer 0 holds the
+    GPTQ output: each layer is calibrated on what the quantized layers before it compute."""
+    from qstream.calib.calibrate import calibration_ids
+    from qstream.io.checkpoint import open_checkpoint
+    from qstream.io.text_sources import from_file
+    from qstream.planning.plan import make_plan
+    from qstream.planning.selection import Selection
+    from qstream.quantize import quantize_checkpoint
+
+    src, prose = _source(tiny_llama, tmp_path)
+    seen = _captured_hessians(monkeypatch)
+    plan = make_plan(open_checkpoint(src), Selection("mlp"), Rule.MSE3, 10**9)
+    s = GptqSettings(samples=2, seq_len=40, dtype="float32", device="cpu")
+    results = tmp_path / "results"
+    sequential.solve_sequential(plan, results, from_file(prose), s, progress=False)
+    dst = tmp_path / "dst"
+    quantize_checkpoint(plan, dst, "cpu", progress=False, calibrated=sequential.GptqModules(results, plan))
+    ids, _ = calibration_ids(src, from_file(prose), 2, 40)
+    ref = _reference_inputs(src, dst, ids.reshape(2, 40), 1)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        x = ref[f"model.layers.1.mlp.{proj}"].double()
+        h = seen[(f"model.layers.1.mlp.{proj}.weight", "linear")]
+        torch.testing.assert_close(h, x.T @ x, rtol=1e-4, atol=1e-4 * float(h.diagonal().mean()))
+    # and layer 0's are not: the quantized layer 0 changed layer 1's inputs (the test can fail)
+    unq = load_model(src, torch.float32, torch.device("cpu"))
+    x0 = {}
+    unq.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: x0.setdefault("x", a[0]))
+    with torch.inference_mode():
+        unq(input_ids=ids.reshape(2, 40), use_cache=False)
+    x = x0["x"].reshape(-1, x0["x"].shape[-1]).double()
+    assert not torch.allclose(seen[("model.layers.1.mlp.down_proj.weight", "linear")], x.T @ x, rtol=1e-4)
+
+
+def test_expert_hessians_routed_and_starved(tiny_mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each expert's gate/up Hessian is over the tokens routed to it, its down projection's over its own
+    activations on them; with a token floor above every expert's count, all are starved: gate/up take the
+    Hessian of every token and down its activations on every token."""
+    from qstream.calib.calibrate import calibration_ids
+    from qstream.calib.stats import down_input
+    from qstream.io.checkpoint import open_checkpoint
+    from qstream.io.text_sources import from_file
+    from qstream.planning.plan import make_plan
+    from qstream.planning.selection import Selection
+
+    src, prose = _source(tiny_mixtral, tmp_path)
+    plan = make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9)
+    ids, _ = calibration_ids(src, from_file(prose), 2, 40)
+    model = load_model(src, torch.float32, torch.device("cpu"))
+    experts = model.model.layers[0].mlp.experts
+    ref = _reference_inputs(src, src, ids.reshape(2, 40), 0)
+    x, index = ref["model.layers.0.mlp.experts"], ref["model.layers.0.mlp.experts:index"].reshape(80, -1)
+    param = "model.layers.0.mlp.experts"
+    for floor, label in ((1, "routed"), (10**6, "starved")):
+        seen = _captured_hessians(monkeypatch)
+        s = GptqSettings(samples=2, seq_len=40, dtype="float32", device="cpu", min_tokens=floor)
+        sequential.solve_sequential(plan, tmp_path / label, from_file(prose), s, progress=False)
+        routed = seen[(f"{param}.gate_up_proj", "routed")]
+        assert routed.tolist() == torch.bincount(index.reshape(-1), minlength=len(routed)).tolist()
+        for e in range(len(routed)):
+            xe = x if label == "starved" else x[(index == e).any(-1)]
+            up = seen[(f"{param}.gate_up_proj", "group0")][e]
+            down = seen[(f"{param}.down_proj", "group0")][e]
+            with torch.no_grad():
+                d = down_input(experts, e, xe).double()
+            want_up = (x.double().T @ x.double()) if label == "starved" else xe.double().T @ xe.double()
+            if label == "starved":
+                torch.testing.assert_close(seen[(f"{param}.gate_up_proj", "all")], want_up, rtol=1e-4, atol=1e-3)
+            else:
+                torch.testing.assert_close(up, want_up, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(down, d.T @ d, rtol=1e-4, atol=1e-3)
+        summary = json.loads((tmp_path / label / sequential.SUMMARY_NAME).read_text())
+        all_tokens = summary["cases"]["gptq-all-tokens"]
+        assert (all_tokens > 0) == (label == "starved") and summary["cases"]["mse3"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+@pytest.mark.parametrize("fixture,preset", [("tiny_llama", "mlp"), ("tiny_mixtral", "experts"),
+                                            ("tiny_qwen35", "experts")])
+def test_gptq_writes_verified_deterministic_output(fixture: str, preset: str, tmp_path: Path,
+                                                   request: pytest.FixtureRequest) -> None:
+    """`quantize --method gptq` on dense, per-expert and fused-expert layouts: every planned module solved (cases
+    counted in the report and the card), `verify --source` passes, the results directory is gone, and a second run
+    with another thread count writes the same bytes, card included."""
+    src, prose = _source(request.getfixturevalue(fixture), tmp_path)
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"  # one name: the card's title is the directory's
+    a.parent.mkdir()
+    b.parent.mkdir()
+    res = _quantize(src, a, "--preset", preset, "--method", "gptq", "--calib-text", prose, *SMALL)
+    assert res.exit_code == 0, res.output
+    report = json.loads((a / REPORT_NAME).read_text())
+    assert report["rule"] == "gptq" and report["gptq"]["modules_fallback"] == 0
+    assert report["gptq"]["cases"]["gptq"] > 0 and report["gptq"]["cases"]["mse3"] == 0
+    assert "`gptq`" in (a / "README.md").read_text()
+    assert not gptq_dir_for(a).exists() and not temp_dir_for(gptq_dir_for(a)).exists()
+    assert verify(a, source=src, device="cpu").ok
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        res = _quantize(src, b, "--preset", preset, "--method", "gptq", "--calib-text", prose, *SMALL)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert_same_files(a, b, skip=(REPORT_NAME,))
+
+
+def test_gptq_output_differs_from_rtn_and_imatrix(tiny_llama: Path, tmp_path: Path) -> None:
+    """GPTQ moves codes off their nearest values (what imatrix keeps), under exponents in the imatrix set."""
+    src, prose = _source(tiny_llama, tmp_path)
+    for method in ("imatrix", "gptq"):
+        res = _quantize(src, tmp_path / method, "--preset", "mlp", "--method", method, "--calib-text", prose, *SMALL)
+        assert res.exit_code == 0, res.output
+    a, b = load_tensors(tmp_path / "imatrix"), load_tensors(tmp_path / "gptq")
+    name = "model.layers.0.mlp.down_proj.weight_packed"
+    assert not torch.equal(a[name], b[name])
+    deq = dequantize(b[name], b[name.replace("packed", "scale")], torch.float32)
+    assert torch.isfinite(deq).all()
+
+
+def test_gptq_resumes_at_the_layer_it_was_on(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while solving layer 1 keeps layer 0's results; --resume finishes with the same bytes as an
+    uninterrupted run, without solving layer 0 again."""
+    src, prose = _source(tiny_llama, tmp_path)
+    args = ("--preset", "mlp", "--method", "gptq", "--calib-text", prose, *SMALL)
+    whole, dst = tmp_path / "whole" / "dst", tmp_path / "resumed" / "dst"  # the card names the directory
+    whole.parent.mkdir()
+    dst.parent.mkdir()
+    assert _quantize(src, whole, *args).exit_code == 0
+    solve = sequential.SequentialGptq._solve_layer
+    solved: list[int] = []
+
+    def killed_at_1(self, model, index, forward):  # noqa: ANN001, ANN202
+        solved.append(index)
+        if index == 1:
+            raise KeyboardInterrupt
+        return solve(self, model, index, forward)
+
+    monkeypatch.setattr(sequential.SequentialGptq, "_solve_layer", killed_at_1)
+    res = _quantize(src, dst, *args)
+    assert res.exit_code != 0 and isinstance(res.exception, (Interrupted, KeyboardInterrupt, SystemExit))
+    assert not dst.exists()
+    solved.clear()
+
+    def counted(self, model, index, forward):  # noqa: ANN001, ANN202
+        solved.append(index)
+        return solve(self, model, index, forward)
+
+    monkeypatch.setattr(sequential.SequentialGptq, "_solve_layer", counted)
+    res = _quantize(src, dst, *args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert 0 not in solved and 1 in solved
+    assert_same_files(whole, dst, skip=(REPORT_NAME,))
+
+
+def test_gptq_refusals(tiny_llama: Path, tmp_path: Path) -> None:
+    src, prose = _source(tiny_llama, tmp_path)
+    before = tree_hashes(src)
+    dst = tmp_path / "dst"
+    res = _quantize(src, dst, "--preset", "mlp", "--method", "gptq", "--calib-text", prose, "--calib-samples", "1000")
+    assert_refused(res, "prose.txt", src, before, dst)  # too little text for 1000 windows
+    assert not gptq_dir_for(dst).exists() and not temp_dir_for(gptq_dir_for(dst)).exists()
+    res = _quantize(src, dst, "--preset", "mlp", "--method", "gptq", "--rule", "even")
+    assert_refused(res, "--rule even with --method gptq", src, before, dst)
+    res = _quantize(src, dst, "--preset", "mlp", "--method", "gptq", "--calib", tmp_path)
+    assert_refused(res, "--calib is used by --method imatrix only", src, before, dst)
