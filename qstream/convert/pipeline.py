@@ -22,10 +22,11 @@ from tqdm import tqdm
 from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
 from qstream.convert.streams import OrderedWriter, prefetch
 from qstream.errors import QstreamError
-from qstream.format.kernels import quantize_fast
+from qstream.format.kernels import quantize_fast, warm_up
 from qstream.format.mxfp4 import NonFiniteError, Quantized
 from qstream.format.rules import Rule
-from qstream.io.checkpoint import CONFIG_NAME
+from qstream.io.checkpoint import CONFIG_NAME, SourceTensor
+from qstream.io.device_reader import DeviceReader
 from qstream.io.safetensors_io import read_header
 from qstream.io.shards import shard_file, write_index
 from qstream.io.source_formats import PackedExperts
@@ -104,26 +105,27 @@ class TensorStats:
         return out
 
 
-# What the reader hands the quantizer per chunk: rows read, MXFP4 already (a (packed, scales) pair from a
-# pre-quantized source), or None for a tensor copied byte for byte.
-Chunk = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+# What the reader hands the quantizer per chunk: rows read, or MXFP4 already (a (packed, scales) pair from a
+# pre-quantized source).
+Chunk = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, Chunk]]:
-    """(job, first output row, data) per chunk of at most CHUNK_ELEMENTS source elements."""
+def _read_items(jobs: Iterator[Job], onto: DeviceReader | None = None) -> Iterator[tuple[Job, int, Chunk]]:
+    """(job, first output row, data) per chunk of at most CHUNK_ELEMENTS source elements (jobs that read: not
+    byte copies). With `onto`, rows stored as they are quantized are read straight onto its device (CUDA: through
+    pinned buffers, copied on the reading thread's own stream while the quantizer runs)."""
     for job in jobs:
         src = job.source
         if isinstance(job, CopyJob):
-            if src.copyable:
-                yield job, 0, None
-            else:
-                for a, b in row_chunks(*src.info.row_shape, max_elements=CHUNK_ELEMENTS):
-                    yield job, a, src.read_rows(a, b)
+            for a, b in row_chunks(*src.info.row_shape, max_elements=CHUNK_ELEMENTS):
+                yield job, a, src.read_rows(a, b)
             continue
         for a, b in row_chunks(job.rows, job.in_features, CHUNK_ELEMENTS):
             r0, r1 = job.row_start + a * job.row_step, job.row_start + (b - 1) * job.row_step + 1
             if isinstance(src, PackedExperts):
                 yield job, a, src.read_packed(r0, r1, job.row_step)
+            elif onto is not None and isinstance(src, SourceTensor):
+                yield job, a, onto.rows(src, r0, r1)[:: job.row_step]
             else:
                 yield job, a, src.read_rows(r0, r1)[:: job.row_step]
 
@@ -145,20 +147,28 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                  advance: Callable[[int], None], calibrated: Calibrated | None = None) -> dict:
     """Write one shard, reading ahead and writing behind; it takes its name only when complete.
 
+    Tensors copied byte for byte (embeddings, norms, attention of an experts-only run) need no reading: they are
+    all handed at once to a thread of their own, which copies them in the kernel (copy_file_range) while the
+    quantization runs beside it. Every write lands at its final offset, so the order changes no byte.
     Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
     With `calibrated`, each module's calibration data is read once, as its first rows arrive.
     """
     stats: dict[str, TensorStats] = {}
     current: tuple[Job | None, Any] = (None, None)  # the module in flight and its calibration data
-    with shard_file(tmp, shard.file_name, shard.entries) as writer, OrderedWriter(WRITE_BEHIND) as writes:
-        for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
-            if isinstance(job, CopyJob):
-                if w is None:
-                    writes.submit(writer.copy_from, job.source.name, job.source.file, job.source.info)
-                    advance(job.bytes_in)
-                elif isinstance(w, torch.Tensor):  # decoded from FP8 and friends: written as its logical dtype
-                    writes.submit(writer.write, job.source.name, w, row * job.entries[0].row_nbytes)
-                    advance(w.numel() * w.element_size())
+    copies = [j for j in shard.jobs if isinstance(j, CopyJob) and j.source.copyable]
+    reads = [j for j in shard.jobs if not (isinstance(j, CopyJob) and j.source.copyable)]
+    with (shard_file(tmp, shard.file_name, shard.entries) as writer, OrderedWriter(WRITE_BEHIND) as writes,
+          OrderedWriter(len(copies) + 1) as copier):
+        for c in copies:
+            copier.submit(writer.copy_from, c.source.name, c.source.file, c.source.info)
+            advance(c.bytes_in)
+        onto = DeviceReader(device) if device.type == "cuda" else None
+        for job, row, w in prefetch(_read_items(iter(reads), onto), READ_AHEAD):
+            copier.poll()
+            if isinstance(job, CopyJob):  # decoded from FP8 and friends: written as its logical dtype
+                assert isinstance(w, torch.Tensor)
+                writes.submit(writer.write, job.source.name, w, row * job.entries[0].row_nbytes)
+                advance(w.numel() * w.element_size())
                 continue
             st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
             if isinstance(w, tuple):  # already MXFP4 in the source: a lossless copy
@@ -177,6 +187,7 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
             for entry, data in zip(job.entries, (packed, scales)):
                 writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
         writes.drain()
+        copier.drain()
         saved = {name: st.as_state() for name, st in stats.items()}
         write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
     return saved
@@ -223,6 +234,8 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
+    if plan.quantized_sources:  # the kernel's start (CUDA, Triton) overlaps the staging and the first reads
+        warm_up(dev, plan.rule, plan.source.tensors[plan.quantized_sources[0]].info.torch_dtype)
     stats: dict[str, TensorStats] = {}
     fp = fingerprint(plan, calibrated)
     with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,
