@@ -234,8 +234,7 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    if plan.quantized_sources:  # the kernel's start (CUDA, Triton) overlaps the staging and the first reads
-        warm_up(dev, plan.rule, plan.source.tensors[plan.quantized_sources[0]].info.torch_dtype)
+    warm_up(dev, plan.rule)  # the kernel's start (CUDA, Triton) overlaps the staging and the first reads
     stats: dict[str, TensorStats] = {}
     fp = fingerprint(plan, calibrated)
     with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,

@@ -58,9 +58,9 @@ _warm_ups: dict[str, Future] = {}  # device type -> its warm-up, done or under w
 WARM_ROWS = 16  # rows of the warm-up tensor: 16 blocks, so Triton specializes it as it does real chunks
 
 
-def warm_up(device: torch.device | str, rule: Rule = Rule.MSE3, dtype: torch.dtype = torch.bfloat16) -> None:
+def warm_up(device: torch.device | str, rule: Rule = Rule.MSE3) -> None:
     """Start `device`'s fast backend on a thread of its own: the CUDA context, Triton's import and the compile
-    (or cache load) of `rule`'s kernel for `dtype` take seconds, which the caller's planning and first reads
+    (or cache load) of `rule`'s kernel for BF16 (what checkpoints hold) take seconds, which the caller's planning and first reads
     can hide (on CPU: building or loading the C kernel). `quantize_fast` on that device waits for it, so no two
     threads load a backend at once. Its errors are dropped: the first real call meets them itself, with its
     own message. A device warmed (or warming) already is left alone."""
@@ -73,7 +73,7 @@ def warm_up(device: torch.device | str, rule: Rule = Rule.MSE3, dtype: torch.dty
     def warm() -> None:
         try:
             with contextlib.suppress(Exception):  # see the docstring
-                _backend(dev)[1](torch.zeros(WARM_ROWS, BLOCK, dtype=dtype, device=dev), rule)
+                _backend(dev)[1](torch.zeros(WARM_ROWS, BLOCK, dtype=torch.bfloat16, device=dev), rule)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
         finally:
