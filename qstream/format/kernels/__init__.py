@@ -62,8 +62,8 @@ def warm_up(device: torch.device | str, rule: Rule = Rule.MSE3) -> None:
     """Start `device`'s fast backend on a thread of its own: the CUDA context, Triton's import and the compile
     (or cache load) of `rule`'s kernel for BF16 (what checkpoints hold) take seconds, which the caller's planning
     and first reads can hide (on CPU: building or loading the C kernel). `quantize_fast` on that device waits for
-    it, so no two threads load a backend at once. Its errors are dropped: the first real call meets them itself, with its
-    own message. A device warmed (or warming) already is left alone."""
+    it, so no two threads load a backend at once. Its errors are dropped: the first real call meets them itself,
+    with its own message. A device warmed (or warming) already is left alone."""
     dev = torch.device(device)
     if dev.type in _warm_ups:
         return
