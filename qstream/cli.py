@@ -156,11 +156,6 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     given = [k for k, v in calib_opts.items() if v is not None]
     if given and (not calibrated_method or calib is not None):
         raise QstreamError(f"{given[0]} is used by --method imatrix without --calib and by --method gptq only; drop it")
-    if not calibrated_method:  # the kernel's start (CUDA, Triton) overlaps the planning
-        from qstream.common import resolve_device
-        from qstream.format.kernels import warm_up
-
-        warm_up(resolve_device(device), Rule(kw["rule"]))
     plan = _plan(src, **kw)
     progress = not no_progress and sys.stderr.isatty()
     samples, seq_len = calib_samples or CALIB_SAMPLES, calib_seq_len or CALIB_SEQ_LEN

@@ -79,7 +79,8 @@ def warm_up(device: torch.device | str, rule: Rule = Rule.MSE3) -> None:
         finally:
             done.set_result(None)
 
-    threading.Thread(target=warm, name="qstream-warm-up", daemon=True).start()
+    # not a daemon: a process that fails early waits for it rather than tearing torch down under it (SIGABRT)
+    threading.Thread(target=warm, name="qstream-warm-up").start()
 
 
 def quantize_fast(w: torch.Tensor, rule: Rule = Rule.MSE3) -> Quantized:
