@@ -50,34 +50,39 @@ class Row:
     wall: float = float("nan")  # process start included
     own: float = float("nan")  # process start excluded
     peak_rss: int = 0
+    cpu: float = float("nan")  # user + system seconds of the child
     note: str = ""
     round: int = 0  # rows of one round (a copy, then quantize) are compared with each other
 
 
-def run(cmd: list[str], log: Path, timeout: float | None = None, root: Path = ROOT) -> tuple[float, int, int | None]:
-    """(wall seconds, peak RSS bytes, exit code or None if cut off at `timeout`) of one child process, running
-    the qstream found at `root`."""
+def run(cmd: list[str], log: Path, timeout: float | None = None,
+        root: Path = ROOT) -> tuple[float, int, int | None, float]:
+    """(wall seconds, peak RSS bytes, exit code or None if cut off at `timeout`, CPU seconds: user + system) of
+    one child process, running the qstream found at `root`. CPU seconds vary less than wall on a shared machine."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     peak = 0
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
+        while True:
             peak = max(peak, _hwm(proc.pid))
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return time.perf_counter() - t0, peak, proc.returncode, usage.ru_utime + usage.ru_stime
             if timeout is not None and time.perf_counter() - t0 > timeout:
                 proc.kill()
                 proc.wait()
-                return time.perf_counter() - t0, peak, None
+                return time.perf_counter() - t0, peak, None, float("nan")
             time.sleep(0.05)
-    return time.perf_counter() - t0, peak, proc.returncode
 
 
 def copy_row(src: Path, work: Path, n: int) -> Row:
     dst = work / f"out-copy-{n}"
     subprocess.run(["rm", "-rf", str(dst)], check=True)
-    wall, rss, rc = run(["cp", "-r", str(src), str(dst)], work / f"copy-{n}.log")
+    wall, rss, rc, cpu = run(["cp", "-r", str(src), str(dst)], work / f"copy-{n}.log")
     subprocess.run(["rm", "-rf", str(dst)], check=True)
-    return Row("cp -r", n, "-", wall, wall, rss, "" if rc == 0 else f"rc={rc}")
+    return Row("cp -r", n, "-", wall, wall, rss, cpu, "" if rc == 0 else f"rc={rc}, see {work}/copy-{n}.log")
 
 
 def quantize_row(src: Path, dst: Path, work: Path, n: int, dev: str, baseline: Path | None = None) -> Row:
@@ -85,8 +90,8 @@ def quantize_row(src: Path, dst: Path, work: Path, n: int, dev: str, baseline: P
     cmd = [sys.executable, "-m", "qstream", "quantize", str(src), str(dst), "--device", dev, "--no-progress",
            "--overwrite"]
     tag = f"quantize{'-base' if baseline else ''}-{dev}-{n}"
-    wall, rss, rc = run(cmd, work / f"{tag}.log", root=baseline or ROOT)
-    row = Row("quantize (base)" if baseline else "quantize", n, dev, wall, float("nan"), rss)
+    wall, rss, rc, cpu = run(cmd, work / f"{tag}.log", root=baseline or ROOT)
+    row = Row("quantize (base)" if baseline else "quantize", n, dev, wall, float("nan"), rss, cpu)
     if rc:
         row.note = f"FAILED rc={rc}, see {work}/{tag}.log"
     else:
@@ -109,8 +114,8 @@ def verify_row(src: Path, dst: Path, work: Path, n: int, dev: str, full: bool, t
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__)), "--child", str(src), str(dst), dev, "full" if full else "fast",
            str(result)]
-    wall, rss, rc = run(cmd, work / f"{tag}.log", timeout)
-    row = Row(f"verify --source{' --full' if full else ''}", n, dev, wall, float("nan"), rss)
+    wall, rss, rc, cpu = run(cmd, work / f"{tag}.log", timeout)
+    row = Row(f"verify --source{' --full' if full else ''}", n, dev, wall, float("nan"), rss, cpu)
     if rc is None:
         row.note = f"cut off after {timeout:.0f} s"
     elif not result.exists():
@@ -140,15 +145,15 @@ def child(src: str, dst: str, dev: str, mode: str, result: str) -> None:
 
 def print_table(rows: list[Row], size: dict[int, int]) -> None:
     print(f"| {'case':<22} | layers | device | {'wall s':>7} | {'own s':>7} | {'x quantize (wall/own)':>21} "
-          f"| {'GB/s wall':>9} | {'of cp':>5} | {'peak RSS':>8} | note")
-    print("|" + "-" * 138)
+          f"| {'GB/s wall':>9} | {'of cp':>5} | {'cpu s':>6} | {'peak RSS':>8} | note")
+    print("|" + "-" * 147)
     for r in rows:
         q = next((x for x in rows if x.case == "quantize" and x.round == r.round), None)
         cp = next(x for x in rows if x.case == "cp -r" and x.round == r.round)
         ratio = f"{r.wall / q.wall:.2f} / {r.own / q.own:.2f}" if q and r.case != "cp -r" else "-"
         print(f"| {r.case:<22} | {r.layers:>6} | {r.device:<6} | {r.wall:7.1f} | {r.own:7.1f} | {ratio:>21} "
-              f"| {size[r.layers] / r.wall / 1e9:9.3f} | {cp.wall / r.wall:5.0%} | {r.peak_rss / 2**20:5.0f} MiB "
-              f"| {r.note}")
+              f"| {size[r.layers] / r.wall / 1e9:9.3f} | {cp.wall / r.wall:5.0%} | {r.cpu:6.1f} "
+              f"| {r.peak_rss / 2**20:5.0f} MiB | {r.note}")
 
 
 def main() -> None:

@@ -8,13 +8,14 @@ resumed shard by shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -52,6 +53,40 @@ class Calibrated(Protocol):
 
     def describe(self) -> dict:
         """The settings and what calibration gave each module, for the report."""
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Clock:
+    """Where the quantizing thread's time goes, seconds per stage (the report's `totals.stages`): the first thing
+    to read when a run is slower than the disk (waiting for reads, the kernel, waiting for writes, syncing)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def timed(self, items: Iterator[T], name: str) -> Iterator[T]:
+        """`items`, the time spent waiting for each added to stage `name`; closing this closes them."""
+        try:
+            while True:
+                with self.stage(name):
+                    try:
+                        item = next(items)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
 
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
@@ -144,7 +179,8 @@ def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device
 
 
 def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
-                 advance: Callable[[int], None], calibrated: Calibrated | None = None) -> dict:
+                 advance: Callable[[int], None], calibrated: Calibrated | None = None,
+                 clock: Clock | None = None) -> dict:
     """Write one shard, reading ahead and writing behind; it takes its name only when complete.
 
     Tensors copied byte for byte (embeddings, norms, attention of an experts-only run) need no reading: they are
@@ -153,6 +189,7 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
     Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
     With `calibrated`, each module's calibration data is read once, as its first rows arrive.
     """
+    clock = clock or Clock()
     stats: dict[str, TensorStats] = {}
     current: tuple[Job | None, Any] = (None, None)  # the module in flight and its calibration data
     copies = [j for j in shard.jobs if isinstance(j, CopyJob) and j.source.copyable]
@@ -163,11 +200,12 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
             copier.submit(writer.copy_from, c.source.name, c.source.file, c.source.info)
             advance(c.bytes_in)
         onto = DeviceReader(device) if device.type == "cuda" else None
-        for job, row, w in prefetch(_read_items(iter(reads), onto), READ_AHEAD):
+        for job, row, w in clock.timed(prefetch(_read_items(iter(reads), onto), READ_AHEAD), "read wait"):
             copier.poll()
             if isinstance(job, CopyJob):  # decoded from FP8 and friends: written as its logical dtype
                 assert isinstance(w, torch.Tensor)
-                writes.submit(writer.write, job.source.name, w, row * job.entries[0].row_nbytes)
+                with clock.stage("write wait"):
+                    writes.submit(writer.write, job.source.name, w, row * job.entries[0].row_nbytes)
                 advance(w.numel() * w.element_size())
                 continue
             st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
@@ -180,16 +218,22 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                     current = (job, calibrated.for_job(job))
                     st.weighted += current[1] is not None
                     st.fallback += current[1] is None
-                q = _quantize_chunk(job, row, w, plan.rule, device, calibrated, current[1])
-                packed, scales = q.packed.cpu(), q.scales.cpu()
+                with clock.stage("quantize"):
+                    q = _quantize_chunk(job, row, w, plan.rule, device, calibrated, current[1])
+                    packed, scales = q.packed.cpu(), q.scales.cpu()
                 st.add(q)
                 advance(w.numel() * w.element_size())
-            for entry, data in zip(job.entries, (packed, scales)):
-                writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
-        writes.drain()
-        copier.drain()
+            with clock.stage("write wait"):
+                for entry, data in zip(job.entries, (packed, scales)):
+                    writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
+        with clock.stage("write wait"):
+            writes.drain()
+        with clock.stage("copy wait"):
+            copier.drain()
         saved = {name: st.as_state() for name, st in stats.items()}
         write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
+        closing = time.perf_counter()
+    clock.seconds["sync and close"] = clock.seconds.get("sync and close", 0.0) + time.perf_counter() - closing
     return saved
 
 
@@ -236,23 +280,26 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
     t0 = time.perf_counter()
     warm_up(dev, plan.rule)  # the kernel's start (CUDA, Triton) overlaps the staging and the first reads
     stats: dict[str, TensorStats] = {}
+    clock = Clock()
     fp = fingerprint(plan, calibrated)
     with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,
                  bookkeeping=(f"*{STATS_SUFFIX}",)) as tmp:
+        clock.seconds["start"] = time.perf_counter() - t0
         with tqdm(total=plan.work_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
             for shard in plan.shards:
                 saved = _completed_shard(tmp, shard) if resume else None
                 if saved is None:
-                    saved = _write_shard(shard, tmp, plan, dev, bar.update, calibrated)
+                    saved = _write_shard(shard, tmp, plan, dev, bar.update, calibrated, clock)
                 else:
                     bar.update(sum(j.bytes_in for j in shard.jobs))
                 for name, state in saved.items():
                     stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
-        write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
-        write_json(tmp / CONFIG_NAME, plan.output_config())
-        side_files = copy_side_files(plan.source.root, tmp)
-        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated)
+        with clock.stage("index and side files"):
+            write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
+            write_json(tmp / CONFIG_NAME, plan.output_config())
+            side_files = copy_side_files(plan.source.root, tmp)
+        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated, clock)
         write_json(tmp / REPORT_NAME, report)
         if finish is not None:
             finish(tmp)
@@ -264,7 +311,7 @@ def peak_rss_bytes() -> int:
 
 
 def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
-            side_files: list[str], calibrated: Calibrated | None = None) -> dict:
+            side_files: list[str], calibrated: Calibrated | None, clock: Clock) -> dict:
     rule = calibrated.method if calibrated else plan.rule.value
     tensors = [stats[name].as_json(name, rule) for name in plan.quantized_sources]
     extra = {rule: {**calibrated.describe(), "fallback_rule": plan.rule.value,
@@ -295,6 +342,7 @@ def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torc
             "bytes_out": plan.bytes_out,
             "rel_error": err / norm if norm else 0.0,
             "seconds": seconds,
+            "stages": clock.seconds,
             "peak_rss_bytes": peak_rss_bytes(),
             "shards": len(plan.shards),
         },
