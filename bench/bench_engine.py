@@ -7,6 +7,8 @@ file (this repository's README, repeated: nothing is fetched, so it runs on an o
 each checkpoint, one at a time on the same page cache (warm, or evicted before each row with --cold):
   cat         `cat` of its weight files to /dev/null: the read floor of this machine
   calibrate   `python -m qstream calibrate SRC STATS --device D --experts E ...` in a child process
+  gptq        (--gptq) `python -m qstream quantize SRC DST --preset experts --method gptq ...`: sequential GPTQ of
+              every routed expert through the engine, then the conversion (its per-layer solve times printed)
 and prints one table: seconds (wall of the child; "own s" is the command's own time from its report, imports and
 interpreter start excluded), GB/s of checkpoint read and its share of cat's speed, tokens/s, peak RSS of the
 child (VmHWM, polled) against the checkpoint's size; then per decoder layer: seconds waiting for its weights
@@ -15,6 +17,7 @@ child (VmHWM, polled) against the checkpoint's size; then per decoder layer: sec
     python bench/bench_engine.py                          # CPU, 2 and 4 layers, 2 x 256 tokens (a few minutes)
     python bench/bench_engine.py --device cuda --samples 128 --seq-len 2048 --experts all,routed   # lent GPU
     python bench/bench_engine.py --cold --json engine.json
+    python bench/bench_engine.py --device cuda --layers 1 --experts all --gptq --samples 128 --seq-len 2048
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +103,28 @@ def calibrate_row(src: Path, text: Path, work: Path, layers: int, device: str, e
     return row
 
 
+def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args) -> Row:
+    dst = work / f"gptq-{device}-{layers}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "qstream", "quantize", str(src), str(dst), "--preset", "experts", "--method", "gptq",
+           "--calib-text", str(text), "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len),
+           "--device", device, "--no-progress", "--overwrite"]
+    log = work / f"gptq-{device}-{layers}.log"
+    seconds, rss, rc = run_child(cmd, log, env)
+    row = Row(f"qstream quantize --method gptq ({device})", layers, weight_bytes(src), seconds, peak_rss=rss)
+    if rc:
+        row.note = f"FAILED rc={rc}, see {log}"
+        return row
+    report = json.loads((dst / "qstream_report.json").read_text())
+    solve = report["gptq"]["solve_report"]
+    row.own_seconds, row.tokens, row.parts = report["totals"]["seconds"] + solve["seconds"], solve["tokens"], \
+        solve["parts"]
+    row.note = ("solve s per layer: " + ", ".join(f"{v:.1f}" for v in solve["solve_seconds"].values())
+                + f"; cases {report['gptq']['cases']}")
+    shutil.rmtree(dst, ignore_errors=True)
+    return row
+
+
 def print_tables(rows: list[Row]) -> None:
     head = (f"| {'case':<40} | layers | {'ckpt GB':>7} | {'seconds':>7} | {'own s':>6} | {'GB/s':>5} | {'of cat':>6} "
             f"| {'tokens/s':>8} | {'peak RSS':>9} | {'RSS/ckpt':>8} | note")
@@ -138,6 +164,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256; a real run: 2048)")
     ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward call")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each row")
+    ap.add_argument("--gptq", action="store_true", help="also time quantize --method gptq (experts preset)")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 
@@ -154,7 +181,8 @@ def main() -> None:
         src = ensure_checkpoint(args.work, n)
         text = prepare(src, args.work, args.samples * args.seq_len)
         for make in [lambda: cat_row(src, args.work, n)] + [
-                lambda e=e: calibrate_row(src, text, args.work, n, device, e, args) for e in args.experts.split(",")]:
+                lambda e=e: calibrate_row(src, text, args.work, n, device, e, args) for e in args.experts.split(",")] + (
+                [lambda: gptq_row(src, text, args.work, n, device, args)] if args.gptq else []):
             evict(src) if args.cold else warm(src)
             rows.append(make())
             print(f"  {rows[-1].case}, {n} layers: {rows[-1].seconds:.1f} s, peak RSS {fmt_rss(rows[-1].peak_rss)} "

@@ -47,7 +47,7 @@ from qstream.convert.pipeline import run  # noqa: E402
 from qstream.evals.evaluate import tokenize  # noqa: E402
 from qstream.evals.models import load_model  # noqa: E402
 from qstream.evals.scoring import Totals, score, windows  # noqa: E402
-from qstream.evals.text_sources import wikipedia  # noqa: E402
+from qstream.io.text_sources import wikipedia  # noqa: E402
 from qstream.format.kernels import quantize_fast  # noqa: E402
 from qstream.format.mxfp4 import E8M0_BIAS, quantize, rule_exponents, to_blocks  # noqa: E402
 from qstream.format.rules import Rule  # noqa: E402

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 RULES = [r.value for r in Rule]
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 RESUMABLE = ("quantize", "calibrate")  # commands with --resume
+LOCAL_RAY = "local"  # a bare --ray: start a local Ray instance
 CALIB_SAMPLES, CALIB_SEQ_LEN = 128, 2048  # `qstream calibrate`'s defaults (calib.calibrate.DEFAULT_*, torch-free)
 
 
@@ -128,9 +129,13 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
               help=f"imatrix without --calib, gptq: calibration windows [default: {CALIB_SAMPLES}].")
 @click.option("--calib-seq-len", type=int, default=None,
               help=f"imatrix without --calib, gptq: tokens per calibration window [default: {CALIB_SEQ_LEN}].")
+@click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None, metavar="[ADDRESS]",
+              help="Write the shards as Ray tasks (pip install 'qstream[ray]'): on the cluster at ADDRESS (host:port, "
+                   "ray://host:port or auto; SRC and DST on a filesystem every node mounts at the same path), or "
+                   "with a bare --ray after SRC DST on a local Ray instance with all cores. Same bytes as without.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
              calib: Path | None, calib_text: Path | None, calib_samples: int | None, calib_seq_len: int | None,
-             **kw) -> None:
+             ray_address: str | None, **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
 
     \b
@@ -142,6 +147,7 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./M ./M-MXFP4 --method imatrix --calib ./M-stats   # after: qstream calibrate ./M ./M-stats
       qstream quantize ./M ./M-MXFP4 --method imatrix   # calibrates ./M first
       qstream quantize ./M ./M-MXFP4 --method gptq --calib-samples 128 --calib-seq-len 2048
+      qstream quantize ./M ./M-MXFP4 --ray   # a shard per task on a local Ray instance (--ray HOST:PORT: a cluster)
     """
     from qstream.quantize import quantize_checkpoint
     from qstream.report.summary import run_text
@@ -156,6 +162,11 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     given = [k for k, v in calib_opts.items() if v is not None]
     if given and (not calibrated_method or calib is not None):
         raise QstreamError(f"{given[0]} is used by --method imatrix without --calib and by --method gptq only; drop it")
+    cluster = None
+    if ray_address is not None:
+        from qstream.cluster import Cluster, check_address
+
+        cluster = Cluster(None if ray_address == LOCAL_RAY else check_address(ray_address))
     plan = _plan(src, **kw)
     progress = not no_progress and sys.stderr.isatty()
     samples, seq_len = calib_samples or CALIB_SAMPLES, calib_seq_len or CALIB_SEQ_LEN
@@ -169,7 +180,7 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     elif method == Method.GPTQ.value:
         calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, overwrite, resume, progress)
     report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
-                                 calibrated=calibrated)
+                                 calibrated=calibrated, cluster=cluster)
     if method == Method.GPTQ.value:
         import shutil
 
@@ -503,7 +514,8 @@ def compare_rules_cmd(src: Path, preset: str, include, exclude, rules: str, work
 @click.option("--source-readme", type=click.Path(path_type=Path), default=None,
               help="The base model's card, whose license and base_model are carried over [default: SOURCE/README.md].")
 def card_cmd(dst: Path, source_readme: Path | None) -> None:
-    """(Re)write DST/README.md from the measurements stored in DST (report, eval results).
+    """(Re)write DST/README.md from the measurements stored in DST (report, eval results), and for an imatrix
+    run of an MoE model its expert coverage heatmap (with the `plot` extra).
 
     \b
     Examples:

@@ -25,7 +25,7 @@ from qstream.calib.calibrate import (
     expert_coverage,
     wanted_tensors,
 )
-from qstream.calib.stats import Collector, layer_file
+from qstream.calib.stats import Collector, down_input, down_input_sums, layer_file, routed_sums
 from qstream.cli import cli
 from qstream.engine.hidden import HiddenStore
 from qstream.engine.model import StreamedModel
@@ -159,6 +159,62 @@ def test_statistics_match_the_whole_model(fixture: str, mode: str, request, tmp_
                 assert int(sel(tokens)) == SPANS[-1][1]
             routed_seen += int(sel(routed))
     assert routed_seen > 0
+
+
+def experts_module(kind: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A real transformers experts module of each layout the experts interface has, random weights: gated
+    [E, 2I, H] (Mixtral, as Qwen3-MoE, Qwen3.5, DeepSeek-V3), transposed with biases and its own clamped gating
+    (gpt-oss), ungated (Nemotron-H), transposed without biases (Aria)."""
+    from transformers.models.aria.configuration_aria import AriaTextConfig
+    from transformers.models.aria.modeling_aria import AriaExperts
+    from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    make = {"mixtral": lambda: MixtralExperts(MixtralConfig(hidden_size=32, intermediate_size=24,
+                                                              num_local_experts=7)),
+            "gpt_oss": lambda: GptOssExperts(GptOssConfig(hidden_size=32, intermediate_size=24, num_local_experts=7)),
+            "nemotron_h": lambda: NemotronHExperts(NemotronHConfig(hidden_size=32, moe_intermediate_size=24,
+                                                                   n_routed_experts=7)),
+            "aria": lambda: AriaExperts(AriaTextConfig(hidden_size=32, intermediate_size=24, moe_num_experts=7))}
+    module = make[kind]().to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss", "nemotron_h", "aria"])
+def test_batched_experts_equal_one_at_a_time(kind: str, dtype: torch.dtype) -> None:
+    """The batched sums equal the one-expert `down_input` reference summed in float64, whatever the group size
+    (one expert, an uneven split, all at once), and routed mode's sorted slices equal per-expert masks.
+    Not bit for bit: the batched sums are float32, and a product of another shape may accumulate in another
+    order, which in bfloat16 can round the projection one step (2^-8) apart."""
+    experts = experts_module(kind, dtype)
+    n_exp, tol = experts.down_proj.shape[0], {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.inference_mode():
+        ref = [down_input(experts, e, x).double().square().sum(0) for e in range(n_exp)]
+        w = experts.gate_up_proj if experts.has_gate else experts.up_proj
+        width = w.shape[2 if experts.is_transposed else 1]
+        for budget in (1, 3 * 40 * width * 4, 1 << 30):
+            got = down_input_sums(experts, x, budget)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), torch.stack(ref), rtol=tol, atol=0)
+        index = torch.rand(40, n_exp, generator=torch.Generator().manual_seed(3)).topk(2).indices
+        index[0, 1] = n_exp  # a padding slot (Nemotron-H's one_hot has E + 1 classes) routes nowhere
+        up, down = routed_sums(experts, x, index, True, True)
+        for e in range(n_exp):
+            xe = x[(index == e).any(-1)]
+            torch.testing.assert_close(up[e].double(), xe.double().square().sum(0), rtol=1e-6, atol=0)
+            torch.testing.assert_close(down[e].double(), down_input(experts, e, xe).double().square().sum(0),
+                                       rtol=tol, atol=0)
+        assert routed_sums(experts, x, index, False, True)[0] is None
 
 
 @pytest.fixture

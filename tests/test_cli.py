@@ -28,7 +28,7 @@ from qstream.io.checkpoint import open_checkpoint
 from qstream.io.staging import temp_dir_for
 from tests.test_evaluate import PROSE, byte_tokenizer
 
-HEAVY = {"torch", "numpy", "safetensors", "transformers"}
+HEAVY = {"torch", "numpy", "safetensors", "transformers", "ray"}
 SHARDS = ["--max-shard-size", "48KiB", "--no-progress"]  # tiny_qwen3_moe in 9 shards
 
 
@@ -117,6 +117,13 @@ def test_plan_of_a_dense_model_names_the_preset_that_fits(tiny_llama: Path, tmp_
     assert not (tmp_path / "q").exists()
     res = run("plan", tiny_llama, "--preset", "mlp", "--exclude", "*.mlp.*")
     assert res.exit_code == 0 and "--exclude or --skip-indivisible keep every tensor preset mlp selects" in res.output
+
+
+def test_ray_address_is_checked_first(tiny_llama: Path, tmp_path: Path) -> None:
+    """A path given to --ray (SRC swallowed) is refused in one line, before Ray or the plan is touched."""
+    res = run("quantize", tiny_llama, tmp_path / "q", "--preset", "mlp", "--ray", tmp_path / "elsewhere")
+    assert res.exit_code == 2 and res.stderr.startswith("qstream: error: --ray ") and "not a Ray address" in res.stderr
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "q").exists()
 
 
 # ---------------------------------------------------------------------------------------------- Ctrl-C

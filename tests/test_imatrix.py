@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ from qstream.format.rules import Rule
 from qstream.io.checkpoint import INDEX_NAME
 from qstream.io.safetensors_io import read_header, read_rows
 from qstream.io.staging import calib_dir_for, temp_dir_for
+from qstream.report.card import write_card
+from qstream.report.coverage import PLOT_HOWTO, PLOT_NAME, experts_layers
 from tests.calib_stats import collect_stats
 from tests.fixtures import assert_same_files, load_tensors
 from tests.test_bad_input import assert_refused, tree_hashes
@@ -284,6 +287,37 @@ def test_fused_experts_read_their_rows(tiny_qwen3_moe_fused: Path, fused_stats: 
     assert "every exponent within R-2..R" in check.summary()
     card = (dst / "README.md").read_text()
     assert "`imatrix`" in card and f"{experts + 2} of {report['imatrix']['modules_calibrated'] + experts + 2} modules" in card
+    assert_expert_coverage(dst, tiny_qwen3_moe_fused / "README.md", report, src, out, sums)
+
+
+def assert_expert_coverage(dst: Path, readme: Path, report: dict, src: dict, out: dict, sums: dict) -> None:
+    """The report and card of an imatrix MoE run show what calibration saw: routed tokens per expert as STATS
+    counted them, each expert's weight error as its decoded output gives it; the heatmap beside the card is
+    linked, and without matplotlib the card says how to draw it and nothing fails."""
+    layers = experts_layers(report)
+    assert [x.module for x in layers] == [f"model.layers.{i}.mlp.experts" for i in range(4)]
+    assert layers[0].routed == sums[f"{FUSED_GATE_UP_0}:routed"].tolist() and sum(layers[0].routed) == 2 * 24 * 2
+    for e in (0, 3):  # expert 3 of layer 0 fell back to mse3 for its gate/up projection
+        err = norm = 0.0
+        for proj, part in (("gate_proj", 0), ("up_proj", 1), ("down_proj", None)):
+            w = src[FUSED_GATE_UP_0 if part is not None else "model.layers.0.mlp.experts.down_proj"][e]
+            w = w.double() if part is None else w.chunk(2)[part].double()
+            name = f"model.layers.0.mlp.experts.{e}.{proj}"
+            q = dequantize(out[name + ".weight_packed"], out[name + ".weight_scale"], torch.float32).double()
+            err, norm = err + float(((q - w) ** 2).sum()), norm + float((w ** 2).sum())
+        assert layers[0].rel_error[e] == pytest.approx(err / norm, rel=1e-9)
+    card = (dst / "README.md").read_text()
+    assert "## Calibration coverage" in card and f"`{layers[0].module}` | 8 " in card
+    assert f"![Routed calibration tokens and weight error per expert]({PLOT_NAME})" in card
+    png = (dst / PLOT_NAME).read_bytes()
+    assert png.startswith(b"\x89PNG") and b"tIME" not in png and b"Software" not in png
+    with pytest.MonkeyPatch.context() as mp:
+        for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+            mp.setitem(sys.modules, module, None)  # as if matplotlib were not installed
+        write_card(dst, readme)
+        assert not (dst / PLOT_NAME).exists() and PLOT_HOWTO in (dst / "README.md").read_text()
+    write_card(dst, readme)
+    assert (dst / PLOT_NAME).read_bytes() == png and (dst / "README.md").read_text() == card
 
 
 def test_per_expert_names_and_determinism(tiny_mixtral: Path, tmp_path: Path) -> None:
@@ -296,7 +330,7 @@ def test_per_expert_names_and_determinism(tiny_mixtral: Path, tmp_path: Path) ->
         res = _quantize(tiny_mixtral, dst, "--method", "imatrix", "--calib", stats)
         assert res.exit_code == 0, res.output
     names = assert_same_files(*outs, skip=(REPORT_NAME,))
-    assert "README.md" in names and any(n.endswith(".safetensors") for n in names)
+    assert {"README.md", PLOT_NAME} <= set(names) and any(n.endswith(".safetensors") for n in names)
     report = json.loads((outs[0] / "qstream_report.json").read_text())
     assert report["imatrix"]["modules_fallback"] == 0 and report["imatrix"]["modules_calibrated"] == 2 * 4 * 3
     name = "model.layers.1.block_sparse_moe.experts.2.w2"

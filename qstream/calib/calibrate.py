@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from qstream.calib.stats import EXPERT_INDEX, EXPERT_MODES, ROUTED, Collector, layer_file
+from qstream.calib.stats import EXPERT_MODES, ROUTED, Collector, experts_module, layer_file
 from qstream.common import REPORT_NAME, resolve_device
 from qstream.convert.dequantize import is_mxfp4_checkpoint
 from qstream.convert.pipeline import peak_rss_bytes
@@ -149,7 +149,7 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
             first = done.index(False) if False in done else model.n_layers
             stats = None
             if first < model.n_layers:
-                with HiddenStore(job.tokens, model.hidden_size, dtype, settings.hidden_budget, tmp) as store:
+                with HiddenStore(job.tokens, model.hidden_size, dtype, settings.hidden_budget, tmp, device) as store:
                     stats = run(model, job, store, Collector(wanted, settings.experts, tmp), first,
                                 settings.batch_tokens, progress)
             names = merge_layers(tmp, model.n_layers, tmp / STATS_NAME)
@@ -205,8 +205,9 @@ def _summary(ckpt: Checkpoint, model_type: str, text: dict, s: Settings, device:
     }
 
 
-def expert_coverage(stats_file: Path) -> list[dict]:
-    """Per routed-experts module: tokens routed per expert (min/mean/max), and experts with none or few."""
+def expert_coverage(stats_file: Path, per_expert: bool = False) -> list[dict]:
+    """Per routed-experts module: tokens routed per expert (min/mean/max), and experts with none or few;
+    `per_expert` adds every expert's count (`routed`: the quantize report's table and plot)."""
     from safetensors import safe_open
 
     routed: dict[str, dict[int, int]] = {}
@@ -216,18 +217,24 @@ def expert_coverage(stats_file: Path) -> list[dict]:
             if kind != ROUTED:
                 continue
             t = f.get_tensor(key)
-            m = EXPERT_INDEX.search(name)
-            if m is not None:  # one expert's own weight
-                routed.setdefault(name[:m.start()] + ".experts", {})[int(m[1])] = int(t)
+            module, expert = experts_module(name)
+            if expert is not None:  # one expert's own weight
+                routed.setdefault(module, {})[expert] = int(t)
             else:
-                routed.setdefault(name.rpartition(".")[0], {}).update(enumerate(t.tolist()))
+                routed.setdefault(module, {}).update(enumerate(t.tolist()))
+    return coverage_of(routed, per_expert)
+
+
+def coverage_of(routed: dict[str, dict[int, int]], per_expert: bool = False) -> list[dict]:
+    """expert_coverage's entries from tokens routed per expert, by experts module."""
     out = []
     for module, per in routed.items():
         counts = [per[e] for e in sorted(per)]
         mean = sum(counts) / len(counts)
         out.append({"module": module, "experts": len(counts), "routed_min": min(counts), "routed_mean": mean,
                     "routed_max": max(counts), "without_tokens": [e for e, c in enumerate(counts) if c == 0],
-                    "few_tokens": [e for e, c in enumerate(counts) if 0 < c < FEW_TOKENS * mean]})
+                    "few_tokens": [e for e, c in enumerate(counts) if 0 < c < FEW_TOKENS * mean],
+                    **({"routed": counts} if per_expert else {})})
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qstream.calib.calibrate import STATS_NAME
+from qstream.calib.calibrate import STATS_NAME, expert_coverage
 from qstream.calib.imatrix import DEPTH, MAX_DEPTH, quantize_weighted
 from qstream.errors import QstreamError
 from qstream.format.mxfp4 import Quantized
@@ -105,8 +105,9 @@ class ChannelWeights:
         return a + self.settings.mean_fraction * a.mean()
 
     def describe(self) -> dict:
-        """The settings, for the run's report."""
-        return self.settings.describe()
+        """The settings, and what calibration saw of each routed-experts module (tokens per expert), for the
+        run's report and its card."""
+        return {**self.settings.describe(), "expert_coverage": expert_coverage(self.file, per_expert=True)}
 
     method = Method.IMATRIX.value
 

@@ -25,6 +25,7 @@ ones are run again with their stored results, for their outputs). The same input
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +34,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from qstream.calib.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids, dtype_of
+from qstream.calib.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids, coverage_of, dtype_of
 from qstream.calib.gptq import DAMP, LAZY_BLOCK, Prepared, SingularHessianError, prepare, solve, stored
 from qstream.calib.hessians import UP, Hessians, Target
 from qstream.calib.imatrix import DEPTH, quantize_weighted
-from qstream.calib.stats import EXPERT_INDEX, layer_file, write_atomic
+from qstream.calib.stats import EXPERT_INDEX, experts_module, layer_file, write_atomic
 from qstream.common import REPORT_NAME, resolve_device
 from qstream.convert.dequantize import is_mxfp4_checkpoint
 from qstream.convert.pipeline import peak_rss_bytes
@@ -205,7 +206,7 @@ class SequentialGptq:
                         for name, r in self._solve_group(t, group, starved).items():
                             parts.setdefault(name, []).append(r)
                 out.update(self._joined(parts))
-                out[experts[0].param.rpartition(".")[0] + ROUTED] = routed.clone()  # type: ignore[union-attr]
+                out[experts_module(experts[0].sources[0])[0] + ROUTED] = routed.clone()  # type: ignore[union-attr]
         finally:
             hs.unwatch()
             for t in hs.targets:
@@ -326,7 +327,8 @@ def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSe
 def _summary(plan: Plan, tmp: Path, n_layers: int, text: dict, s: GptqSettings, device: torch.device,
              dtype: torch.dtype) -> dict:
     """What was solved how, per layer, and the routed tokens each experts module saw."""
-    layers, coverage = [], []
+    layers: list[dict] = []
+    routed: dict[str, dict[int, int]] = {}
     for i in range(n_layers):
         with safe_open(str(tmp / layer_file(i)), "pt") as f:
             counts = [0] * len(CASES)
@@ -335,9 +337,7 @@ def _summary(plan: Plan, tmp: Path, n_layers: int, text: dict, s: GptqSettings, 
                     for c in f.get_tensor(key).reshape(-1).tolist():
                         counts[c] += 1
                 elif key.endswith(ROUTED):
-                    routed = f.get_tensor(key).tolist()
-                    coverage.append({"module": key.removesuffix(ROUTED), "routed": routed,
-                                     "without_tokens": [e for e, c in enumerate(routed) if c == 0]})
+                    routed[key.removesuffix(ROUTED)] = dict(enumerate(f.get_tensor(key).tolist()))
         layers.append(dict(zip(CASES, counts)))
     return {"schema": SCHEMA, "qstream_version": __import__("qstream").__version__,
             "source": str(plan.source.root.resolve()), "text": text, "samples": s.samples, "seq_len": s.seq_len,
@@ -349,7 +349,7 @@ def _summary(plan: Plan, tmp: Path, n_layers: int, text: dict, s: GptqSettings, 
                                                 "sent fewer tokens than its input width)",
                              "imatrix": "the imatrix choice alone (its Hessian could not be factored)",
                              "mse3": "mse3 (no tokens, or a layout its Hessian does not fit)"},
-            "layers": layers, "expert_coverage": coverage}
+            "layers": layers, "expert_coverage": coverage_of(routed, per_expert=True)}
 
 
 class GptqModules:
@@ -363,9 +363,8 @@ class GptqModules:
         summary = self.results / SUMMARY_NAME
         if not summary.is_file():
             raise QstreamError(f"{self.results}: no {SUMMARY_NAME}; GPTQ results are incomplete: run again")
-        import json
-
         self.summary = json.loads(summary.read_text())
+        self.solve_report = json.loads((self.results / REPORT_NAME).read_text())  # times: the report's, not the card's
         self.where: dict[str, tuple[Path, TensorInfo, TensorInfo]] = {}
         for path in sorted(self.results.glob("layer-*.safetensors")):
             tensors = read_header(path).tensors
@@ -399,4 +398,5 @@ class GptqModules:
     def describe(self) -> dict:
         s = self.summary
         return {"results": str(self.results), **s["settings"], "tokens": s["tokens"], "cases": s["cases"],
-                "case_meaning": s["case_meaning"], "text": s["text"]}
+                "case_meaning": s["case_meaning"], "text": s["text"], "expert_coverage": s["expert_coverage"],
+                "solve_report": self.solve_report}

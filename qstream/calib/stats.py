@@ -9,8 +9,11 @@ A Linear's input is caught by a forward pre-hook. A fused experts module (transf
 `gate_up_proj`/`up_proj` and `down_proj` [E, ...], `_apply_gate`) is caught with its routing; in `all` mode
 every expert also computes its gate/up projection and gating on every token, so its down projection gets the
 statistics of all tokens, while the layer's own forward keeps the true routing for its output. In `routed`
-mode an expert sees only the tokens routed to it. Each batch sums into its own float64 partials, which are
-added in batch order whichever thread ran the batch: the same bytes run to run.
+mode an expert sees only the tokens routed to it. Experts are batched: in `all` mode a group of experts'
+gate/up projections is one product, in `routed` mode the tokens are sorted by expert once; their sums over a
+batch's tokens are float32 (exact squares of bf16 inputs, summed pairwise by torch), so they differ from the
+one-expert-at-a-time float64 reference `down_input` in the last bits. Each batch sums into its own float64
+partials, which are added in batch order whichever thread ran the batch: the same bytes run to run.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 from qstream.engine.model import StreamedModel
 
 X2, TOKENS, ROUTED = "x2_sum", "tokens", "routed"
 EXPERT_MODES = ("all", "routed")
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+GROUP_BYTES_CUDA, GROUP_BYTES_CPU = 256 << 20, 4 << 20  # batched experts' intermediate (down_input_sums)
 
 
 def x2_sum(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +72,15 @@ class _Target:
     sources: list[str]
     total: _Acc
     experts: int = 0  # > 0: a fused experts parameter [E, ...]
+
+
+def experts_module(name: str) -> tuple[str, int | None]:
+    """A routed expert weight's experts module, and its expert index when the weight is one expert's own:
+    `...mlp.experts.gate_up_proj` -> (`...mlp.experts`, None); `...experts.3.w1.weight` -> (`...experts`, 3)."""
+    m = EXPERT_INDEX.search(name)
+    if m is not None:
+        return name[:m.start()] + ".experts", int(m[1])
+    return name.rpartition(".")[0], None
 
 
 def layer_file(index: int) -> str:
@@ -183,27 +197,28 @@ class Collector:
 
     def _expert_stats(self, experts: Any, x: torch.Tensor, index: torch.Tensor,
                       t_up: _Target | None, t_down: _Target | None) -> None:
-        """One batch: routed counts, then every expert's inputs over all tokens (`all`) or its own."""
+        """One batch: routed counts, then every expert's inputs over all tokens (`all`) or its own (`routed`).
+        Experts are batched (`down_input_sums`, `routed_sums`); each batch's float32 sums go into its float64
+        partials once."""
         n_exp = (t_up or t_down).experts  # type: ignore[union-attr]
         up, down = (None if t is None else self._acc(t) for t in (t_up, t_down))
         routed = torch.bincount(index.reshape(-1), minlength=n_exp)[:n_exp]
-        everyone = self.experts == "all"
         for acc in (up, down):
             if acc is not None:
                 acc.routed += routed  # type: ignore[operator]
-        if everyone and up is not None:  # the same input for every expert's gate/up projection
-            up.x2 += x2_sum(x)
-            up.tokens += x.shape[0]
-        for e in range(n_exp):
-            xe = x if everyone else x[(index == e).any(-1)]
-            if xe.shape[0] == 0:
-                continue
-            if up is not None and not everyone:
-                up.x2[e] += x2_sum(xe)
-                up.tokens[e] += xe.shape[0]
+        if self.experts == "all":
+            if up is not None:  # the same input for every expert's gate/up projection
+                up.x2 += x2_sum(x)
+                up.tokens += x.shape[0]
             if down is not None:
-                down.x2[e] += x2_sum(down_input(experts, e, xe))
-                down.tokens[e] += xe.shape[0]
+                down.x2 += down_input_sums(experts, x, group_bytes(x.device))
+                down.tokens += x.shape[0]
+            return
+        up_x2, down_x2 = routed_sums(experts, x, index, up is not None, down is not None)
+        for acc, x2 in ((up, up_x2), (down, down_x2)):
+            if acc is not None and x2 is not None:
+                acc.x2 += x2
+                acc.tokens += routed
 
     # ---- results ------------------------------------------------------------------------------------
 
@@ -238,12 +253,68 @@ def _is_experts(module: nn.Module) -> bool:
 
 def down_input(experts: Any, e: int, x: torch.Tensor) -> torch.Tensor:
     """What expert e's down projection receives for tokens x [n, hidden]: its gate/up projection then its own
-    gating (`_apply_gate`, or the activation alone for ungated experts), as transformers' experts compute it."""
+    gating (`_apply_gate`, or the activation alone for ungated experts), as transformers' experts compute it.
+    One expert at a time: the plain reference that the batched `down_input_sums` is held to."""
     w = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
     h = x @ w if experts.is_transposed else x @ w.T
     if experts.has_bias:
         h = h + (experts.gate_up_proj_bias[e] if experts.has_gate else experts.up_proj_bias[e])
     return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+
+
+def group_bytes(device: torch.device) -> int:
+    """The budget of one batched product's output ([experts, tokens, 2 x inner] in float32): large on a GPU,
+    where fewer, larger products pay; small on the CPU, where every worker thread holds one."""
+    return GROUP_BYTES_CUDA if device.type == "cuda" else GROUP_BYTES_CPU
+
+
+def down_input_sums(experts: Any, x: torch.Tensor, budget: int) -> torch.Tensor:
+    """Sum over tokens of the squared down-projection input of every expert on every token x [n, hidden]:
+    float32 [E, inner]. Experts go in groups whose gate/up output fits `budget` bytes at 4 bytes an element
+    (one expert at least): one product for the group (a single [n, hidden] x [hidden, G * out] GEMM for
+    [E, out, hidden] weights, a batched one for transposed [E, hidden, out]), then the experts' own gating on
+    it (transformers' `_apply_gate` and activations act on the last dimension), then the float32 sum over
+    tokens."""
+    w = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias) if experts.has_bias else None
+    n_exp, width = w.shape[0], w.shape[2] if experts.is_transposed else w.shape[1]
+    step = max(1, budget // max(1, x.shape[0] * width * 4))
+    parts = []
+    for g in range(0, n_exp, step):
+        wg, bg = w[g:g + step], None if bias is None else bias[g:g + step]
+        if experts.is_transposed:  # [G, n, out]
+            h = torch.matmul(x, wg) if bg is None else torch.matmul(x, wg) + bg[:, None, :]
+        else:  # [n, G, out]
+            h = F.linear(x, wg.reshape(-1, wg.shape[-1]), None if bg is None else bg.reshape(-1))
+            h = h.view(x.shape[0], len(wg), width)
+        a = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+        parts.append(a.float().square().sum(1 if experts.is_transposed else 0))
+    return torch.cat(parts)
+
+
+def routed_sums(experts: Any, x: torch.Tensor, index: torch.Tensor, up: bool, down: bool
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Sums over each expert's routed tokens of x^2 (its gate/up input) and of its down projection's input,
+    float32 [E, hidden] and [E, inner] (None where not asked). The tokens are sorted by expert once; each
+    expert then takes its contiguous slice."""
+    n_exp = experts.down_proj.shape[0]
+    flat = index.reshape(-1)
+    keep = flat < n_exp  # an index past the experts (padding) routes nowhere
+    ends = torch.bincount(flat[keep], minlength=n_exp).cumsum(0).tolist()  # the one device sync
+    order = torch.argsort(torch.where(keep, flat, n_exp), stable=True)[:ends[-1]]
+    xs = x[order // index.shape[-1]]
+    inner = experts.down_proj.shape[1 if experts.is_transposed else 2]
+    up_x2, down_x2 = (torch.zeros(n_exp, width, dtype=torch.float32, device=x.device) if on else None
+                      for on, width in ((up, x.shape[-1]), (down, inner)))
+    for e, (b, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        if b == end:
+            continue
+        xe = xs[b:end]
+        if up_x2 is not None:
+            up_x2[e] = xe.float().square().sum(0)
+        if down_x2 is not None:
+            down_x2[e] = down_input(experts, e, xe).float().square().sum(0)
+    return up_x2, down_x2
 
 
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:

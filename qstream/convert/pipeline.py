@@ -12,7 +12,7 @@ import contextlib
 import json
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -29,7 +29,7 @@ from qstream.format.rules import Rule
 from qstream.io.checkpoint import CONFIG_NAME, SourceTensor
 from qstream.io.device_reader import DeviceReader
 from qstream.io.safetensors_io import read_header
-from qstream.io.shards import shard_file, write_index
+from qstream.io.shards import PARTIAL, shard_file, write_index
 from qstream.io.source_formats import PackedExperts
 from qstream.io.staging import copy_side_files, staging, write_json
 from qstream.planning.plan import CopyJob, Job, Plan, QuantJob, Shard
@@ -53,6 +53,18 @@ class Calibrated(Protocol):
 
     def describe(self) -> dict:
         """The settings and what calibration gave each module, for the report."""
+
+
+class ShardRunner(Protocol):
+    """Writes the shards a run still needs elsewhere than in this process (qstream.convert.scale_out: as Ray
+    tasks), each with `_write_shard`; the run keeps the plan, resume, the report and publishing."""
+
+    def __call__(self, plan: Plan, todo: Sequence[int], tmp: Path, calibrated: Calibrated | None,
+                 advance: Callable[[int], None]) -> Iterator[tuple[int, dict]]:
+        """Writes plan.shards[i] for each i in todo into tmp; yields (i, its saved statistics) as each is done."""
+
+    def describe(self) -> dict:
+        """Where the shards were written, for the report."""
 
 
 T = TypeVar("T")
@@ -96,7 +108,7 @@ WRITE_BEHIND = 6  # writes queued behind it (a chunk is two writes)
 
 @dataclass
 class TensorStats:
-    """Accumulated over every slice of one source tensor."""
+    """Accumulated over every slice of one source tensor; a fused experts tensor [E, out, in] also per expert."""
 
     shape: tuple[int, ...]
     sq_error: float = 0.0
@@ -105,15 +117,24 @@ class TensorStats:
     lossless: bool = False  # copied from MXFP4 already in the source (gpt-oss): no error, no rule
     weighted: int = 0  # modules (experts) quantized by a calibrated method
     fallback: int = 0  # modules of a calibrated run without calibration data: plan.rule
+    expert_sq: list[list[float]] = field(default_factory=list)  # fused experts: [sq_error per expert, sq_norm per]
 
-    def add(self, q: Quantized) -> None:
+    def __post_init__(self) -> None:
+        if len(self.shape) == 3 and not self.expert_sq:
+            self.expert_sq = [[0.0] * self.shape[0], [0.0] * self.shape[0]]
+
+    def add(self, q: Quantized, expert: int = 0) -> None:
         self.sq_error += q.sq_error
         self.sq_norm += q.sq_norm
         self.offsets = [a + b for a, b in zip(self.offsets, q.offset_counts)]
+        if self.expert_sq:
+            self.expert_sq[0][expert] += q.sq_error
+            self.expert_sq[1][expert] += q.sq_norm
 
     def as_state(self) -> dict:
         return {"shape": list(self.shape), "sq_error": self.sq_error, "sq_norm": self.sq_norm, "offsets": self.offsets,
-                "lossless": self.lossless, "weighted": self.weighted, "fallback": self.fallback}
+                "lossless": self.lossless, "weighted": self.weighted, "fallback": self.fallback,
+                "expert_sq": self.expert_sq}
 
     def merge_state(self, state: dict) -> None:
         self.lossless = state["lossless"]
@@ -122,6 +143,8 @@ class TensorStats:
         self.offsets = [a + b for a, b in zip(self.offsets, state["offsets"])]
         self.weighted += state["weighted"]
         self.fallback += state["fallback"]
+        self.expert_sq = [[a + b for a, b in zip(mine, theirs)] for mine, theirs in zip(self.expert_sq,
+                                                                                        state["expert_sq"])]
 
     def as_json(self, name: str, rule: str) -> dict:
         blocks = sum(self.offsets) or 1
@@ -130,8 +153,12 @@ class TensorStats:
             "shape": list(self.shape),
             "rule": "lossless (source MXFP4)" if self.lossless else rule,
             "rel_error": self.sq_error / self.sq_norm if self.sq_norm else 0.0,
+            "sq_error": self.sq_error,
+            "sq_norm": self.sq_norm,
             "exponent_share": {f"R-{s}": c / blocks for s, c in enumerate(self.offsets)},
         }
+        if self.expert_sq:  # per expert of a fused tensor: the card's expert table and plot
+            out["expert_sq_error"], out["expert_sq_norm"] = self.expert_sq
         if self.weighted + self.fallback:  # a calibrated run: which modules had calibration data
             modules = self.weighted + self.fallback
             out["rule"] = (f"{rule} (mse3 for {self.fallback} of {modules} modules: no statistics)"
@@ -180,7 +207,7 @@ def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device
 
 def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                  advance: Callable[[int], None], calibrated: Calibrated | None = None,
-                 clock: Clock | None = None) -> dict:
+                 partial_suffix: str = PARTIAL, clock: Clock | None = None) -> dict:
     """Write one shard, reading ahead and writing behind; it takes its name only when complete.
 
     Tensors copied byte for byte (embeddings, norms, attention of an experts-only run) need no reading: they are
@@ -194,7 +221,8 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
     current: tuple[Job | None, Any] = (None, None)  # the module in flight and its calibration data
     copies = [j for j in shard.jobs if isinstance(j, CopyJob) and j.source.copyable]
     reads = [j for j in shard.jobs if not (isinstance(j, CopyJob) and j.source.copyable)]
-    with (shard_file(tmp, shard.file_name, shard.entries) as writer, OrderedWriter(WRITE_BEHIND) as writes,
+    with (shard_file(tmp, shard.file_name, shard.entries, partial_suffix) as writer,
+          OrderedWriter(WRITE_BEHIND) as writes,
           OrderedWriter(len(copies) + 1) as copier):
         for c in copies:
             copier.submit(writer.copy_from, c.source.name, c.source.file, c.source.info)
@@ -221,7 +249,7 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                 with clock.stage("quantize"):
                     q = _quantize_chunk(job, row, w, plan.rule, device, calibrated, current[1])
                     packed, scales = q.packed.cpu(), q.scales.cpu()
-                st.add(q)
+                st.add(q, job.row_start // job.source.info.shape[1] if len(job.source.info.shape) == 3 else 0)
                 advance(w.numel() * w.element_size())
             with clock.stage("write wait"):
                 for entry, data in zip(job.entries, (packed, scales)):
@@ -235,6 +263,17 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
         closing = time.perf_counter()
     clock.seconds["sync and close"] = clock.seconds.get("sync and close", 0.0) + time.perf_counter() - closing
     return saved
+
+
+def _in_process(device: torch.device, clock: Clock) -> Callable[..., Iterator[tuple[int, dict]]]:
+    """The default runner: the shards one after the other, in this process."""
+
+    def write(plan: Plan, todo: Sequence[int], tmp: Path, calibrated: Calibrated | None,
+              advance: Callable[[int], None]) -> Iterator[tuple[int, dict]]:
+        for i in todo:
+            yield i, _write_shard(plan.shards[i], tmp, plan, device, advance, calibrated, clock=clock)
+
+    return write
 
 
 def _completed_shard(tmp: Path, shard: Shard[Job]) -> dict | None:
@@ -268,17 +307,19 @@ def fingerprint(plan: Plan, calibrated: Calibrated | None = None) -> dict:
 
 def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, progress: bool = True,
         resume: bool = False, finish: Callable[[Path], None] | None = None,
-        calibrated: Calibrated | None = None) -> dict:
+        calibrated: Calibrated | None = None, shards: ShardRunner | None = None) -> dict:
     """Quantize per the plan into dst; returns the report that is also written to dst.
 
     Every run records its fingerprint, so a run killed at any point can be finished by the
     same command with `resume=True`, redoing at most the shard that was in flight. `finish`
     gets the complete but unpublished output directory (the command's own last steps). With
     `calibrated` (a calibrated method's data checked against this plan), modules are quantized by it.
+    `shards` writes the shards elsewhere (Ray tasks); the output is the same bytes, statistics merged in plan order.
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    warm_up(dev, plan.rule)  # the kernel's start (CUDA, Triton) overlaps the staging and the first reads
+    if shards is None:  # the kernel's start (CUDA, Triton) overlaps the staging and the first reads
+        warm_up(dev, plan.rule)
     stats: dict[str, TensorStats] = {}
     clock = Clock()
     fp = fingerprint(plan, calibrated)
@@ -287,19 +328,24 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         clock.seconds["start"] = time.perf_counter() - t0
         with tqdm(total=plan.work_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
-            for shard in plan.shards:
-                saved = _completed_shard(tmp, shard) if resume else None
-                if saved is None:
-                    saved = _write_shard(shard, tmp, plan, dev, bar.update, calibrated, clock)
-                else:
+            saved: dict[int, dict] = {}
+            for i, shard in enumerate(plan.shards):
+                done = _completed_shard(tmp, shard) if resume else None
+                if done is not None:
+                    saved[i] = done
                     bar.update(sum(j.bytes_in for j in shard.jobs))
-                for name, state in saved.items():
-                    stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
+            todo = [i for i in range(len(plan.shards)) if i not in saved]
+            written = (shards or _in_process(dev, clock))(plan, todo, tmp, calibrated, bar.update)
+            saved.update(written)
+        for i in range(len(plan.shards)):  # in plan order: the same sums however the shards were written
+            for name, state in saved[i].items():
+                stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
         with clock.stage("index and side files"):
             write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
             write_json(tmp / CONFIG_NAME, plan.output_config())
             side_files = copy_side_files(plan.source.root, tmp)
-        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated, clock)
+        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated, clock,
+                         shards.describe() if shards else None)
         write_json(tmp / REPORT_NAME, report)
         if finish is not None:
             finish(tmp)
@@ -311,7 +357,7 @@ def peak_rss_bytes() -> int:
 
 
 def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
-            side_files: list[str], calibrated: Calibrated | None, clock: Clock) -> dict:
+            side_files: list[str], calibrated: Calibrated | None, clock: Clock, scale_out: dict | None = None) -> dict:
     rule = calibrated.method if calibrated else plan.rule.value
     tensors = [stats[name].as_json(name, rule) for name in plan.quantized_sources]
     extra = {rule: {**calibrated.describe(), "fallback_rule": plan.rule.value,
@@ -334,6 +380,7 @@ def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torc
         "kept_source_formats": {fmt: sum(m.fmt == fmt for m in plan.modules) for fmt, _ in plan.kept_schemes},
         "ignore": list(plan.ignore),
         **extra,
+        **({"scale_out": scale_out} if scale_out else {}),
         "totals": {
             "tensors_quantized": len(tensors),
             "params_quantized": params,
@@ -342,7 +389,7 @@ def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torc
             "bytes_out": plan.bytes_out,
             "rel_error": err / norm if norm else 0.0,
             "seconds": seconds,
-            "stages": clock.seconds,
+            "stages": clock.seconds,  # this process's: shards written elsewhere (scale_out) time themselves
             "peak_rss_bytes": peak_rss_bytes(),
             "shards": len(plan.shards),
         },

@@ -21,9 +21,11 @@ METADATA = {"format": "pt"}  # what transformers expects in a safetensors header
 
 
 @contextlib.contextmanager
-def shard_file(directory: Path, file_name: str, entries: Sequence[OutEntry]) -> Iterator[ShardWriter]:
-    """A ShardWriter on directory/<file_name>.partial, renamed to file_name when the block succeeds."""
-    partial = directory / f"{file_name}{PARTIAL}"
+def shard_file(directory: Path, file_name: str, entries: Sequence[OutEntry],
+               partial_suffix: str = PARTIAL) -> Iterator[ShardWriter]:
+    """A ShardWriter on directory/<file_name><partial_suffix> (ending in .partial), renamed to file_name when
+    the block succeeds. Writers that may overlap on one shard (a retried task) each take their own suffix."""
+    partial = directory / f"{file_name}{partial_suffix}"
     with ShardWriter(partial, list(entries), metadata=METADATA) as writer:
         yield writer
     os.replace(partial, directory / file_name)

@@ -18,7 +18,8 @@ import shlex
 from collections import defaultdict
 from pathlib import Path
 
-from qstream.common import CARD_NAME, PROVENANCE, human_bytes, read_report, read_saved, table
+from qstream.calib.calibrate import FEW_TOKENS
+from qstream.common import CARD_NAME, PROVENANCE, REPORT_NAME, human_bytes, read_report, read_saved, table
 from qstream.errors import QstreamError
 from qstream.format.formats import (
     INPUT_SCALE,
@@ -34,6 +35,14 @@ from qstream.format.mxfp4 import BLOCK
 from qstream.format.rules import Method, Rule
 from qstream.io.checkpoint import open_checkpoint
 from qstream.planning.selection import ROLES, Region, Role, region_of, role_of
+from qstream.report.coverage import (
+    PLOT_HOWTO,
+    PLOT_NAME,
+    ExpertsLayer,
+    coverage_table,
+    experts_layers,
+    write_plot,
+)
 
 FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 # Numbers a card carries over from the source card's front matter, when present.
@@ -251,6 +260,7 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
             f"- Kept in the source's {scheme_format(g)} (a `{g['format']}` config group naming its modules):",
             *(f"  - `{e}`" for e in g["targets"]))),
         f"- Made with qstream {report['qstream_version']}.",
+        *_calibration(dst, experts_layers(report), Method.GPTQ.value in report),
         *(["", PROVENANCE, "", "From the source's card (it holds for these weights too):", "", provenance]
           if provenance else []),
         "", "## Quality", "", _quality(eval_data, _eval_command(Path(report["source"]), dst, name)), "",
@@ -269,6 +279,24 @@ def render(dst: Path, source_readme: Path | None = None, name: str | None = None
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration(dst: Path, layers: list[ExpertsLayer], gptq: bool) -> list[str]:
+    """A calibrated run of an MoE model: what calibration saw of each experts layer, a table and the heatmap."""
+    if not layers:
+        return []
+    none = sum(len(x.without_tokens) for x in layers)
+    plot = (f"![Routed calibration tokens and weight error per expert]({PLOT_NAME})"
+            if (dst / PLOT_NAME).is_file() else PLOT_HOWTO)
+    return ["", "## Calibration coverage", "",
+            f"Calibration tokens the router sent to each expert: {none} of {sum(len(x.routed) for x in layers)} "
+            f"experts got none; few: under {FEW_TOKENS:.0%} of their layer's mean. "
+            + ("(GPTQ solves an expert the router sent fewer tokens than its input width with every token's "
+               "statistics.) " if gptq else "(`qstream calibrate` by default also runs every expert on every token "
+               "for its statistics, so an expert the router skipped still gets weighted exponents.) ")
+            + "Weight error: sum((Wq-W)^2)/sum(W^2) over each expert's quantized weights.",
+            "",
+            coverage_table(layers), "", plot]
 
 
 def _rule_line(report: dict) -> str:
@@ -297,8 +325,12 @@ def _rule_line(report: dict) -> str:
 
 
 def write_card(dst: Path, source_readme: Path | None = None, name: str | None = None) -> Path:
-    """Write DST/README.md (atomically)."""
+    """Write DST/README.md (atomically), and for an imatrix run of an MoE model the heatmap beside it (with
+    matplotlib; without it, a stale one is removed and the card says how to draw it)."""
     dst = Path(dst)
+    layers = experts_layers(read_report(dst)) if (dst / REPORT_NAME).is_file() else []
+    if not (layers and write_plot(dst / PLOT_NAME, layers)):
+        (dst / PLOT_NAME).unlink(missing_ok=True)
     text = render(dst, source_readme, name)
     tmp = dst / f".{CARD_NAME}.partial"
     tmp.write_text(text)

@@ -1,0 +1,119 @@
+"""`qstream quantize --ray` on one node: a local Ray instance with 1 worker vs N, against one process.
+
+Builds (or reuses, as bench_quantize.py does) the Qwen3.5-35B-A3B-shaped synthetic checkpoint (bench/synthetic.py;
+one decoder layer is 1.75 GB of bf16, embeddings and lm_head 2.1 GB), then converts it, each case in a fresh child
+process on the same warm page cache, with the default recipe (experts preset, mse3) on the CPU:
+  one process   `python -m qstream quantize SRC DST --device cpu` (the default path; its C kernel uses every core)
+  ray N         quantize_checkpoint(..., cluster=Cluster(cpus=N)): a local Ray instance with N CPUs, one task
+                (one worker, one thread) per output shard, so N shards are written at once
+and prints one table: wall seconds of the child (Python start and imports included), the conversion's own
+seconds from its report (Ray's start excluded), GB/s of input over those, speed-up over 1 worker and its
+efficiency (speed-up / N; issue 16 asks >= 0.8 until the disk limits), and whether every output file but the
+report is byte-identical to the one-process output. The shard size sets the parallelism: a shard is a task.
+
+    python bench/bench_ray.py                               # 1 layer, 1 and all-cores workers, 64MB shards
+    python bench/bench_ray.py --layers 4 --workers 1,4,8,16 --json out.json   # on a larger machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(ROOT), str(BENCH)]
+
+from bench_quantize import ensure_checkpoint, run_child, warm, weight_bytes  # noqa: E402
+
+from qstream.common import REPORT_NAME, cache_dir  # noqa: E402
+
+
+def child(src: Path, dst: Path, workers: int, shard_size: str) -> None:
+    """One `ray N` case in this process: plan as the CLI does, Ray started with N CPUs, the conversion."""
+    from qstream.cluster import Cluster
+    from qstream.format.rules import Rule
+    from qstream.io.checkpoint import open_checkpoint
+    from qstream.planning.plan import make_plan, parse_size
+    from qstream.planning.selection import Selection
+    from qstream.quantize import quantize_checkpoint
+
+    plan = make_plan(open_checkpoint(src), Selection(), Rule.MSE3, parse_size(shard_size))
+    quantize_checkpoint(plan, dst, device="cpu", overwrite=True, progress=False, cluster=Cluster(cpus=workers))
+
+
+def same_outputs(a: Path, b: Path) -> bool:
+    """Every file but the report (times, the scale-out section) byte-identical."""
+    names = sorted(p.name for p in a.iterdir() if p.name != REPORT_NAME)
+    return names == sorted(p.name for p in b.iterdir() if p.name != REPORT_NAME) and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def case(name: str, cmd: list[str], src: Path, dst: Path, work: Path) -> dict:
+    warm(src)
+    log = work / f"{name.replace(' ', '-')}.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    wall, rss, rc = run_child(cmd, log, env)
+    if rc:
+        raise SystemExit(f"{name}: exit {rc}, see {log}")
+    report = json.loads((dst / REPORT_NAME).read_text())
+    return {"case": name, "wall_s": wall, "seconds": report["totals"]["seconds"], "shards": report["totals"]["shards"],
+            "bytes_in": report["totals"]["bytes_in"], "driver_peak_rss": rss, "scale_out": report.get("scale_out")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--workers", default=f"1,{os.cpu_count()}", help="comma-separated worker counts")
+    ap.add_argument("--max-shard-size", default="64MB", help="a shard is a task [default: 64MB]")
+    ap.add_argument("--work", type=Path, default=None, help="[default: $QSTREAM_CACHE/bench-ray]")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", nargs=4, metavar=("SRC", "DST", "N", "SIZE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        src, dst, n, size = args.child
+        return child(Path(src), Path(dst), int(n), size)
+    work = args.work or cache_dir() / "bench-ray"
+    work.mkdir(parents=True, exist_ok=True)
+    src = ensure_checkpoint(work, args.layers)
+    ref = work / "one-process" / "q"  # the card is titled with the directory's name: "q" for every case
+    ref.parent.mkdir(exist_ok=True)
+    rows = [case("one process", [sys.executable, "-m", "qstream", "quantize", str(src), str(ref), "--device", "cpu",
+                                 "--max-shard-size", args.max_shard_size, "--no-progress", "--overwrite"], src, ref, work)]
+    rows[0]["identical"] = True
+    for n in map(int, args.workers.split(",")):
+        dst = work / f"ray-{n}" / "q"
+        dst.parent.mkdir(exist_ok=True)
+        row = case(f"ray {n}", [sys.executable, __file__, "--child", str(src), str(dst), str(n), args.max_shard_size],
+                   src, dst, work)
+        row["workers"], row["identical"] = n, same_outputs(dst, ref)
+        shutil.rmtree(dst)
+        rows.append(row)
+    base = next((r["seconds"] for r in rows if r.get("workers") == 1), None)
+    gb = weight_bytes(src) / 1e9
+    print(f"\n{args.layers}-layer synthetic Qwen3.5-35B-A3B ({gb:.2f} GB), {rows[0]['shards']} output shards of "
+          f"<= {args.max_shard_size}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end\n")
+    print(f"| {'case':<12} | wall s | convert s | GB/s in | speed-up vs 1 worker | efficiency | identical |")
+    print(f"|{'-' * 14}|--------|-----------|---------|----------------------|------------|-----------|")
+    for r in rows:
+        n = r.get("workers")
+        speed = base / r["seconds"] if base and n else None
+        print(f"| {r['case']:<12} | {r['wall_s']:6.1f} | {r['seconds']:9.1f} | {r['bytes_in'] / r['seconds'] / 1e9:7.3f} | "
+              f"{f'{speed:.2f}x' if speed else '':>20} | {f'{speed / n:.2f}' if speed else '':>10} | "
+              f"{'yes' if r['identical'] else 'NO':>9} |")
+    if args.json:
+        args.json.write_text(json.dumps({"layers": args.layers, "cores": os.cpu_count(),
+                                         "max_shard_size": args.max_shard_size, "rows": rows}, indent=2))
+    shutil.rmtree(ref)
+    if not all(r["identical"] for r in rows):
+        raise SystemExit("outputs differ")
+
+
+if __name__ == "__main__":
+    main()
