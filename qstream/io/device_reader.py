@@ -4,9 +4,11 @@ A fresh host tensor per read costs page faults, and a copy from pageable memory 
 and blocks the calling thread: at page-cache speed both show. So each reading thread keeps a few host buffers
 (pinned for CUDA) that it fills in turn, and copies each piece to the device on a copy stream of its own: the
 copy of one piece runs while the next is read into the next buffer, and a buffer is refilled only once its
-copy has finished. A read returns when its tensor is complete on the device, so the consumer may use it on any
-stream without waiting; the tensor is recorded as used by the default stream, so its memory is not handed back
-to the copy stream while kernels there still read it.
+copy has finished. A read returns once its copies are queued, having made the device's default stream wait for
+them: work the consumer queues there after the read runs on the complete tensor, and the reading thread goes on
+to the next read without waiting for the copy (a consumer on another stream would have to wait for the default
+one). The tensor is recorded as used by the default stream, so its memory is not handed back to the copy stream
+while kernels there still read it.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ class DeviceReader:
                     out[b:b + n].copy_(st.buffers[i][:n], non_blocking=st.stream is not None)
                     st.copied(i)
             if st.stream is not None:
-                st.stream.synchronize()
-                out.record_stream(torch.cuda.default_stream(self.device))
+                default = torch.cuda.default_stream(self.device)
+                default.wait_stream(st.stream)
+                out.record_stream(default)
         finally:
             os.close(fd)
         return out
