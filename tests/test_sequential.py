@@ -66,7 +66,7 @@ def test_solve_modules_cases() -> None:
     q = quantize_weighted(w[2], a.clamp(min=0))
     assert torch.equal(packed[2], q.packed) and torch.equal(scales[2], q.scales)
     e = quantize_weighted(w[0], torch.diagonal(h[0]) / 200).scales.to(torch.int32) - E8M0_BIAS
-    q = gptq_quantize(w[0], h[0], e)
+    q = gptq_quantize(w[0], h[0], e, act_order=GptqSettings().act_order)
     assert torch.equal(packed[0], q.packed) and torch.equal(scales[0], q.scales)
 
 

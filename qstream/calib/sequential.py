@@ -39,7 +39,7 @@ from qstream.calib.gptq import DAMP, LAZY_BLOCK, Prepared, SingularHessianError,
 from qstream.calib.hessians import UP, Hessians, Target
 from qstream.calib.imatrix import DEPTH, quantize_weighted
 from qstream.calib.stats import EXPERT_INDEX, experts_module, layer_file, write_atomic
-from qstream.common import REPORT_NAME, resolve_device
+from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
 from qstream.convert.dequantize import is_mxfp4_checkpoint
 from qstream.convert.pipeline import peak_rss_bytes
 from qstream.engine.hidden import DEFAULT_BUDGET, HiddenStore
@@ -58,7 +58,8 @@ SUMMARY_NAME = "gptq.json"
 SCHEMA = "qstream-gptq/1"
 CASES = ("gptq", "gptq-all-tokens", "imatrix", "mse3")  # how a module was solved, by its stored code
 OWN, ALL_TOKENS, IMATRIX, MSE3 = range(len(CASES))
-HESSIAN_BUDGET = 2 << 30  # bytes of expert Hessians gathered at once (a group of experts)
+HESSIAN_BUDGET = 2 << 30  # bytes of expert Hessians gathered at once on the CPU (a group of experts)
+GPU_SHARE = 4  # on CUDA: a 1/GPU_SHARE of the free device memory (all 256 experts of a 35B layer in one group)
 PACKED, SCALES, CASE, ROUTED = ":packed", ":scales", ":case", ":routed"  # ROUTED: per experts module
 
 
@@ -70,14 +71,14 @@ class GptqSettings:
     seq_len: int = DEFAULT_SEQ_LEN
     damp: float = DAMP
     block: int = LAZY_BLOCK
-    act_order: bool = False
+    act_order: bool = True  # columns by decreasing Hessian diagonal, exponents staying with their blocks (measured)
     depth: int = DEPTH
     min_tokens: int = 0
     dtype: str = "auto"
     device: str = "auto"
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     hidden_budget: int = DEFAULT_BUDGET
-    hessian_budget: int = HESSIAN_BUDGET
+    hessian_budget: int = 0  # 0: HESSIAN_BUDGET on the CPU, a share of the free memory on CUDA
 
     def describe(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("device", "hidden_budget", "hessian_budget")}
@@ -150,6 +151,8 @@ class SequentialGptq:
                  progress: bool = False) -> None:
         self.plan, self.out_dir, self.s, self.workers, self.progress = plan, Path(out_dir), s, workers, progress
         self.hessians = Hessians(set(plan.quantized_sources), device)
+        self.budget = s.hessian_budget or (torch.cuda.mem_get_info(device)[0] // GPU_SHARE if device.type == "cuda"
+                                           else HESSIAN_BUDGET)
         self.seconds: dict[int, float] = {}
 
     def layer_begin(self, model: StreamedModel, index: int) -> None:
@@ -175,8 +178,8 @@ class SequentialGptq:
             for name in model.part_sources(index):
                 if f"{name}{PACKED}" in f.keys():
                     shape = self.plan.source.tensors[name].info.shape
-                    replace[name] = dequantize(f.get_tensor(name + PACKED), f.get_tensor(name + SCALES),
-                                               model.dtype).reshape(shape)
+                    replace[name] = _dense(f.get_tensor(name + PACKED), f.get_tensor(name + SCALES), model.dtype,
+                                           model.device).reshape(shape)
         model.free(index)
         model.load(index, replace)
         forward(True)
@@ -198,7 +201,7 @@ class SequentialGptq:
                 floor = self.s.min_tokens or max(t.width for t in experts)
                 starved = frozenset(e for e in range(n_exp) if int(routed[e]) < floor)  # type: ignore[index]
                 parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
-                for group in expert_groups(n_exp, [t.width for t in experts], self.s.hessian_budget, self.workers):
+                for group in expert_groups(n_exp, [t.width for t in experts], self.budget, self.workers):
                     hs.begin_pass(group, starved & frozenset(group))
                     forward(False)
                     hs.end_pass()
@@ -234,7 +237,7 @@ class SequentialGptq:
             if len(src.info.shape) != 2 or src.info.shape[1] != t.width:
                 out.update(_plain(name, src))
                 continue
-            w = src.read_rows(0, src.info.shape[0]).float().to(t.h.device)  # type: ignore[union-attr]
+            w = src.read_rows(0, src.info.shape[0]).to(t.h.device).float()  # type: ignore[union-attr]
             packed, scales, case = solve_modules(w[None], t.h[None], t.tokens[None], self.s)  # type: ignore[index]
             out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})
         return out
@@ -260,17 +263,26 @@ class SequentialGptq:
                     continue
                 slot = group.index(e)
                 sel = [slot]
-                w = src.read_rows(0, shape[0]).float()[None]
+                w = src.read_rows(0, shape[0]).to(h.device).float()[None]
             elif len(shape) == 3 and shape[0] == t.experts:
                 sel = list(range(len(group)))
                 rows = src.read_rows(group[0] * shape[1], (group[-1] + 1) * shape[1])
-                w = rows.float().reshape(len(group), *shape[1:])
+                w = rows.to(h.device).float().reshape(len(group), *shape[1:])
             else:
                 continue  # a layout the Hessians do not fit: _plain later
             if w.shape[-1] != t.width:
                 continue
             out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], self.s, own[sel])
         return out
+
+
+def _dense(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Stored codes and scales [rows, ...] as `dtype` values on `device`, decoded in row chunks (decoding holds a
+    few times the output's size in temporaries)."""
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=device)
+    for a, b in row_chunks(out.shape[0], out.shape[1], CHUNK_ELEMENTS):
+        out[a:b] = dequantize(packed[a:b].to(device), scales[a:b].to(device), dtype)
+    return out
 
 
 def _plain(name: str, src: CheckpointTensor) -> dict[str, torch.Tensor]:
@@ -312,7 +324,7 @@ def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSe
                 stale.unlink()
             first = next((i for i in range(model.n_layers) if not (tmp / layer_file(i)).exists()), model.n_layers)
             editor = SequentialGptq(plan, tmp, s, device, workers)
-            with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp) as store:
+            with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp, device) as store:
                 stats = run(model, job, store, editor, 0, s.batch_tokens, progress, ahead=False, workers=workers)
             summary = _summary(plan, tmp, model.n_layers, text_info, s, device, dtype)
             write_json(tmp / SUMMARY_NAME, summary)

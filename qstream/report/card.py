@@ -304,11 +304,13 @@ def _rule_line(report: dict) -> str:
     gq = report.get(Method.GPTQ.value)
     if gq is not None:
         c = gq["cases"]
+        order = "by decreasing Hessian diagonal (act-order, static groups)" if gq["act_order"] else "in order"
         return (f"- Method: `{Method.GPTQ.value}`: sequential GPTQ (Frantar et al.) on the MXFP4 grid, layer by layer "
                 f"through qstream's streaming engine, each layer calibrated on the outputs of the quantized layers "
                 f"before it: per block the activation-weighted exponent of R-{gq['depth']}..R, then columns rounded "
-                f"in order with the inverse-Hessian error update ({gq['damp']:g} dampening, lazy blocks of "
-                f"{gq['block']}), on {gq['tokens']:,} calibration tokens ({gq['samples']} x {gq['seq_len']}). "
+                f"{order} with "
+                f"the inverse-Hessian error update ({gq['damp']:g} dampening, lazy blocks of {gq['block']}), on "
+                f"{gq['tokens']:,} calibration tokens ({gq['samples']} x {gq['seq_len']}). "
                 f"Modules: {c['gptq']} solved on their own tokens, {c['gptq-all-tokens']} routed experts with too "
                 f"few tokens on every token's statistics, {c['imatrix']} by the imatrix choice alone, {c['mse3']} "
                 "by mse3 (no tokens).")
