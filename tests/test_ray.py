@@ -39,7 +39,7 @@ ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = ["--max-shard-size", "48KiB", "--no-progress"]  # the fixtures in 9 to 13 shards: several tasks each
-TIMES = ("seconds", "peak_rss_bytes")
+TIMES = ("seconds", "stages", "peak_rss_bytes")
 
 
 @pytest.fixture(scope="module")
