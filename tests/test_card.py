@@ -109,7 +109,7 @@ def test_card_holds_no_times_or_memory(lm, tmp_path) -> None:  # noqa: F811 - th
     saved["created"] = "1999-01-01T00:00:00+00:00"
     saved["source"]["seconds"] = saved["model"]["seconds"] = 12345.0
     (dst / "qstream_eval.json").write_text(json.dumps(saved))
-    report["totals"].update(seconds=98765.4, peak_rss_bytes=7 * 2**40)
+    report["totals"].update(seconds=98765.4, peak_rss_bytes=7 * 2**40, stages={"quantize": 98000.0})
     (dst / REPORT_NAME).write_text(json.dumps(report))
     assert_same_bytes(write_card(dst, src / "README.md").read_bytes(), card, "the card after new times")
 

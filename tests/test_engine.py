@@ -12,14 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qstream.engine.hidden import HiddenStore
-from qstream.engine.model import HEAD, DeviceReader, StreamedModel
+from qstream.engine.model import HEAD, StreamedModel
 from qstream.engine.run import Job, run
-from qstream.engine.weights import read_stored
 from qstream.errors import QstreamError
 from qstream.evals.models import load_model
 from qstream.evals.scoring import Totals, score, windows
 from qstream.format.rules import Rule
-from qstream.io.checkpoint import open_checkpoint
 from tests.fixtures import build_qwen3_next
 from tests.fp8_layouts import to_layout
 from tests.test_dequantize import quantize
@@ -148,10 +146,3 @@ def test_missing_layer_and_unknown_model(tiny_llama: Path, tmp_path: Path) -> No
     (alien / "config.json").write_text(json.dumps({**cfg, "model_type": "vit"}))
     with pytest.raises(QstreamError, match="no causal LM for model_type 'vit'"):
         StreamedModel(alien, torch.float32, CPU)
-
-
-def test_device_reader(tiny_qwen35: Path) -> None:
-    """The CUDA read path (a reused host buffer, chunked) gives the stored tensors; here onto the CPU."""
-    read = DeviceReader(CPU, chunk=1000)
-    for t in open_checkpoint(tiny_qwen35).tensors.values():
-        assert torch.equal(read(t), read_stored(t)), t.name

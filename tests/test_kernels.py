@@ -223,3 +223,34 @@ def test_triton_fast_and_exact_comparisons_agree(monkeypatch, margin: float) -> 
     w[5, 0] = 3.5 * 2.0**-4
     assert quantize(w[5:6, :32], Rule.MSE3).offset_counts == (1, 0, 0)
     assert_same(triton_mxfp4.quantize(w, Rule.MSE3), w, Rule.MSE3)
+
+
+def test_warm_up_loads_the_backend_on_its_thread_first(monkeypatch) -> None:
+    """quantize_fast waits for the warm-up (no two threads load a backend), a second warm-up does nothing, and a
+    warm-up's error is left to the real call, whose bytes are those of the reference."""
+    monkeypatch.setattr(kernels, "_warm_ups", {})
+    real = kernels._backend
+    entered, gate, calls = threading.Event(), threading.Event(), []
+
+    def backend(device: torch.device):
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "qstream-warm-up":
+            entered.set()
+            gate.wait()
+            raise RuntimeError("warm-up failed")  # dropped: the real call meets its own errors
+        return real(device)
+
+    monkeypatch.setattr(kernels, "_backend", backend)
+    kernels.warm_up("cpu")
+    kernels.warm_up("cpu")
+    entered.wait()
+    w = torch.randn(4, 64).to(torch.bfloat16)
+    got = []
+    user = threading.Thread(target=lambda: got.append(kernels.quantize_fast(w)))
+    user.start()
+    user.join(timeout=0.2)
+    assert user.is_alive() and calls == ["qstream-warm-up"]  # waiting for the warm-up
+    gate.set()
+    user.join()
+    assert calls == ["qstream-warm-up", user.name]
+    assert_same(got[0], w, Rule.MSE3)

@@ -170,6 +170,10 @@ def test_report(quantized) -> None:
         assert sum(t["exponent_share"].values()) == pytest.approx(1.0)
         assert t["rule"] == "mse3"
     assert on_disk["totals"]["params_quantized"] > 0
+    stages = on_disk["totals"]["stages"]  # disjoint stretches of the quantizing thread's time
+    assert set(stages) == {"start", "read wait", "quantize", "write wait", "copy wait", "sync and close",
+                           "index and side files"}
+    assert min(stages.values()) >= 0 and sum(stages.values()) <= on_disk["totals"]["seconds"]
 
 
 def test_transformers_loads_and_logits_match_substituted_source(tmp_path, tiny_qwen3_moe, tiny_llama) -> None:

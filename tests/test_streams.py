@@ -77,3 +77,19 @@ def test_row_chunks_cover_every_row_within_the_budget() -> None:
     assert list(row_chunks(3, 100, 10)) == [(0, 1), (1, 2), (2, 3)]  # at least one row, however wide
     assert list(row_chunks(5, 2, 100, start=2)) == [(2, 5)]
     assert list(row_chunks(0, 8, 16)) == []
+
+
+def test_ordered_writer_poll_reraises_a_finished_failure_without_waiting() -> None:
+    gate = threading.Event()
+
+    def fail() -> None:
+        raise OSError("copy failed")
+
+    with OrderedWriter(depth=4) as writes:
+        writes.submit(gate.wait)
+        writes.poll()  # the first call is still running: nothing to report, and poll does not wait for it
+        gate.set()
+        writes.submit(fail)
+        with pytest.raises(OSError, match="copy failed"):
+            while True:
+                writes.poll()

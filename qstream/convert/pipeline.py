@@ -8,13 +8,14 @@ resumed shard by shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -22,10 +23,11 @@ from tqdm import tqdm
 from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
 from qstream.convert.streams import OrderedWriter, prefetch
 from qstream.errors import QstreamError
-from qstream.format.kernels import quantize_fast
+from qstream.format.kernels import quantize_fast, warm_up
 from qstream.format.mxfp4 import NonFiniteError, Quantized
 from qstream.format.rules import Rule
-from qstream.io.checkpoint import CONFIG_NAME
+from qstream.io.checkpoint import CONFIG_NAME, SourceTensor
+from qstream.io.device_reader import DeviceReader
 from qstream.io.safetensors_io import read_header
 from qstream.io.shards import PARTIAL, shard_file, write_index
 from qstream.io.source_formats import PackedExperts
@@ -63,6 +65,40 @@ class ShardRunner(Protocol):
 
     def describe(self) -> dict:
         """Where the shards were written, for the report."""
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Clock:
+    """Where the quantizing thread's time goes, seconds per stage (the report's `totals.stages`): the first thing
+    to read when a run is slower than the disk (waiting for reads, the kernel, waiting for writes, syncing)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def timed(self, items: Iterator[T], name: str) -> Iterator[T]:
+        """`items`, the time spent waiting for each added to stage `name`; closing this closes them."""
+        try:
+            while True:
+                with self.stage(name):
+                    try:
+                        item = next(items)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
 
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
@@ -131,26 +167,27 @@ class TensorStats:
         return out
 
 
-# What the reader hands the quantizer per chunk: rows read, MXFP4 already (a (packed, scales) pair from a
-# pre-quantized source), or None for a tensor copied byte for byte.
-Chunk = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+# What the reader hands the quantizer per chunk: rows read, or MXFP4 already (a (packed, scales) pair from a
+# pre-quantized source).
+Chunk = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def _read_items(jobs: Iterator[Job]) -> Iterator[tuple[Job, int, Chunk]]:
-    """(job, first output row, data) per chunk of at most CHUNK_ELEMENTS source elements."""
+def _read_items(jobs: Iterator[Job], onto: DeviceReader | None = None) -> Iterator[tuple[Job, int, Chunk]]:
+    """(job, first output row, data) per chunk of at most CHUNK_ELEMENTS source elements (jobs that read: not
+    byte copies). With `onto`, rows stored as they are quantized are read straight onto its device (CUDA: through
+    pinned buffers, copied on the reading thread's own stream while the quantizer runs)."""
     for job in jobs:
         src = job.source
         if isinstance(job, CopyJob):
-            if src.copyable:
-                yield job, 0, None
-            else:
-                for a, b in row_chunks(*src.info.row_shape, max_elements=CHUNK_ELEMENTS):
-                    yield job, a, src.read_rows(a, b)
+            for a, b in row_chunks(*src.info.row_shape, max_elements=CHUNK_ELEMENTS):
+                yield job, a, src.read_rows(a, b)
             continue
         for a, b in row_chunks(job.rows, job.in_features, CHUNK_ELEMENTS):
             r0, r1 = job.row_start + a * job.row_step, job.row_start + (b - 1) * job.row_step + 1
             if isinstance(src, PackedExperts):
                 yield job, a, src.read_packed(r0, r1, job.row_step)
+            elif onto is not None and isinstance(src, SourceTensor):
+                yield job, a, onto.rows(src, r0, r1)[:: job.row_step]
             else:
                 yield job, a, src.read_rows(r0, r1)[:: job.row_step]
 
@@ -170,24 +207,34 @@ def _quantize_chunk(job: QuantJob, row: int, w: torch.Tensor, rule: Rule, device
 
 def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                  advance: Callable[[int], None], calibrated: Calibrated | None = None,
-                 partial_suffix: str = PARTIAL) -> dict:
+                 partial_suffix: str = PARTIAL, clock: Clock | None = None) -> dict:
     """Write one shard, reading ahead and writing behind; it takes its name only when complete.
 
+    Tensors copied byte for byte (embeddings, norms, attention of an experts-only run) need no reading: they are
+    all handed at once to a thread of their own, which copies them in the kernel (copy_file_range) while the
+    quantization runs beside it. Every write lands at its final offset, so the order changes no byte.
     Its quantization statistics are saved beside it first, so a resumed run can skip it whole.
     With `calibrated`, each module's calibration data is read once, as its first rows arrive.
     """
+    clock = clock or Clock()
     stats: dict[str, TensorStats] = {}
     current: tuple[Job | None, Any] = (None, None)  # the module in flight and its calibration data
+    copies = [j for j in shard.jobs if isinstance(j, CopyJob) and j.source.copyable]
+    reads = [j for j in shard.jobs if not (isinstance(j, CopyJob) and j.source.copyable)]
     with (shard_file(tmp, shard.file_name, shard.entries, partial_suffix) as writer,
-          OrderedWriter(WRITE_BEHIND) as writes):
-        for job, row, w in prefetch(_read_items(iter(shard.jobs)), READ_AHEAD):
-            if isinstance(job, CopyJob):
-                if w is None:
-                    writes.submit(writer.copy_from, job.source.name, job.source.file, job.source.info)
-                    advance(job.bytes_in)
-                elif isinstance(w, torch.Tensor):  # decoded from FP8 and friends: written as its logical dtype
+          OrderedWriter(WRITE_BEHIND) as writes,
+          OrderedWriter(len(copies) + 1) as copier):
+        for c in copies:
+            copier.submit(writer.copy_from, c.source.name, c.source.file, c.source.info)
+            advance(c.bytes_in)
+        onto = DeviceReader(device) if device.type == "cuda" else None
+        for job, row, w in clock.timed(prefetch(_read_items(iter(reads), onto), READ_AHEAD), "read wait"):
+            copier.poll()
+            if isinstance(job, CopyJob):  # decoded from FP8 and friends: written as its logical dtype
+                assert isinstance(w, torch.Tensor)
+                with clock.stage("write wait"):
                     writes.submit(writer.write, job.source.name, w, row * job.entries[0].row_nbytes)
-                    advance(w.numel() * w.element_size())
+                advance(w.numel() * w.element_size())
                 continue
             st = stats.setdefault(job.source.name, TensorStats(job.source.info.shape))
             if isinstance(w, tuple):  # already MXFP4 in the source: a lossless copy
@@ -199,25 +246,32 @@ def _write_shard(shard: Shard[Job], tmp: Path, plan: Plan, device: torch.device,
                     current = (job, calibrated.for_job(job))
                     st.weighted += current[1] is not None
                     st.fallback += current[1] is None
-                q = _quantize_chunk(job, row, w, plan.rule, device, calibrated, current[1])
-                packed, scales = q.packed.cpu(), q.scales.cpu()
+                with clock.stage("quantize"):
+                    q = _quantize_chunk(job, row, w, plan.rule, device, calibrated, current[1])
+                    packed, scales = q.packed.cpu(), q.scales.cpu()
                 st.add(q, job.row_start // job.source.info.shape[1] if len(job.source.info.shape) == 3 else 0)
                 advance(w.numel() * w.element_size())
-            for entry, data in zip(job.entries, (packed, scales)):
-                writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
-        writes.drain()
+            with clock.stage("write wait"):
+                for entry, data in zip(job.entries, (packed, scales)):
+                    writes.submit(writer.write, entry.name, data, row * entry.row_nbytes)
+        with clock.stage("write wait"):
+            writes.drain()
+        with clock.stage("copy wait"):
+            copier.drain()
         saved = {name: st.as_state() for name, st in stats.items()}
         write_json(tmp / f"{shard.file_name}{STATS_SUFFIX}", saved)
+        closing = time.perf_counter()
+    clock.seconds["sync and close"] = clock.seconds.get("sync and close", 0.0) + time.perf_counter() - closing
     return saved
 
 
-def _in_process(device: torch.device) -> Callable[..., Iterator[tuple[int, dict]]]:
+def _in_process(device: torch.device, clock: Clock) -> Callable[..., Iterator[tuple[int, dict]]]:
     """The default runner: the shards one after the other, in this process."""
 
     def write(plan: Plan, todo: Sequence[int], tmp: Path, calibrated: Calibrated | None,
               advance: Callable[[int], None]) -> Iterator[tuple[int, dict]]:
         for i in todo:
-            yield i, _write_shard(plan.shards[i], tmp, plan, device, advance, calibrated)
+            yield i, _write_shard(plan.shards[i], tmp, plan, device, advance, calibrated, clock=clock)
 
     return write
 
@@ -264,10 +318,14 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
+    if shards is None:  # the kernel's start (CUDA, Triton) overlaps the staging and the first reads
+        warm_up(dev, plan.rule)
     stats: dict[str, TensorStats] = {}
+    clock = Clock()
     fp = fingerprint(plan, calibrated)
     with staging(plan.source.root, dst, overwrite, "qstream quantize", fingerprint=fp, resume=resume,
                  bookkeeping=(f"*{STATS_SUFFIX}",)) as tmp:
+        clock.seconds["start"] = time.perf_counter() - t0
         with tqdm(total=plan.work_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
             saved: dict[int, dict] = {}
@@ -277,15 +335,16 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
                     saved[i] = done
                     bar.update(sum(j.bytes_in for j in shard.jobs))
             todo = [i for i in range(len(plan.shards)) if i not in saved]
-            written = (shards or _in_process(dev))(plan, todo, tmp, calibrated, bar.update)
+            written = (shards or _in_process(dev, clock))(plan, todo, tmp, calibrated, bar.update)
             saved.update(written)
         for i in range(len(plan.shards)):  # in plan order: the same sums however the shards were written
             for name, state in saved[i].items():
                 stats.setdefault(name, TensorStats(tuple(state["shape"]))).merge_state(state)
-        write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
-        write_json(tmp / CONFIG_NAME, plan.output_config())
-        side_files = copy_side_files(plan.source.root, tmp)
-        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated,
+        with clock.stage("index and side files"):
+            write_index(tmp, [(s.file_name, s.entries) for s in plan.shards])
+            write_json(tmp / CONFIG_NAME, plan.output_config())
+            side_files = copy_side_files(plan.source.root, tmp)
+        report = _report(plan, stats, time.perf_counter() - t0, dev, side_files, calibrated, clock,
                          shards.describe() if shards else None)
         write_json(tmp / REPORT_NAME, report)
         if finish is not None:
@@ -298,7 +357,7 @@ def peak_rss_bytes() -> int:
 
 
 def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
-            side_files: list[str], calibrated: Calibrated | None = None, scale_out: dict | None = None) -> dict:
+            side_files: list[str], calibrated: Calibrated | None, clock: Clock, scale_out: dict | None = None) -> dict:
     rule = calibrated.method if calibrated else plan.rule.value
     tensors = [stats[name].as_json(name, rule) for name in plan.quantized_sources]
     extra = {rule: {**calibrated.describe(), "fallback_rule": plan.rule.value,
@@ -330,6 +389,7 @@ def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torc
             "bytes_out": plan.bytes_out,
             "rel_error": err / norm if norm else 0.0,
             "seconds": seconds,
+            "stages": clock.seconds,  # this process's: shards written elsewhere (scale_out) time themselves
             "peak_rss_bytes": peak_rss_bytes(),
             "shards": len(plan.shards),
         },

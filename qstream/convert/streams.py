@@ -77,14 +77,23 @@ class OrderedWriter:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(fn, *args))
 
+    def poll(self) -> None:
+        """Re-raise the first failure among the calls finished so far, without waiting for any."""
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+
     def drain(self) -> None:
         while self._pending:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        """Wait for queued writes (errors ignored: the caller is already failing or has drained)."""
+        """Cancel the calls not yet started, wait for the one running (errors ignored: the caller is already failing
+        or has drained)."""
         for f in self._pending:
-            f.exception()
+            f.cancel()
+        for f in self._pending:
+            if not f.cancelled():
+                f.exception()
         self._pending.clear()
         self._pool.shutdown(wait=True)
 

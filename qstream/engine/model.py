@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,54 +29,11 @@ from torch import nn
 
 from qstream.engine.weights import causal_lm_class, lazy_state_dict, read_stored
 from qstream.errors import QstreamError
-from qstream.io.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from qstream.io.checkpoint import Checkpoint, open_checkpoint
+from qstream.io.device_reader import READ_CHUNK, DeviceReader
 
 EMBED, HEAD, RESIDENT = "embed", "head", "resident"
 Part = int | str  # a decoder layer's index, or EMBED / HEAD / RESIDENT
-READ_CHUNK = 16 << 20  # bytes per read: warming the page cache, reading onto a device
-
-
-class DeviceReader:
-    """Reads stored tensors straight onto a device through one reused host buffer per thread (pinned for CUDA):
-    no fresh host memory per tensor, so a CUDA load runs at the page cache's speed rather than the rate at
-    which the host can fault in new pages. On CUDA the copies go on a side stream of the reading thread, so
-    they never queue behind the layer computing on the default stream; the tensor is recorded as used by the
-    default stream, so its memory is not handed back to the side stream while kernels there still read it."""
-
-    def __init__(self, device: torch.device, chunk: int = READ_CHUNK) -> None:
-        self.device, self.chunk = device, chunk
-        self._local = threading.local()
-
-    def _per_thread(self) -> tuple[torch.Tensor, Any]:
-        if not hasattr(self._local, "buf"):
-            cuda = self.device.type == "cuda"
-            self._local.buf = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=cuda)
-            self._local.stream = torch.cuda.Stream(self.device) if cuda else None
-        return self._local.buf, self._local.stream
-
-    def __call__(self, t: SourceTensor) -> torch.Tensor:
-        buf, stream = self._per_thread()
-        view = buf.numpy().data.cast("B")
-        fd = os.open(t.file, os.O_RDONLY)
-        try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                out = torch.empty(t.info.nbytes, dtype=torch.uint8, device=self.device)
-                for b in range(0, t.info.nbytes, self.chunk):
-                    n = min(self.chunk, t.info.nbytes - b)
-                    got = 0
-                    while got < n:
-                        k = os.preadv(fd, [view[got:n]], t.info.start + b + got)
-                        if k <= 0:
-                            raise QstreamError(f"{t.file}: tensor {t.name!r} ends early; the file is truncated")
-                        got += k
-                    out[b:b + n].copy_(buf[:n], non_blocking=stream is not None)
-                    if stream is not None:
-                        stream.synchronize()  # the buffer is refilled next
-        finally:
-            os.close(fd)
-        if stream is not None:
-            out.record_stream(torch.cuda.default_stream(self.device))
-        return out.view(t.info.torch_dtype).reshape(t.info.shape)
 
 
 class _Given:

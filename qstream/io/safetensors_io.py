@@ -8,10 +8,13 @@ quantization.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import struct
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +45,32 @@ DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 ALIGN = 8
 COPY_CHUNK = 64 * 1024 * 1024
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+
+
+def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range on Linux, else None. A shard is fsynced before it takes its name; started range by
+    range as it is written, the disk writes while the quantizer computes, and that fsync waits for the last
+    writes only (it waited for all of them: 1.4 s of 12 s on the 1-layer 35B-shaped checkpoint)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _writeback_starter()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing bytes [offset, offset + nbytes) of fd to disk without waiting (advice: failures are left to
+    the fsync that commits the file)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -232,6 +261,7 @@ class ShardWriter:
         if begin + byte_offset + len(mv) > end:
             raise ValueError(f"{name}: write of {len(mv)} bytes at {byte_offset} overruns the tensor")
         _pwrite_all(self._fd, mv, begin + byte_offset)
+        start_writeback(self._fd, begin + byte_offset, len(mv))
         self._written[name] += len(mv)
 
     def copy_from(self, name: str, src_path: Path, src: TensorInfo) -> None:
@@ -249,6 +279,7 @@ class ShardWriter:
                     moved = _pwrite_all(self._fd, os.pread(f.fileno(), n, src.start + done), begin + done)
                 if moved == 0:
                     raise _bad(Path(src_path), f"tensor {src.name!r} ends early")
+                start_writeback(self._fd, begin + done, moved)
                 done += moved
         self._written[name] += src.nbytes
 

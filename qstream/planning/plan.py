@@ -70,8 +70,8 @@ class QuantJob:
     def in_features(self) -> int:
         return self.source.info.shape[-1]
 
-    @property
-    def entries(self) -> tuple[OutEntry, ...]:
+    @cached_property
+    def entries(self) -> tuple[OutEntry, ...]:  # cached: the pipeline asks per chunk
         rows, n, f = self.rows, self.in_features, MXFP4_FORMAT
         return (
             OutEntry(self.module + f.weight_suffix, f.weight_dtypes[0], (rows, f.stored_width(n))),
