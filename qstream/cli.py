@@ -28,6 +28,7 @@ RULES = [r.value for r in Rule]
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 RESUMABLE = ("quantize", "calibrate")  # commands with --resume
 LOCAL_RAY = "local"  # a bare --ray: start a local Ray instance
+GPTQ_OBJECTIVES = ("source", "layer")  # GptqSettings.asymmetric True / False
 CALIB_SAMPLES, CALIB_SEQ_LEN = 128, 2048  # `qstream calibrate`'s defaults (calib.calibrate.DEFAULT_*, torch-free)
 
 
@@ -129,13 +130,17 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
               help=f"imatrix without --calib, gptq: calibration windows [default: {CALIB_SAMPLES}].")
 @click.option("--calib-seq-len", type=int, default=None,
               help=f"imatrix without --calib, gptq: tokens per calibration window [default: {CALIB_SEQ_LEN}].")
+@click.option("--gptq-objective", type=_choice(GPTQ_OBJECTIVES), default=None,
+              help="gptq: what each weight is solved to reproduce. source: the source model's outputs on its own "
+                   "inputs, so each layer corrects the error of the layers before it; layer: its own outputs on "
+                   "the quantized model's inputs (GPTQ as published) [default: source].")
 @click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None, metavar="[ADDRESS]",
               help="Write the shards as Ray tasks (pip install 'qstream[ray]'): on the cluster at ADDRESS (host:port, "
                    "ray://host:port or auto; SRC and DST on a filesystem every node mounts at the same path), or "
                    "with a bare --ray after SRC DST on a local Ray instance with all cores. Same bytes as without.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
              calib: Path | None, calib_text: Path | None, calib_samples: int | None, calib_seq_len: int | None,
-             ray_address: str | None, **kw) -> None:
+             gptq_objective: str | None, ray_address: str | None, **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
 
     \b
@@ -162,6 +167,8 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     given = [k for k, v in calib_opts.items() if v is not None]
     if given and (not calibrated_method or calib is not None):
         raise QstreamError(f"{given[0]} is used by --method imatrix without --calib and by --method gptq only; drop it")
+    if gptq_objective is not None and method != Method.GPTQ.value:
+        raise QstreamError("--gptq-objective is used by --method gptq only; add --method gptq or drop it")
     cluster = None
     if ray_address is not None:
         from qstream.cluster import Cluster, check_address
@@ -178,7 +185,8 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
             calib = _calibrate_first(src, dst, calib_text, samples, seq_len, device, overwrite, resume, progress)
         calibrated = ChannelWeights(ImatrixSettings(calib), plan)
     elif method == Method.GPTQ.value:
-        calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, overwrite, resume, progress)
+        calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, gptq_objective != "layer",
+                                 overwrite, resume, progress)
     report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
                                  calibrated=calibrated, cluster=cluster)
     if method == Method.GPTQ.value:
@@ -207,7 +215,7 @@ def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int,
 
 
 def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
-                overwrite: bool, resume: bool, progress: bool) -> GptqModules:
+                asymmetric: bool, overwrite: bool, resume: bool, progress: bool) -> GptqModules:
     """`--method gptq`: SRC solved layer by layer through the engine into .DST.qstream-gptq beside DST (removed
     once DST is written); a --resume continues or reuses them. Checks DST first."""
     from qstream.calib.sequential import SUMMARY_NAME, GptqModules, GptqSettings, solve_sequential
@@ -217,7 +225,8 @@ def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq
     results = gptq_dir_for(dst)
     if not (resume and (results / SUMMARY_NAME).is_file()):
         solve_sequential(plan, results, _text(text_file, None, "", "", ""),
-                         GptqSettings(samples=samples, seq_len=seq_len, device=device), overwrite=True, resume=resume,
+                         GptqSettings(samples=samples, seq_len=seq_len, device=device, asymmetric=asymmetric),
+                         overwrite=True, resume=resume,
                          progress=progress)
     return GptqModules(results, plan)
 

@@ -7,6 +7,7 @@ import torch
 
 from qstream.calib.gptq import (
     SingularHessianError,
+    asymmetric_target,
     gptq_quantize,
     hessian_add,
     hessian_add_routed,
@@ -155,6 +156,37 @@ def test_less_output_error_than_rtn_on_held_out_inputs() -> None:
     q, rtn = gptq_quantize(w, h), quantize(w, Rule.MSE3)
     gain = output_error(w, values(q), h_test) / output_error(w, values(rtn), h_test)
     assert gain < 0.8
+
+
+def test_asymmetric_target_is_the_least_squares_fit_to_the_source_outputs() -> None:
+    """W' = W C H^-1 solves min ||X_ref W^T - X W'^T|| (undampened, against torch.linalg.lstsq); GPTQ on
+    (W', H) then serves the source's outputs better than GPTQ on (W, H), also on held-out inputs; dead
+    channels and unfactorable entries keep their weights."""
+    w, _, x_ref = case(24, 64, seed=5)
+    g = torch.Generator().manual_seed(6)
+    drift = torch.eye(64) + 0.1 * torch.randn(64, 64, generator=g)  # the quantized model's inputs drift from the
+    x = x_ref @ drift + 0.05 * torch.randn(x_ref.shape, generator=g)  # source's, mostly as a function of them
+    h, c = (x.double().T @ x.double())[None], (x_ref.double().T @ x.double())[None]
+    got = asymmetric_target(w[None].double(), h, c, damp=0.0)[0]
+    want = torch.linalg.lstsq(x.double(), x_ref.double() @ w.double().T).solution.T
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    # what it is for: the quantized weights reproduce the source's outputs better on held-out pairs
+    ref_test = correlated(1024, 64, seed=5, draw=1)
+    x_test = ref_test @ drift + 0.05 * torch.randn(ref_test.shape, generator=g)
+    target = (ref_test.double() @ w.double().T)
+
+    def miss(q) -> float:  # noqa: ANN001
+        return float(((x_test.double() @ values(q).T - target) ** 2).sum())
+
+    asym = gptq_quantize(asymmetric_target(w[None], h, c)[0], h[0])
+    assert miss(asym) < 0.8 * miss(gptq_quantize(w, h[0]))
+    h_dead = h.clone()
+    h_dead[0, 3, :] = h_dead[0, :, 3] = 0
+    c_dead = c.clone()
+    c_dead[0, :, 3] = 0
+    assert torch.equal(asymmetric_target(w[None], h_dead, c_dead)[0, :, 3], w[:, 3])
+    bad = -torch.eye(64, dtype=torch.float64)[None]
+    assert torch.equal(asymmetric_target(w[None], bad, c), w[None])
 
 
 def test_hessian_accumulation() -> None:

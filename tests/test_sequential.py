@@ -80,13 +80,16 @@ def _captured_hessians(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str],
 
     def linear(self, t: Target):  # noqa: ANN001, ANN202
         seen[(t.param, "linear")] = t.h.clone()  # type: ignore[union-attr]
+        seen[(t.param, "linear-cross")] = t.c.clone()  # type: ignore[union-attr]
         return solve_linear(self, t)
 
     def group(self, t: Target, grp: list[int], starved: frozenset[int]):  # noqa: ANN001, ANN202
         seen[(t.param, f"group{grp[0]}")] = t.h.clone()  # type: ignore[union-attr]
+        seen[(t.param, f"group{grp[0]}-cross")] = t.c.clone()  # type: ignore[union-attr]
         seen[(t.param, "routed")] = t.routed.clone()  # type: ignore[union-attr]
         if t.kind == UP:
             seen[(t.param, "all")] = t.h_all.clone()  # type: ignore[union-attr]
+            seen[(t.param, "all-cross")] = t.c_all.clone()  # type: ignore[union-attr]
         return solve_group(self, t, grp, starved)
 
     monkeypatch.setattr(sequential.SequentialGptq, "_solve_linear", linear)
@@ -119,7 +122,8 @@ def _reference_inputs(src: Path, dst: Path, ids: torch.Tensor, layer: int) -> di
 def test_hessians_are_the_quantized_prefix_inputs(tiny_llama: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer 1's Hessians (float32 engine) equal x^T x of its inputs in the whole model whose layer 0 holds the
-    GPTQ output: each layer is calibrated on what the quantized layers before it compute."""
+    GPTQ output: each layer is calibrated on what the quantized layers before it compute; their cross terms
+    equal x_src^T x, x_src the inputs in the unquantized model (the reference stream, token for token)."""
     from qstream.calib.calibrate import calibration_ids
     from qstream.io.checkpoint import open_checkpoint
     from qstream.io.text_sources import from_file
@@ -137,10 +141,15 @@ def test_hessians_are_the_quantized_prefix_inputs(tiny_llama: Path, tmp_path: Pa
     quantize_checkpoint(plan, dst, "cpu", progress=False, calibrated=sequential.GptqModules(results, plan))
     ids, _ = calibration_ids(src, from_file(prose), 2, 40)
     ref = _reference_inputs(src, dst, ids.reshape(2, 40), 1)
+    unquantized = _reference_inputs(src, src, ids.reshape(2, 40), 1)
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        x = ref[f"model.layers.1.mlp.{proj}"].double()
+        x, x_src = ref[f"model.layers.1.mlp.{proj}"].double(), unquantized[f"model.layers.1.mlp.{proj}"].double()
         h = seen[(f"model.layers.1.mlp.{proj}.weight", "linear")]
-        torch.testing.assert_close(h, x.T @ x, rtol=1e-4, atol=1e-4 * float(h.diagonal().mean()))
+        tol = 1e-4 * float(h.diagonal().mean())
+        torch.testing.assert_close(h, x.T @ x, rtol=1e-4, atol=tol)
+        c = seen[(f"model.layers.1.mlp.{proj}.weight", "linear-cross")]
+        torch.testing.assert_close(c, x_src.T @ x, rtol=1e-4, atol=tol)
+        assert not torch.allclose(c, h, rtol=1e-3)
     # and layer 0's are not: the quantized layer 0 changed layer 1's inputs (the test can fail)
     unq = load_model(src, torch.float32, torch.device("cpu"))
     x0 = {}
@@ -191,6 +200,44 @@ def test_expert_hessians_routed_and_starved(tiny_mixtral: Path, tmp_path: Path, 
         summary = json.loads((tmp_path / label / sequential.SUMMARY_NAME).read_text())
         all_tokens = summary["cases"]["gptq-all-tokens"]
         assert (all_tokens > 0) == (label == "starved") and summary["cases"]["mse3"] == 0
+
+
+def test_expert_cross_terms_pair_source_and_quantized_inputs(tiny_mixtral: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layer 1's expert cross terms: for the tokens the quantized model routes to each expert, the source model's
+    inputs (gate/up) and the expert's activations on them (down) against the quantized model's."""
+    from qstream.calib.calibrate import calibration_ids
+    from qstream.calib.stats import down_input
+    from qstream.io.checkpoint import open_checkpoint
+    from qstream.io.text_sources import from_file
+    from qstream.planning.plan import make_plan
+    from qstream.planning.selection import Selection
+    from qstream.quantize import quantize_checkpoint
+
+    src, prose = _source(tiny_mixtral, tmp_path)
+    plan = make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9)
+    seen = _captured_hessians(monkeypatch)
+    s = GptqSettings(samples=2, seq_len=40, dtype="float32", device="cpu", min_tokens=1)
+    sequential.solve_sequential(plan, tmp_path / "results", from_file(prose), s, progress=False)
+    dst = tmp_path / "dst"
+    quantize_checkpoint(plan, dst, "cpu", progress=False, calibrated=sequential.GptqModules(tmp_path / "results", plan))
+    ids = calibration_ids(src, from_file(prose), 2, 40)[0].reshape(2, 40)
+    param = "model.layers.1.mlp.experts"
+    q, unq = _reference_inputs(src, dst, ids, 1), _reference_inputs(src, src, ids, 1)
+    x, index, x_src = q[param], q[param + ":index"].reshape(80, -1), unq[param]
+    assert not torch.allclose(x, x_src)
+    experts = load_model(src, torch.float32, torch.device("cpu")).model.layers[1].mlp.experts
+    routed = seen[(f"{param}.gate_up_proj", "routed")]
+    for e in range(len(routed)):
+        rows = (index == e).any(-1) if routed[e] > 0 else slice(None)
+        with torch.no_grad():
+            a, a_src = down_input(experts, e, x[rows]).double(), down_input(experts, e, x_src[rows]).double()
+        up, down = seen[(f"{param}.gate_up_proj", "group0-cross")][e], seen[(f"{param}.down_proj", "group0-cross")][e]
+        if routed[e] > 0:
+            torch.testing.assert_close(up, x_src[rows].double().T @ x[rows].double(), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(down, a_src.T @ a, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(seen[(f"{param}.gate_up_proj", "all-cross")], x_src.double().T @ x.double(),
+                               rtol=1e-4, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -9,6 +9,11 @@ request the down-projection Hessian of chosen experts over all tokens: the all-e
 expert falls back to. Experts are gathered in groups (one pass of the layer each), so that a layer of 256
 experts with 2048 inputs never holds more Hessians than its memory budget.
 
+With a reference stream (the source model's hidden states of the same tokens, run through the same layer just
+before each batch's own rows; see `reference`), every Hessian also gets its cross term C = sum x_ref x^T, token
+for token (an expert's tokens are those routed to it in the batch's own rows): what GPTQ against the source's
+outputs needs (`qstream.calib.gptq.asymmetric_target`).
+
 Each batch's products are formed in float32 and summed into float64 totals in batch order, whichever thread
 ran the batch: the same Hessians run to run and across thread counts.
 """
@@ -36,7 +41,8 @@ class Target:
 
     A Linear: `h` [in, in] over every token, `tokens`. Experts: `routed` [E] tokens the router sent to each;
     `h` [G, in, in] and `tokens` [G] for the current group's experts (routed tokens, or every token for a
-    starved expert's down projection); gate/up also keep `h_all` [in, in] over every token, `tokens_all`."""
+    starved expert's down projection); gate/up also keep `h_all` [in, in] over every token, `tokens_all`.
+    `c`, `c_all`: the cross terms of `h` and `h_all` with the reference stream (None without one)."""
 
     param: str
     sources: list[str]
@@ -49,6 +55,8 @@ class Target:
     routed: torch.Tensor | None = None
     h_all: torch.Tensor | None = None
     tokens_all: int = 0
+    c: torch.Tensor | None = None
+    c_all: torch.Tensor | None = None
 
 
 @dataclass
@@ -70,10 +78,11 @@ class _Pass:
 class Hessians:
     """Hooks on the live layer's planned weights and their sums, in batch order (a half of an engine Observer).
 
-    `wanted`: the planned source tensor names; `device`: where the sums live."""
+    `wanted`: the planned source tensor names; `device`: where the sums live; `cross`: also gather the cross
+    terms with a reference stream (every batch then runs its reference rows first)."""
 
-    def __init__(self, wanted: set[str], device: torch.device) -> None:
-        self.wanted, self.device = wanted, device
+    def __init__(self, wanted: set[str], device: torch.device, cross: bool = False) -> None:
+        self.wanted, self.device, self.cross = wanted, device, cross
         self.targets: list[Target] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._local = threading.local()
@@ -111,11 +120,37 @@ class Hessians:
         self.targets.append(t)
         return t
 
+    def reference(self, on: bool) -> None:
+        """The layer calls that follow in this thread see reference rows (on): their inputs are kept for the cross
+        terms of the batch's own rows that come next."""
+        self._local.reference = on
+
+    def _in_reference(self, key: int, x: torch.Tensor) -> bool:
+        """In a reference call: keep x under `key` for the batch's own rows that come next, and say so."""
+        if getattr(self._local, "reference", False):
+            self._local.kept[key] = x
+            return True
+        return False
+
+    def _kept(self, key: int, where: str) -> torch.Tensor | None:
+        """The reference input kept for this call (None when not gathering cross terms)."""
+        if not self.cross:
+            return None
+        x_ref = self._local.kept.pop(key, None)
+        if x_ref is None:
+            raise RuntimeError(f"{where}: no reference input before the batch's own rows (run the reference stream)")
+        return x_ref
+
     def _linear_hook(self, t: Target) -> Callable:
         def hook(module: nn.Linear, args: tuple) -> None:
             if self._pass is not None and self._pass.first:
                 x = args[0].reshape(-1, module.in_features)
+                if self._in_reference(id(t), x):
+                    return
                 self._add((id(t), "h"), x)
+                x_ref = self._kept(id(t), t.param)
+                if x_ref is not None:
+                    self._add((id(t), "c"), x, x_ref)
         return hook
 
     def _watch_experts(self, model: StreamedModel, name: str, experts: Any) -> None:
@@ -131,14 +166,20 @@ class Hessians:
         params = list(inspect.signature(type(experts).forward).parameters)[1:4]  # hidden, indices, weights
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._pass is None:
+                return
             bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
             x = bound[params[0]].reshape(-1, hidden)
             index = bound[params[1]].reshape(x.shape[0], -1)
-            self._expert_sums(module, x, index, [t for t in (t_up, t_down) if t is not None])
+            if self._in_reference(id(module), x):
+                return
+            targets = [t for t in (t_up, t_down) if t is not None]
+            self._expert_sums(module, x, index, targets, self._kept(id(module), name))
 
         self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _expert_sums(self, experts: Any, x: torch.Tensor, index: torch.Tensor, targets: list[Target]) -> None:
+    def _expert_sums(self, experts: Any, x: torch.Tensor, index: torch.Tensor, targets: list[Target],
+                     x_ref: torch.Tensor | None) -> None:
         p = self._pass
         if p is None:
             return
@@ -148,22 +189,30 @@ class Hessians:
                 self._add((id(t), "routed"), counts)
                 if t.kind == UP:
                     self._add((id(t), "all"), x)
+                    if x_ref is not None:
+                        self._add((id(t), "c_all"), x, x_ref)
             return
         for slot, e in enumerate(p.group):
-            xe = x if e in p.starved else x[(index == e).any(-1)]
+            rows = slice(None) if e in p.starved else (index == e).any(-1)
+            xe = x[rows]
             for t in targets:
                 if t.kind == UP and e in p.starved:
                     continue  # a starved expert's gate/up uses the shared all-token Hessian
-                self._add((id(t), f"e{slot}"), xe if t.kind == UP else down_input(experts, e, xe))
+                xt = xe if t.kind == UP else down_input(experts, e, xe)
+                self._add((id(t), f"e{slot}"), xt)
+                if x_ref is not None:
+                    xr = x_ref[rows]
+                    self._add((id(t), f"c{slot}"), xt, xr if t.kind == UP else down_input(experts, e, xr))
 
-    def _add(self, key: tuple[int, str], x: torch.Tensor) -> None:
-        """This batch's x^T x (float32) and token count under `key` (routed counts: added as they are)."""
+    def _add(self, key: tuple[int, str], x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
+        """This batch's x^T x (float32; x_ref^T x for a cross term) and token count under `key` (routed counts:
+        added as they are)."""
         partial = self._local.partial
         if key[1] == "routed":
             value, n = x, 0
         else:
             xf = x.float()
-            value, n = xf.T @ xf, x.shape[0]
+            value, n = (xf if x_ref is None else x_ref.float()).T @ xf, x.shape[0]
         if key in partial:
             partial[key][0] += value
             partial[key][1] += n
@@ -181,13 +230,16 @@ class Hessians:
         for t in self.targets:
             if not t.experts:
                 t.h, t.tokens = zeros(t.width, t.width), torch.zeros((), dtype=torch.int64)
+                t.c = zeros(t.width, t.width) if self.cross else None
             elif not group:
                 t.routed = torch.zeros(t.experts, dtype=torch.int64)
                 if t.kind == UP:
                     t.h_all, t.tokens_all = zeros(t.width, t.width), 0
+                    t.c_all = zeros(t.width, t.width) if self.cross else None
             else:
-                t.h = None  # the previous group's go before this one's are made
+                t.h = t.c = None  # the previous group's go before this one's are made
                 t.h = zeros(len(group), t.width, t.width)
+                t.c = zeros(len(group), t.width, t.width) if self.cross else None
                 t.tokens = torch.zeros(len(group), dtype=torch.int64)
 
     def end_pass(self) -> None:
@@ -197,7 +249,7 @@ class Hessians:
             raise RuntimeError(f"batches {sorted(p.partials)} finished after a missing one")
 
     def batch_begin(self, batch: int) -> None:
-        self._local.partial = {}
+        self._local.partial, self._local.kept, self._local.reference = {}, {}, False
 
     def batch_end(self, batch: int) -> None:
         """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing."""
@@ -217,11 +269,17 @@ def _merge(t: Target, what: str, value: torch.Tensor, n: int) -> None:
     if what == "h":
         t.h += value  # type: ignore[operator]
         t.tokens += n  # type: ignore[operator, assignment]
+    elif what == "c":
+        t.c += value  # type: ignore[operator]
     elif what == "routed":
         t.routed += value  # type: ignore[operator]
     elif what == "all":
         t.h_all += value  # type: ignore[operator]
         t.tokens_all += n
+    elif what == "c_all":
+        t.c_all += value  # type: ignore[operator]
+    elif what[0] == "c":
+        t.c[int(what[1:])] += value  # type: ignore[index]
     else:
         slot = int(what[1:])
         t.h[slot] += value  # type: ignore[index]

@@ -6,10 +6,14 @@ it computed them, run through the layer with its source weights while hooks gath
 weights (qstream.calib.hessians). Each planned weight is then solved by GPTQ (qstream.calib.gptq) under block
 exponents chosen as imatrix chooses them (qstream.calib.imatrix, channel weights = the Hessian's diagonal per
 token), the layer is reloaded with its quantized weights and run again, so that the next layer calibrates on
-what the quantized model computes. Routed experts: each expert's gate/up projection is solved with the Hessian
-of the tokens routed to it and its down projection with that of its own intermediate activations. An expert
-the router sent fewer tokens than its input width (its Hessian would be singular: GPTQ would fit those few
-tokens) uses the all-experts statistics instead: the Hessian of every token for gate/up, and its down
+what the quantized model computes. With `asymmetric` (the default) the source model's hidden states of the
+same tokens run beside them (a second store, advanced through each layer's source weights), and each weight is
+solved against the source's outputs on the source's inputs rather than its own outputs on the quantized inputs
+(`qstream.calib.gptq.asymmetric_target`): what earlier layers got wrong, each later one corrects.
+Routed experts: each expert's gate/up projection is solved with the Hessian of the tokens routed to it and
+its down projection with that of its own intermediate activations. An expert the router sent fewer tokens
+than its input width (its Hessian would be singular: GPTQ would fit those few tokens) uses the all-experts
+statistics instead: the Hessian of every token for gate/up, and its down
 projection's activations on every token. Experts are gathered and solved in groups within `hessian_budget`.
 
 How each module was solved (its case): GPTQ on its own tokens, GPTQ on all tokens (a starved expert), the
@@ -24,6 +28,7 @@ ones are run again with their stored results, for their outputs). The same input
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -35,7 +40,16 @@ import torch
 from safetensors import safe_open
 
 from qstream.calib.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids, coverage_of, dtype_of
-from qstream.calib.gptq import DAMP, LAZY_BLOCK, Prepared, SingularHessianError, prepare, solve, stored
+from qstream.calib.gptq import (
+    DAMP,
+    LAZY_BLOCK,
+    Prepared,
+    SingularHessianError,
+    asymmetric_target,
+    prepare,
+    solve,
+    stored,
+)
 from qstream.calib.hessians import UP, Hessians, Target
 from qstream.calib.imatrix import DEPTH, quantize_weighted
 from qstream.calib.stats import EXPERT_INDEX, experts_module, layer_file, write_atomic
@@ -72,6 +86,7 @@ class GptqSettings:
     damp: float = DAMP
     block: int = LAZY_BLOCK
     act_order: bool = True  # columns by decreasing Hessian diagonal, exponents staying with their blocks (measured)
+    asymmetric: bool = True  # GPTQ against the source model's outputs, not the quantized model's (measured)
     depth: int = DEPTH
     min_tokens: int = 0
     dtype: str = "auto"
@@ -88,12 +103,18 @@ class GptqSettings:
 
 
 def solve_modules(w: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, s: GptqSettings,
-                  own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  own: torch.Tensor | None = None, c: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Modules w [B, out, in] with Hessians h [B, in, in] over tokens [B] -> packed, scales, case int8 [B].
 
     Each module's exponents are the imatrix choice under diag(h) / tokens; GPTQ then rounds its columns. `own`
-    [B] bool: the Hessian is the module's own tokens' (else all tokens': a starved expert). No tokens: mse3;
-    a Hessian GPTQ cannot factor: the imatrix choice alone."""
+    [B] bool: the Hessian is the module's own tokens' (else all tokens': a starved expert). `c` [B, in, in]: the
+    cross terms with the source model's inputs: GPTQ then rounds the weights that best serve the source's outputs
+    (`asymmetric_target`), under the exponents chosen for the source weights. No tokens: mse3; a Hessian GPTQ
+    cannot factor: the imatrix choice alone."""
+    w_src = w
+    if c is not None:
+        w = asymmetric_target(w, h, c, s.damp)
     b, out, n = w.shape
     packed = torch.empty(b, out, n // 2, dtype=torch.uint8)
     scales = torch.empty(b, out, n // BLOCK, dtype=torch.uint8)
@@ -101,14 +122,14 @@ def solve_modules(w: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, s: Gpt
     live = [i for i in range(b) if int(tokens[i]) > 0]
     for i in range(b):
         if i not in live:
-            q = quantize(w[i], Rule.MSE3)
+            q = quantize(w_src[i], Rule.MSE3)
             packed[i], scales[i] = q.packed.cpu(), q.scales.cpu()
     if not live:
         return packed, scales, case
     exps, weighted = [], []
-    for i in live:
+    for i in live:  # exponents from the source weights: within R-2..R of each block, as verify holds them
         a = torch.diagonal(h[i]) / int(tokens[i])
-        q = quantize_weighted(w[i], a.to(w.device).clamp(min=0))
+        q = quantize_weighted(w_src[i], a.to(w.device).clamp(min=0))
         weighted.append(q)
         exps.append(q.scales.to(torch.int32) - E8M0_BIAS)
     sel = torch.tensor(live)
@@ -134,9 +155,10 @@ def solve_modules(w: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, s: Gpt
     return packed, scales, case
 
 
-def expert_groups(n_experts: int, widths: list[int], budget: int, workers: int) -> list[list[int]]:
-    """Experts in groups whose Hessians (float64 totals, a float32 partial per batch in flight) fit `budget`."""
-    per_expert = sum(w * w for w in widths) * (8 + 4 * workers)
+def expert_groups(n_experts: int, widths: list[int], budget: int, workers: int, sums: int = 1) -> list[list[int]]:
+    """Experts in groups whose Hessians (float64 totals, a float32 partial per batch in flight; `sums` 2: the
+    cross terms too) fit `budget`."""
+    per_expert = sum(w * w for w in widths) * (8 + 4 * workers) * sums
     size = max(1, min(n_experts, budget // max(1, per_expert)))
     return [list(range(a, min(a + size, n_experts))) for a in range(0, n_experts, size)]
 
@@ -150,7 +172,7 @@ class SequentialGptq:
     def __init__(self, plan: Plan, out_dir: Path, s: GptqSettings, device: torch.device, workers: int,
                  progress: bool = False) -> None:
         self.plan, self.out_dir, self.s, self.workers, self.progress = plan, Path(out_dir), s, workers, progress
-        self.hessians = Hessians(set(plan.quantized_sources), device)
+        self.hessians = Hessians(set(plan.quantized_sources), device, cross=s.asymmetric)
         self.budget = s.hessian_budget or (torch.cuda.mem_get_info(device)[0] // GPU_SHARE if device.type == "cuda"
                                            else HESSIAN_BUDGET)
         self.seconds: dict[int, float] = {}
@@ -167,12 +189,17 @@ class SequentialGptq:
     def batch_end(self, batch: int) -> None:
         self.hessians.batch_end(batch)
 
+    def reference(self, on: bool) -> None:
+        self.hessians.reference(on)
+
     def edit(self, model: StreamedModel, index: int, forward: Forward) -> None:
         path = self.out_dir / layer_file(index)
         if not path.exists():
             t0 = time.perf_counter()
             write_atomic(path, self._solve_layer(model, index, forward))
             self.seconds[index] = time.perf_counter() - t0
+        elif self.s.asymmetric:  # solved before a resume: the source's stream still goes through this layer
+            forward(False, reference=True, advance=True)
         with safe_open(str(path), "pt") as f:
             replace = {}
             for name in model.part_sources(index):
@@ -187,23 +214,26 @@ class SequentialGptq:
     def _solve_layer(self, model: StreamedModel, index: int, forward: Forward) -> dict[str, torch.Tensor]:
         hs = self.hessians
         out: dict[str, torch.Tensor] = {}
+        asym = self.s.asymmetric
         hs.watch(model, index)
         try:
+            experts = hs.expert_targets
+            groups = expert_groups(experts[0].experts, [t.width for t in experts], self.budget, self.workers,
+                                   2 if asym else 1) if experts else []
             hs.begin_pass()
-            forward(False)
+            forward(False, reference=asym, advance=asym and not groups)  # the source's stream moves on in the last
             hs.end_pass()
             for t in hs.targets:
                 if not t.experts:
                     out.update(self._solve_linear(t))
-            experts = hs.expert_targets
             if experts:
                 n_exp, routed = experts[0].experts, experts[0].routed
                 floor = self.s.min_tokens or max(t.width for t in experts)
                 starved = frozenset(e for e in range(n_exp) if int(routed[e]) < floor)  # type: ignore[index]
                 parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
-                for group in expert_groups(n_exp, [t.width for t in experts], self.budget, self.workers):
+                for k, group in enumerate(groups):
                     hs.begin_pass(group, starved & frozenset(group))
-                    forward(False)
+                    forward(False, reference=asym, advance=asym and k == len(groups) - 1)
                     hs.end_pass()
                     for t in experts:
                         for name, r in self._solve_group(t, group, starved).items():
@@ -213,7 +243,7 @@ class SequentialGptq:
         finally:
             hs.unwatch()
             for t in hs.targets:
-                t.h = t.h_all = None
+                t.h = t.h_all = t.c = t.c_all = None
         for name in model.part_sources(index):  # planned weights no hook saw: plain mse3
             if name in self.plan.decisions and self.plan.decisions[name].quantize and f"{name}{PACKED}" not in out:
                 out.update(_plain(name, self.plan.source.tensors[name]))
@@ -238,7 +268,8 @@ class SequentialGptq:
                 out.update(_plain(name, src))
                 continue
             w = src.read_rows(0, src.info.shape[0]).to(t.h.device).float()  # type: ignore[union-attr]
-            packed, scales, case = solve_modules(w[None], t.h[None], t.tokens[None], self.s)  # type: ignore[index]
+            c = None if t.c is None else t.c[None]
+            packed, scales, case = solve_modules(w[None], t.h[None], t.tokens[None], self.s, c=c)  # type: ignore[index]
             out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})
         return out
 
@@ -246,12 +277,15 @@ class SequentialGptq:
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Each source of experts target `t`: its group experts' packed, scales, cases (by source name)."""
         h = t.h.clone()  # type: ignore[union-attr]
+        c = None if t.c is None else t.c.clone()
         tokens = t.tokens.clone()  # type: ignore[union-attr]
         own = torch.tensor([e not in starved for e in group])
         if t.kind == UP:
             for slot, e in enumerate(group):
                 if e in starved:
                     h[slot], tokens[slot] = t.h_all, t.tokens_all  # type: ignore[assignment]
+                    if c is not None:
+                        c[slot] = t.c_all  # type: ignore[assignment]
         out = {}
         for name in t.sources:
             src = self.plan.source.tensors[name]
@@ -272,7 +306,8 @@ class SequentialGptq:
                 continue  # a layout the Hessians do not fit: _plain later
             if w.shape[-1] != t.width:
                 continue
-            out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], self.s, own[sel])
+            out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], self.s, own[sel],
+                                      None if c is None else c[sel])
         return out
 
 
@@ -324,8 +359,12 @@ def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSe
                 stale.unlink()
             first = next((i for i in range(model.n_layers) if not (tmp / layer_file(i)).exists()), model.n_layers)
             editor = SequentialGptq(plan, tmp, s, device, workers)
-            with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp, device) as store:
-                stats = run(model, job, store, editor, 0, s.batch_tokens, progress, ahead=False, workers=workers)
+            with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp, device) as store, \
+                    contextlib.ExitStack() as more:
+                ref = (more.enter_context(HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp,
+                                                      device)) if s.asymmetric else None)
+                stats = run(model, job, store, editor, 0, s.batch_tokens, progress, ahead=False, workers=workers,
+                            reference=ref)
             summary = _summary(plan, tmp, model.n_layers, text_info, s, device, dtype)
             write_json(tmp / SUMMARY_NAME, summary)
             write_json(tmp / REPORT_NAME, {

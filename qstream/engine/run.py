@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -79,7 +79,13 @@ class Observer(Protocol):
     def layer_end(self, model: StreamedModel, index: int) -> None: ...
 
 
-Forward = Callable[[bool], None]  # every batch through the live layer; True: its outputs replace the inputs
+class Forward(Protocol):
+    """Every batch through the live layer. `write`: its outputs replace the inputs in the store.
+    `reference` (a run given a reference store, `write` False): each batch's reference rows go through the
+    layer first, with the editor told (`Editor.reference`), then its own rows; `advance` also writes the
+    reference outputs back, so call it in the last such pass, while the layer still holds its source weights."""
+
+    def __call__(self, write: bool, reference: bool = False, advance: bool = False) -> None: ...
 
 
 @runtime_checkable
@@ -87,9 +93,14 @@ class Editor(Observer, Protocol):
     """An Observer that changes the layer it watches (sequential GPTQ): between `layer_begin` and `layer_end`
     the engine calls `edit` instead of running the batches once. `forward(False)` runs every batch watched,
     the store keeping the layer's inputs, as often as the editor needs; after changing the layer's weights
-    it must call `forward(True)` once, unwatched, so that the next layer reads the changed layer's outputs."""
+    it must call `forward(True)` once, unwatched, so that the next layer reads the changed layer's outputs.
+    With a reference store (the source model's hidden states of the same tokens) it must also advance that
+    store by one `forward(False, reference=True, advance=True)` per layer, before changing the weights."""
 
     def edit(self, model: StreamedModel, index: int, forward: Forward) -> None: ...
+
+    def reference(self, on: bool) -> None:
+        """The layer calls that follow in this thread run reference rows (on) or the batch's own rows (off)."""
 
 
 @dataclass
@@ -143,19 +154,26 @@ def _single_threaded_ops(on: bool) -> Iterator[None]:
 
 def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer | None = None,
         observe_from: int = 0, batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool = False,
-        ahead: bool | None = None, workers: int | None = None) -> RunStats:
+        ahead: bool | None = None, workers: int | None = None, reference: HiddenStore | None = None) -> RunStats:
     """Embeddings, then every decoder layer over every token of `job`; `store` ends holding the last layer's
     output (before the final norm). `observer` watches layers from `observe_from` on. `ahead`: load the next
     part beside the current one (default: on CUDA, whose memory is not the host's). `workers`: batches run at
-    once (default: one on CUDA, torch's thread count on CPU); with more than one, each op is single-threaded."""
+    once (default: one on CUDA, torch's thread count on CPU); with more than one, each op is single-threaded.
+    `reference`: a second store, for an Editor, that the embeddings fill too and the editor advances through
+    each layer's source weights (see Editor)."""
     cuda = model.device.type == "cuda"
     workers = (1 if cuda else torch.get_num_threads()) if workers is None else workers
     stats = RunStats(job.tokens)
     parts: list[Part] = [EMBED, *range(model.n_layers)]
     batches = job.batches(batch_tokens)
     waits: list[float] = []
+    ref_store = reference
 
-    def one(k: int, watched: bool, part: Part, bar: tqdm, write: bool = True) -> None:
+    def rows(st: HiddenStore, r0: int, count: int, length: int) -> torch.Tensor:
+        return st.read(r0, r0 + count * length).view(count, length, -1).to(model.device)
+
+    def one(k: int, watched: bool, part: Part, bar: tqdm, write: bool = True, ref: bool = False,
+            advance: bool = False) -> None:
         first, count, length = batches[k]
         r0 = job.offsets[first]
         with torch.inference_mode():
@@ -163,8 +181,16 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
                 observer.batch_begin(k)  # type: ignore[union-attr]
             if part == EMBED:
                 out = model.embed(job.batch_ids(first, count))
+                if ref_store is not None:
+                    ref_store.write(r0, out)
             else:
-                out = model.layer_pass(store.read(r0, r0 + count * length).view(count, length, -1).to(model.device))
+                if ref:
+                    observer.reference(True)  # type: ignore[union-attr]
+                    ref_out = model.layer_pass(rows(ref_store, r0, count, length))  # type: ignore[arg-type]
+                    observer.reference(False)  # type: ignore[union-attr]
+                    if advance:
+                        ref_store.write(r0, ref_out)  # type: ignore[union-attr]
+                out = model.layer_pass(rows(store, r0, count, length))
             if watched:
                 observer.batch_end(k)  # type: ignore[union-attr]
             if write:
@@ -182,12 +208,15 @@ def run(model: StreamedModel, job: Job, store: HiddenStore, observer: Observer |
             if watched:
                 observer.layer_begin(model, layer)  # type: ignore[union-attr, arg-type]
 
-            def forward(write: bool, watched: bool = watched, part: Part = part) -> None:
+            def forward(write: bool, reference: bool = False, advance: bool = False, watched: bool = watched,
+                        part: Part = part) -> None:
                 """Every batch; watched batches when the observer sees this layer and (for an Editor) only
                 while the store keeps the inputs."""
                 edits = isinstance(observer, Editor)
-                for done in [pool.submit(one, k, watched and not (edits and write), part, bar, write)
-                             for k in range(len(batches))]:
+                if reference and (ref_store is None or write or not edits):
+                    raise ValueError("a reference pass needs a reference store, an editor and write=False")
+                for done in [pool.submit(one, k, watched and not (edits and write), part, bar, write, reference,
+                                         advance) for k in range(len(batches))]:
                     done.result()
 
             with model.live(*([] if layer is None else [model.layers[layer]])):
