@@ -25,7 +25,15 @@ from qstream.calib.calibrate import (
     expert_coverage,
     wanted_tensors,
 )
-from qstream.calib.stats import Collector, down_input, down_input_sums, layer_file, routed_sums
+from qstream.calib.stats import (
+    Collector,
+    down_input,
+    down_input_sums,
+    experts_dims,
+    experts_inputs,
+    layer_file,
+    routed_sums,
+)
 from qstream.cli import cli
 from qstream.engine.hidden import HiddenStore
 from qstream.engine.model import StreamedModel
@@ -215,6 +223,26 @@ def test_batched_experts_equal_one_at_a_time(kind: str, dtype: torch.dtype) -> N
             torch.testing.assert_close(down[e].double(), down_input(experts, e, xe).double().square().sum(0),
                                        rtol=tol, atol=0)
         assert routed_sums(experts, x, index, False, True)[0] is None
+
+
+@pytest.mark.parametrize("passed", [3, 1, 0])
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss", "nemotron_h", "aria"])
+def test_experts_inputs_however_the_model_passes_them(kind: str, passed: int) -> None:
+    """A forward pre-hook finds an experts module's tokens and routing whether its caller passes them by position
+    or by the forward's own names (gpt-oss: `router_indices`), and its widths whichever way it stores them."""
+    experts = experts_module(kind, torch.float32)
+    up_name, n_exp, hidden, inner = experts_dims(experts)
+    assert (up_name, n_exp, hidden, inner) == ("up_proj" if kind == "nemotron_h" else "gate_up_proj", 7, 32, 24)
+    gen = torch.Generator().manual_seed(4)
+    values = (torch.randn(10, hidden, generator=gen), torch.rand(10, n_exp, generator=gen).topk(2).indices,
+              torch.full((10, 2), 0.5))
+    names = list(inspect.signature(type(experts).forward).parameters)[1:4]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    experts.register_forward_pre_hook(lambda m, a, k: seen.append(experts_inputs(m, a, k)), with_kwargs=True)
+    with torch.no_grad():
+        experts(*values[:passed], **dict(zip(names[passed:], values[passed:])))
+    ((x, index),) = seen
+    assert torch.equal(x, values[0]) and torch.equal(index, values[1])
 
 
 @pytest.fixture
