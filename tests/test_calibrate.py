@@ -358,3 +358,29 @@ def test_bad_input(src: Path, tmp_path: Path) -> None:
     one_line_error([str(broken), str(out), "--text-file", str(short), "--samples", "1", "--seq-len", "64"],
                    "decoder layer 2", "incomplete")
     assert not out.exists() and not list(tmp_path.glob(".stats*"))
+
+
+# command -> its words before the sizes, and its flags for the window count, window length and text file
+SIZE_FLAGS = {"calibrate": ((), "--samples", "--seq-len", "--text-file"),
+              "imatrix": (("--method", "imatrix"), "--calib-samples", "--calib-seq-len", "--calib-text"),
+              "gptq": (("--method", "gptq"), "--calib-samples", "--calib-seq-len", "--calib-text")}
+
+
+@pytest.mark.parametrize("command", list(SIZE_FLAGS))
+def test_size_errors_name_the_flags_typed(command: str, src: Path, tmp_path: Path) -> None:
+    """Too little text for the windows asked for, or windows too small: the one-line error names the flags of the
+    command that was run (calibrate's --samples, quantize's --calib-samples), never the other command's."""
+    words, samples, seq_len, text_flag = SIZE_FLAGS[command]
+    other = "--calib-samples" if samples == "--samples" else "--samples"
+    short = tmp_path / "short.txt"
+    short.write_text(PROSE[:300])
+    name = "calibrate" if command == "calibrate" else "quantize"
+    for n, length, expected in (("4", "128", "need 512; give more text or lower"), ("0", "128", "at least 1 sample"),
+                                ("1", "1", "at least 1 sample")):
+        res = CliRunner().invoke(cli, [name, str(src), str(tmp_path / "out"), *words, text_flag, str(short),
+                                       samples, n, seq_len, length, "--device", "cpu", "--no-progress"])
+        assert res.exit_code == 2, res.output
+        assert res.output.count("\n") == 1 and expected in res.output, res.output
+        assert f"{samples} {n}" in res.output and f"{seq_len} {length}" in res.output, res.output
+        assert other not in res.output, res.output
+    assert not list(tmp_path.glob("*out*"))
