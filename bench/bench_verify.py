@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(BENCH)]
+from common import qstream_cmd, run_child, run_reported  # first: the repository on sys.path
 
-from bench_quantize import _hwm, device_line, ensure_checkpoint, versions, warm, weight_bytes  # noqa: E402
+from bench_quantize import device_line, ensure_checkpoint, versions, warm, weight_bytes
 
 
 @dataclass
@@ -44,41 +41,19 @@ class Row:
     note: str = ""
 
 
-def run(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, int, int | None]:
-    """(wall seconds, peak RSS bytes, exit code or None if cut off at `timeout`) of one child process."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    t0 = time.perf_counter()
-    peak = 0
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            peak = max(peak, _hwm(proc.pid))
-            if timeout is not None and time.perf_counter() - t0 > timeout:
-                proc.kill()
-                proc.wait()
-                return time.perf_counter() - t0, peak, None
-            time.sleep(0.05)
-    return time.perf_counter() - t0, peak, proc.returncode
-
-
 def copy_row(src: Path, work: Path, n: int) -> Row:
     dst = work / f"out-copy-{n}"
     subprocess.run(["rm", "-rf", str(dst)], check=True)
-    wall, rss, rc = run(["cp", "-r", str(src), str(dst)], work / f"copy-{n}.log")
+    wall, rss, rc = run_child(["cp", "-r", str(src), str(dst)], work / f"copy-{n}.log")
     subprocess.run(["rm", "-rf", str(dst)], check=True)
     return Row("cp -r", n, "-", wall, wall, rss, "" if rc == 0 else f"rc={rc}")
 
 
 def quantize_row(src: Path, dst: Path, work: Path, n: int, dev: str) -> Row:
-    cmd = [sys.executable, "-m", "qstream", "quantize", str(src), str(dst), "--device", dev, "--no-progress",
-           "--overwrite"]
-    wall, rss, rc = run(cmd, work / f"quantize-{dev}-{n}.log")
-    row = Row("quantize", n, dev, wall, float("nan"), rss)
-    if rc:
-        row.note = f"FAILED rc={rc}, see {work}/quantize-{dev}-{n}.log"
-    else:
-        row.own = json.loads((dst / "qstream_report.json").read_text())["totals"]["seconds"]
-    return row
+    run = run_reported(qstream_cmd("quantize", str(src), str(dst), "--device", dev, "--no-progress", "--overwrite"),
+                       dst, work / f"quantize-{dev}-{n}.log")
+    own = float("nan") if run.report is None else run.report["totals"]["seconds"]
+    return Row("quantize", n, dev, run.wall, own, run.peak_rss, run.note)
 
 
 def verify_row(src: Path, dst: Path, work: Path, n: int, dev: str, full: bool, timeout: float | None) -> Row:
@@ -87,7 +62,7 @@ def verify_row(src: Path, dst: Path, work: Path, n: int, dev: str, full: bool, t
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__)), "--child", str(src), str(dst), dev, "full" if full else "fast",
            str(result)]
-    wall, rss, rc = run(cmd, work / f"{tag}.log", timeout)
+    wall, rss, rc = run_child(cmd, work / f"{tag}.log", timeout)
     row = Row(f"verify --source{' --full' if full else ''}", n, dev, wall, float("nan"), rss)
     if rc is None:
         row.note = f"cut off after {timeout:.0f} s"
