@@ -26,19 +26,15 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import ROOT, qstream_cmd, run_child, run_reported  # first: the repository on sys.path
+
 import torch
+from bench_quantize import device_line, ensure_checkpoint, fmt_rss, warm, weight_bytes
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(BENCH)]
-
-from bench_quantize import device_line, ensure_checkpoint, fmt_rss, run_child, warm, weight_bytes  # noqa: E402
-
-from tests.test_evaluate import byte_tokenizer  # noqa: E402  # the tests' real byte-level BPE tokenizer
+from tests.test_evaluate import byte_tokenizer  # the tests' real byte-level BPE tokenizer
 
 
 @dataclass
@@ -88,34 +84,28 @@ def cat_row(src: Path, work: Path, layers: int) -> Row:
 
 def calibrate_row(src: Path, text: Path, work: Path, layers: int, device: str, experts: str, args) -> Row:
     dst = work / f"calib-{device}-{experts}-{layers}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "qstream", "calibrate", str(src), str(dst), "--text-file", str(text),
-           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--device", device, "--experts", experts,
-           "--batch-tokens", str(args.batch_tokens), "--no-progress", "--overwrite"]
-    log = work / f"calib-{device}-{experts}-{layers}.log"
-    seconds, rss, rc = run_child(cmd, log, env)
-    row = Row(f"qstream calibrate ({device}, experts {experts})", layers, weight_bytes(src), seconds, peak_rss=rss)
-    if rc:
-        row.note = f"FAILED rc={rc}, see {log}"
-        return row
-    report = json.loads((dst / "qstream_report.json").read_text())
-    row.own_seconds, row.tokens, row.parts = report["seconds"], report["tokens"], report["parts"]
+    cmd = qstream_cmd("calibrate", str(src), str(dst), "--text-file", str(text), "--samples", str(args.samples),
+                      "--seq-len", str(args.seq_len), "--device", device, "--experts", experts,
+                      "--batch-tokens", str(args.batch_tokens), "--no-progress", "--overwrite")
+    run = run_reported(cmd, dst, work / f"calib-{device}-{experts}-{layers}.log")
+    row = Row(f"qstream calibrate ({device}, experts {experts})", layers, weight_bytes(src), run.wall,
+              peak_rss=run.peak_rss, note=run.note)
+    if run.report is not None:
+        row.own_seconds, row.tokens, row.parts = run.report["seconds"], run.report["tokens"], run.report["parts"]
     return row
 
 
 def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args) -> Row:
     dst = work / f"gptq-{device}-{layers}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "qstream", "quantize", str(src), str(dst), "--preset", "experts", "--method", "gptq",
-           "--calib-text", str(text), "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len),
-           "--device", device, "--no-progress", "--overwrite"]
-    log = work / f"gptq-{device}-{layers}.log"
-    seconds, rss, rc = run_child(cmd, log, env)
-    row = Row(f"qstream quantize --method gptq ({device})", layers, weight_bytes(src), seconds, peak_rss=rss)
-    if rc:
-        row.note = f"FAILED rc={rc}, see {log}"
+    cmd = qstream_cmd("quantize", str(src), str(dst), "--preset", "experts", "--method", "gptq",
+                      "--calib-text", str(text), "--calib-samples", str(args.samples),
+                      "--calib-seq-len", str(args.seq_len), "--device", device, "--no-progress", "--overwrite")
+    run = run_reported(cmd, dst, work / f"gptq-{device}-{layers}.log")
+    row = Row(f"qstream quantize --method gptq ({device})", layers, weight_bytes(src), run.wall,
+              peak_rss=run.peak_rss, note=run.note)
+    if run.report is None:
         return row
-    report = json.loads((dst / "qstream_report.json").read_text())
+    report = run.report
     solve = report["gptq"]["solve_report"]
     row.own_seconds, row.tokens, row.parts = report["totals"]["seconds"] + solve["seconds"], solve["tokens"], \
         solve["parts"]

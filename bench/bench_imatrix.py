@@ -28,35 +28,30 @@ import json
 import math
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common  # noqa: F401  # first: the repository on sys.path
+
 import torch
+from quality import paired_z, score_cases, summed
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(BENCH)]
-
-from quality import paired_z, summed  # noqa: E402
-
-from qstream import assets  # noqa: E402
-from qstream.calib.channel_weights import ChannelWeights, ImatrixSettings  # noqa: E402
-from qstream.calib.imatrix import quantize_weighted  # noqa: E402
-from qstream.common import table  # noqa: E402
-from qstream.convert.pipeline import run  # noqa: E402
-from qstream.evals.evaluate import tokenize  # noqa: E402
-from qstream.evals.models import load_model  # noqa: E402
-from qstream.evals.scoring import Totals, score, windows  # noqa: E402
-from qstream.format.kernels import quantize_fast  # noqa: E402
-from qstream.format.mxfp4 import E8M0_BIAS, quantize, rule_exponents, to_blocks  # noqa: E402
-from qstream.format.rules import Rule  # noqa: E402
-from qstream.io.checkpoint import open_checkpoint  # noqa: E402
-from qstream.io.text_sources import wikipedia  # noqa: E402
-from qstream.planning.plan import make_plan  # noqa: E402
-from qstream.planning.selection import Selection  # noqa: E402
-from tests.calib_stats import collect_stats  # noqa: E402
+from qstream import assets
+from qstream.calib.channel_weights import ChannelWeights, ImatrixSettings
+from qstream.calib.imatrix import quantize_weighted
+from qstream.common import table
+from qstream.convert.pipeline import run
+from qstream.evals.evaluate import tokenize
+from qstream.evals.scoring import Totals, windows
+from qstream.format.kernels import quantize_fast
+from qstream.format.mxfp4 import E8M0_BIAS, quantize, rule_exponents, to_blocks
+from qstream.format.rules import Rule
+from qstream.io.checkpoint import open_checkpoint
+from qstream.io.text_sources import wikipedia
+from qstream.planning.plan import make_plan
+from qstream.planning.selection import Selection
+from tests.calib_stats import collect_stats
 
 
 @dataclass(frozen=True)
@@ -125,25 +120,6 @@ def quantize_case(src: Path, selection: Selection, case: Case, stats: dict[bool,
         imatrix = ChannelWeights(settings, plan)
     report = run(plan, dst, device="cpu", overwrite=True, progress=False, calibrated=imatrix)
     return Scored(case, dst, report["totals"]["seconds"], offsets_histogram(src, dst))
-
-
-def evaluate_cases(src: Path, scored: list[Scored], ids: torch.Tensor, wins: list) -> list[Totals]:
-    """Per window, the source's logits then every case's scored against them (qstream.scoring.score);
-    returns the source's own per-window totals."""
-    cpu = torch.device("cpu")
-    source = load_model(src, torch.float32, cpu)
-    quant = [load_model(s.path, torch.float32, cpu) for s in scored]
-    source_totals = []
-    with torch.inference_mode():
-        for i, w in enumerate(wins):
-            targets = ids[w.first_target:w.end]
-            ref = source(input_ids=ids[None, w.begin:w.end], use_cache=False).logits[0, w.logit_rows()]
-            source_totals.append(score(ref, targets))
-            for s, model in zip(scored, quant, strict=True):
-                logits = model(input_ids=ids[None, w.begin:w.end], use_cache=False).logits[0, w.logit_rows()]
-                s.per_window.append(score(logits, targets, ref))
-            print(f"  window {i + 1}/{len(wins)}", file=sys.stderr, flush=True)
-    return source_totals
 
 
 def report_rows(scored: list[Scored], source: list[Totals]) -> tuple[list[list[str]], list[dict]]:
@@ -239,7 +215,10 @@ def main() -> None:
         for case in [c for c in chosen if label == "moe" or not c.routed_stats]:  # dense: no routing
             scored.append(quantize_case(src, selection, case, stats, work / case.name.replace(" ", "_")))
             print(f"  quantized {case.name}: {scored[-1].seconds:.0f} s", flush=True)
-        rows, data = report_rows(scored, evaluate_cases(src, scored, ids, wins))
+        source, per_case = score_cases(src, [s.path for s in scored], ids, L, args.eval_windows)
+        for s, totals in zip(scored, per_case, strict=True):
+            s.per_window = totals
+        rows, data = report_rows(scored, source)
         print(f"\n[{label}] {src.name}, {selection.preset} preset; eval: Wikipedia first {len(wins)} x {L} tokens "
               f"({sum(w.n_scored for w in wins):,} scored), calibration: last {args.calib_windows} x {L}; float32 CPU")
         print(table(HEADER, rows), flush=True)

@@ -18,21 +18,17 @@ report is byte-identical to the one-process output. The shard size sets the para
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path[:0] = [str(ROOT), str(BENCH)]
+from common import qstream_cmd, run_reported, same_outputs  # first: the repository on sys.path
 
-from bench_quantize import ensure_checkpoint, run_child, warm, weight_bytes  # noqa: E402
+from bench_quantize import ensure_checkpoint, warm, weight_bytes
 
-from qstream.common import REPORT_NAME, cache_dir  # noqa: E402
+from qstream.common import cache_dir
 
 
 def child(src: Path, dst: Path, workers: int, shard_size: str) -> None:
@@ -48,23 +44,14 @@ def child(src: Path, dst: Path, workers: int, shard_size: str) -> None:
     quantize_checkpoint(plan, dst, device="cpu", overwrite=True, progress=False, cluster=Cluster(cpus=workers))
 
 
-def same_outputs(a: Path, b: Path) -> bool:
-    """Every file but the report (times, the scale-out section) byte-identical."""
-    names = sorted(p.name for p in a.iterdir() if p.name != REPORT_NAME)
-    return names == sorted(p.name for p in b.iterdir() if p.name != REPORT_NAME) and all(
-        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
-
-
 def case(name: str, cmd: list[str], src: Path, dst: Path, work: Path) -> dict:
     warm(src)
-    log = work / f"{name.replace(' ', '-')}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    wall, rss, rc = run_child(cmd, log, env)
-    if rc:
-        raise SystemExit(f"{name}: exit {rc}, see {log}")
-    report = json.loads((dst / REPORT_NAME).read_text())
-    return {"case": name, "wall_s": wall, "seconds": report["totals"]["seconds"], "shards": report["totals"]["shards"],
-            "bytes_in": report["totals"]["bytes_in"], "driver_peak_rss": rss, "scale_out": report.get("scale_out")}
+    run = run_reported(cmd, dst, work / f"{name.replace(' ', '-')}.log")
+    if run.report is None:
+        raise SystemExit(f"{name}: {run.note}")
+    totals = run.report["totals"]
+    return {"case": name, "wall_s": run.wall, "seconds": totals["seconds"], "shards": totals["shards"],
+            "bytes_in": totals["bytes_in"], "driver_peak_rss": run.peak_rss, "scale_out": run.report.get("scale_out")}
 
 
 def main() -> None:
@@ -84,8 +71,8 @@ def main() -> None:
     src = ensure_checkpoint(work, args.layers)
     ref = work / "one-process" / "q"  # the card is titled with the directory's name: "q" for every case
     ref.parent.mkdir(exist_ok=True)
-    rows = [case("one process", [sys.executable, "-m", "qstream", "quantize", str(src), str(ref), "--device", "cpu",
-                                 "--max-shard-size", args.max_shard_size, "--no-progress", "--overwrite"], src, ref, work)]
+    rows = [case("one process", qstream_cmd("quantize", str(src), str(ref), "--device", "cpu", "--max-shard-size",
+                                            args.max_shard_size, "--no-progress", "--overwrite"), src, ref, work)]
     rows[0]["identical"] = True
     for n in map(int, args.workers.split(",")):
         dst = work / f"ray-{n}" / "q"

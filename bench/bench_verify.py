@@ -39,7 +39,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
-from bench_quantize import _hwm, device_line, ensure_checkpoint, versions, warm, weight_bytes  # noqa: E402
+from bench_quantize import device_line, ensure_checkpoint, versions, warm, weight_bytes  # noqa: E402
+from common import _hwm  # noqa: E402
 
 
 @dataclass

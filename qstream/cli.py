@@ -6,16 +6,17 @@ what it runs, so `--help`, a typo or a usage error never waits for torch.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
-from qstream.errors import Interrupted, QstreamError
+from qstream.errors import CalibrationSizeError, Interrupted, QstreamError
 from qstream.format.rules import Method, Rule
 from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
 
@@ -29,6 +30,8 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 RESUMABLE = ("quantize", "calibrate")  # commands with --resume
 LOCAL_RAY = "local"  # a bare --ray: start a local Ray instance
 GPTQ_OBJECTIVES = ("source", "layer")  # GptqSettings.asymmetric True / False
+P = ParamSpec("P")
+R = TypeVar("R")
 CALIB_SAMPLES, CALIB_SEQ_LEN = 128, 2048  # `qstream calibrate`'s defaults (calib.calibrate.DEFAULT_*, torch-free)
 
 
@@ -176,7 +179,8 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
         cluster = Cluster(None if ray_address == LOCAL_RAY else check_address(ray_address))
     plan = _plan(src, **kw)
     progress = not no_progress and sys.stderr.isatty()
-    samples, seq_len = calib_samples or CALIB_SAMPLES, calib_seq_len or CALIB_SEQ_LEN
+    samples = CALIB_SAMPLES if calib_samples is None else calib_samples
+    seq_len = CALIB_SEQ_LEN if calib_seq_len is None else calib_seq_len
     calibrated: Calibrated | None = None
     if method == Method.IMATRIX.value:
         from qstream.calib.channel_weights import ChannelWeights, ImatrixSettings
@@ -198,6 +202,18 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     click.echo(run_text(report, str(dst)))
 
 
+def _quantize_flags(calibrate_first: Callable[P, R]) -> Callable[P, R]:
+    """A calibration run on behalf of `quantize`: its size errors name quantize's flags, not calibrate's."""
+    @functools.wraps(calibrate_first)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return calibrate_first(*args, **kwargs)
+        except CalibrationSizeError as exc:
+            raise exc.worded("--calib-samples", "--calib-seq-len") from None
+    return run
+
+
+@_quantize_flags
 def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
                      overwrite: bool, resume: bool, progress: bool) -> Path:
     """`--method imatrix` without --calib: STATS of SRC made as `qstream calibrate` makes them (its defaults),
@@ -214,6 +230,7 @@ def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int,
     return stats
 
 
+@_quantize_flags
 def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
                 asymmetric: bool, overwrite: bool, resume: bool, progress: bool) -> GptqModules:
     """`--method gptq`: SRC solved layer by layer through the engine into .DST.qstream-gptq beside DST (removed

@@ -25,7 +25,15 @@ from qstream.calib.calibrate import (
     expert_coverage,
     wanted_tensors,
 )
-from qstream.calib.stats import Collector, down_input, down_input_sums, layer_file, routed_sums
+from qstream.calib.stats import (
+    Collector,
+    down_input,
+    down_input_sums,
+    experts_dims,
+    experts_inputs,
+    layer_file,
+    routed_sums,
+)
 from qstream.cli import cli
 from qstream.engine.hidden import HiddenStore
 from qstream.engine.model import StreamedModel
@@ -217,6 +225,26 @@ def test_batched_experts_equal_one_at_a_time(kind: str, dtype: torch.dtype) -> N
         assert routed_sums(experts, x, index, False, True)[0] is None
 
 
+@pytest.mark.parametrize("passed", [3, 1, 0])
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss", "nemotron_h", "aria"])
+def test_experts_inputs_however_the_model_passes_them(kind: str, passed: int) -> None:
+    """A forward pre-hook finds an experts module's tokens and routing whether its caller passes them by position
+    or by the forward's own names (gpt-oss: `router_indices`), and its widths whichever way it stores them."""
+    experts = experts_module(kind, torch.float32)
+    up_name, n_exp, hidden, inner = experts_dims(experts)
+    assert (up_name, n_exp, hidden, inner) == ("up_proj" if kind == "nemotron_h" else "gate_up_proj", 7, 32, 24)
+    gen = torch.Generator().manual_seed(4)
+    values = (torch.randn(10, hidden, generator=gen), torch.rand(10, n_exp, generator=gen).topk(2).indices,
+              torch.full((10, 2), 0.5))
+    names = list(inspect.signature(type(experts).forward).parameters)[1:4]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    experts.register_forward_pre_hook(lambda m, a, k: seen.append(experts_inputs(m, a, k)), with_kwargs=True)
+    with torch.no_grad():
+        experts(*values[:passed], **dict(zip(names[passed:], values[passed:])))
+    ((x, index),) = seen
+    assert torch.equal(x, values[0]) and torch.equal(index, values[1])
+
+
 @pytest.fixture
 def src(tiny_qwen35: Path, tmp_path: Path) -> Path:
     """The tiny Qwen3.5-MoE with a byte-level tokenizer (any text tokenizes)."""
@@ -330,3 +358,29 @@ def test_bad_input(src: Path, tmp_path: Path) -> None:
     one_line_error([str(broken), str(out), "--text-file", str(short), "--samples", "1", "--seq-len", "64"],
                    "decoder layer 2", "incomplete")
     assert not out.exists() and not list(tmp_path.glob(".stats*"))
+
+
+# command -> its words before the sizes, and its flags for the window count, window length and text file
+SIZE_FLAGS = {"calibrate": ((), "--samples", "--seq-len", "--text-file"),
+              "imatrix": (("--method", "imatrix"), "--calib-samples", "--calib-seq-len", "--calib-text"),
+              "gptq": (("--method", "gptq"), "--calib-samples", "--calib-seq-len", "--calib-text")}
+
+
+@pytest.mark.parametrize("command", list(SIZE_FLAGS))
+def test_size_errors_name_the_flags_typed(command: str, src: Path, tmp_path: Path) -> None:
+    """Too little text for the windows asked for, or windows too small: the one-line error names the flags of the
+    command that was run (calibrate's --samples, quantize's --calib-samples), never the other command's."""
+    words, samples, seq_len, text_flag = SIZE_FLAGS[command]
+    other = "--calib-samples" if samples == "--samples" else "--samples"
+    short = tmp_path / "short.txt"
+    short.write_text(PROSE[:300])
+    name = "calibrate" if command == "calibrate" else "quantize"
+    for n, length, expected in (("4", "128", "need 512; give more text or lower"), ("0", "128", "at least 1 sample"),
+                                ("1", "1", "at least 1 sample")):
+        res = CliRunner().invoke(cli, [name, str(src), str(tmp_path / "out"), *words, text_flag, str(short),
+                                       samples, n, seq_len, length, "--device", "cpu", "--no-progress"])
+        assert res.exit_code == 2, res.output
+        assert res.output.count("\n") == 1 and expected in res.output, res.output
+        assert f"{samples} {n}" in res.output and f"{seq_len} {length}" in res.output, res.output
+        assert other not in res.output, res.output
+    assert not list(tmp_path.glob("*out*"))

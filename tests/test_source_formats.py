@@ -98,10 +98,12 @@ def test_unselected_weights_keep_source_precision(tmp_path, tiny_qwen3_moe, layo
     assert f"- Kept in the source's {fmt} (a `{ct_format}` config group naming its modules):" in card
 
 
+@pytest.mark.parametrize("exclude", [(), ("*.layers.1.mlp.experts.*",)], ids=["attention-kept", "experts-kept"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny_qwen3_moe, layout) -> None:
+def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny_qwen3_moe, layout, exclude) -> None:
     """dequantize and eval's loader decode a kept weight to its format's definition, which is what
-    compressed-tensors' own decompressor gives from the output's tensors and config group."""
+    compressed-tensors' own decompressor gives from the output's tensors and config group; a layer's kept
+    experts too, though the group's targets name only their expert 0 (as vLLM looks them up)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
@@ -111,7 +113,8 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     src = tmp_path / "src"
     expected = to_layout(tiny_qwen3_moe, src, layout)
     q = tmp_path / "q"
-    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9), q, device="cpu", progress=False)
+    quantize_checkpoint(make_plan(open_checkpoint(src), Selection("experts", exclude=exclude), Rule.MSE3, 10**9), q,
+                        device="cpu", progress=False)
     report = dequantize_checkpoint(q, tmp_path / "dq", progress=False)
     dense, out = load_tensors(tmp_path / "dq"), load_tensors(q)
     group = json.loads((q / "config.json").read_text())["quantization_config"]["config_groups"]["group_1"]
@@ -119,6 +122,7 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     decompressor = BaseCompressor.get_value_from_registry(scheme.format)
     kept = [n for n in expected if n in out]  # the quantized ones became weight_packed
     assert kept and report["modules_decoded_from_fp8"] == len(kept)
+    assert any(".layers.1.mlp.experts.1." in n for n in kept) == bool(exclude)
     for name in kept:
         module = name.removesuffix(".weight")
         theirs = decompressor.decompress({"weight": out[name], "weight_scale": out[f"{module}.weight_scale"]},
@@ -127,10 +131,21 @@ def test_mixed_output_reads_back_as_compressed_tensors_decodes_it(tmp_path, tiny
     assert all(v.dtype == torch.bfloat16 for k, v in dense.items() if k in expected)
     model = load_model(q, torch.bfloat16, torch.device("cpu"))
     params = dict(model.named_parameters())
-    assert all(torch.equal(params[n], dense[n]) for n in kept)
+    assert all(torch.equal(loaded(params, n), dense[n]) for n in kept)
     source = dict(load_model(src, torch.bfloat16, torch.device("cpu")).named_parameters())  # eval's FP8 source
-    assert all(torch.equal(source[n], expected[n]) for n in expected if n in source)
-    assert sum(n in source for n in expected) >= len(kept)
+    assert all(torch.equal(loaded(source, n), expected[n]) for n in expected)
+
+
+def loaded(params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """What a transformers model loaded for source weight `name`: itself, or one expert's rows of the fused
+    experts parameter it was stacked into (gate then up in gate_up_proj)."""
+    if name in params:
+        return params[name]
+    prefix, e, proj = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", name).groups()
+    if proj == "down_proj":
+        return params[f"{prefix}.down_proj"][int(e)]
+    gate, up = params[f"{prefix}.gate_up_proj"][int(e)].chunk(2)
+    return gate if proj == "gate_proj" else up
 
 
 def test_mxfp8_decode_matches_compressed_tensors(tmp_path, tiny_qwen3_moe) -> None:

@@ -29,7 +29,7 @@ from qstream.convert.pipeline import peak_rss_bytes
 from qstream.engine.hidden import DEFAULT_BUDGET, HiddenStore
 from qstream.engine.model import StreamedModel
 from qstream.engine.run import DEFAULT_BATCH_TOKENS, Job, run
-from qstream.errors import QstreamError
+from qstream.errors import CalibrationSizeError, QstreamError
 from qstream.io.checkpoint import Checkpoint, open_checkpoint
 from qstream.io.safetensors_io import OutEntry, ShardWriter, read_header
 from qstream.io.source_formats import decode_checkpoint
@@ -68,12 +68,14 @@ def wanted_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
 
 
 def calibration_ids(src: Path, text: Text, samples: int, seq_len: int) -> tuple[torch.Tensor, dict]:
-    """samples x seq_len token ids, from the end of the default corpus or the start of a given text.
+    """samples x seq_len token ids, from the end of the default corpus or the start of a given text
+    (CalibrationSizeError when it cannot: the caller words it with its own flags).
 
     Only the part needed is tokenized (tokenizing a whole corpus holds its offsets and strings: about 0.7 GB
     for the Wikipedia one): from a paragraph boundary, growing until it holds enough tokens."""
     if samples < 1 or seq_len < 2:
-        raise QstreamError(f"--samples {samples} / --seq-len {seq_len}: need at least 1 sample of 2 tokens")
+        raise CalibrationSizeError(lambda n, length: f"{n} {samples} / {length} {seq_len}: need at least 1 sample "
+                                   "of 2 tokens")
     need = samples * seq_len
     from_end = text.source.get("kind") == "wikipedia"
     chars = need * 6  # about 4 characters per token in English: more than enough but for odd tokenizers
@@ -84,8 +86,8 @@ def calibration_ids(src: Path, text: Text, samples: int, seq_len: int) -> tuple[
             break
         chars *= 2
     if ids.numel() < need:
-        raise QstreamError(f"{_where(text)}: {ids.numel():,} tokens, but --samples {samples} x --seq-len {seq_len} "
-                           f"need {need:,}; give more text or lower --samples / --seq-len")
+        raise CalibrationSizeError(lambda n, length: f"{_where(text)}: {ids.numel():,} tokens, but {n} {samples} x "
+                                   f"{length} {seq_len} need {need:,}; give more text or lower {n} / {length}")
     taken = ids[-need:] if from_end else ids[:need]
     where = "last" if from_end else "first"
     return taken.clone(), {**text.describe(), "taken": f"{where} {need} tokens of the {where} {len(part)} characters"

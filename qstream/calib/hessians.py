@@ -20,7 +20,6 @@ ran the batch: the same Hessians run to run and across thread counts.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qstream.calib.stats import _is_experts, down_input
+from qstream.calib.stats import _is_experts, down_input, experts_dims, experts_inputs
 from qstream.engine.model import StreamedModel
 
 LINEAR, UP, DOWN = "linear", "up", "down"  # what a target's input is: a Linear's, experts' gate/up, experts' down
@@ -154,26 +153,19 @@ class Hessians:
         return hook
 
     def _watch_experts(self, model: StreamedModel, name: str, experts: Any) -> None:
-        up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-        up, down = getattr(experts, up_name), experts.down_proj
-        n_exp = up.shape[0]
-        hidden = up.shape[1] if experts.is_transposed else up.shape[2]
-        inner = down.shape[1] if experts.is_transposed else down.shape[2]
+        up_name, n_exp, hidden, inner = experts_dims(experts)
         t_up = self._target(model, f"{name}.{up_name}", UP, hidden, n_exp, experts)
         t_down = self._target(model, f"{name}.down_proj", DOWN, inner, n_exp, experts)
         if t_up is None and t_down is None:
             return
-        params = list(inspect.signature(type(experts).forward).parameters)[1:4]  # hidden, indices, weights
+        targets = [t for t in (t_up, t_down) if t is not None]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._pass is None:
                 return
-            bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
-            x = bound[params[0]].reshape(-1, hidden)
-            index = bound[params[1]].reshape(x.shape[0], -1)
+            x, index = experts_inputs(module, args, kwargs)
             if self._in_reference(id(module), x):
                 return
-            targets = [t for t in (t_up, t_down) if t is not None]
             self._expert_sums(module, x, index, targets, self._kept(id(module), name))
 
         self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))

@@ -171,11 +171,7 @@ class Collector:
         return hook
 
     def _watch_experts(self, model: StreamedModel, name: str, experts: Any) -> None:
-        up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-        up, down = getattr(experts, up_name), experts.down_proj
-        n_exp = up.shape[0]
-        hidden = up.shape[1] if experts.is_transposed else up.shape[2]
-        inner = down.shape[1] if experts.is_transposed else down.shape[2]
+        up_name, n_exp, hidden, inner = experts_dims(experts)
 
         def acc(width: int) -> _Acc:
             z = torch.zeros(n_exp, dtype=torch.int64, device=model.device)
@@ -185,13 +181,9 @@ class Collector:
         t_down = self._target(model, f"{name}.down_proj", acc(inner), n_exp)
         if t_up is None and t_down is None:
             return
-        params = list(inspect.signature(type(experts).forward).parameters)[1:4]  # hidden, indices, weights
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
-            x = bound[params[0]].reshape(-1, hidden)
-            index = bound[params[1]].reshape(x.shape[0], -1)
-            self._expert_stats(module, x, index, t_up, t_down)
+            self._expert_stats(module, *experts_inputs(module, args, kwargs), t_up, t_down)
 
         self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -243,6 +235,23 @@ class Collector:
             if t.experts:
                 out[f"{s}:{ROUTED}"] = parts[2].clone()
         return out
+
+
+def experts_dims(experts: Any) -> tuple[str, int, int, int]:
+    """A fused experts module's gate/up parameter name, expert count, and the input widths of its gate/up
+    (hidden) and down (intermediate) projections, whether they are stored [E, out, in] or transposed."""
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    col = 1 if experts.is_transposed else 2
+    return up_name, experts.down_proj.shape[0], getattr(experts, up_name).shape[col], experts.down_proj.shape[col]
+
+
+def experts_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens [n, hidden] and their routed experts' indices [n, top_k] of a fused experts module's call, as a
+    forward pre-hook with kwargs sees it: models pass them by position or by name, and name them differently."""
+    hidden, index = list(inspect.signature(type(module).forward).parameters)[1:3]
+    bound = dict(zip((hidden, index), args)) | kwargs
+    x = bound[hidden].reshape(-1, bound[hidden].shape[-1])
+    return x, bound[index].reshape(x.shape[0], -1)
 
 
 def _is_experts(module: nn.Module) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
 # Shard name -> the merged module vLLM builds from it.
 MERGES: dict[str, str] = {
     "q_proj": "qkv_proj",
@@ -33,6 +35,12 @@ def merged_name(module: str) -> str:
     if leaf not in MERGES:
         return module
     return f"{parent}.{MERGES[leaf]}" if parent else MERGES[leaf]
+
+
+def expert_zero(module: str) -> str:
+    """The name vLLM looks a routed expert's layer up under, expert 0's (`...experts.5.w1` -> `...experts.0.w1`):
+    it takes every expert's scheme from expert 0's, so a config names only that one. Any other module: itself."""
+    return _EXPERT_INDEX.sub(".experts.0.", module)
 
 
 def matches(entries: Iterable[str], name: str) -> bool:

@@ -32,7 +32,7 @@ from qstream.format.formats import (
     kept_kind,
 )
 from qstream.format.mxfp4 import BLOCK, dequantize
-from qstream.format.names import matches, merged_name
+from qstream.format.names import expert_zero, matches, merged_name
 from qstream.io.checkpoint import Checkpoint, CheckpointTensor, SourceTensor
 from qstream.io.safetensors_io import TensorInfo, read_rows
 
@@ -229,10 +229,15 @@ def _fp8_block_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple
 
 
 def _ct_scheme(q: dict, module: str, block: tuple[int, int], shape: tuple[int, int]) -> dict:
-    """The source's own config group for `module`: the first naming it, else the one targeting Linear."""
+    """The source's own config group for `module`: the first naming it, else (a routed expert) the first naming
+    its layer's expert 0, as vLLM reads it and as `quantize` writes a mixed output's targets; else the one
+    targeting Linear."""
     groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
-    names = (module, merged_name(module))
-    group = next((g for g in groups if any(matches(g.get("targets") or [], n) for n in names)), None) or next(
+
+    def naming(*names: str) -> dict | None:
+        return next((g for g in groups if any(matches(g.get("targets") or [], n) for n in names)), None)
+
+    group = naming(module, merged_name(module)) or naming(expert_zero(module)) or next(
         (g for g in groups if "Linear" in (g.get("targets") or [])), None)
     if group is None:
         raise QstreamError(f"{module}: FP8 in the source, but no config group of its quantization_config targets "

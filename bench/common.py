@@ -1,0 +1,88 @@
+"""What the bench scripts share: the repository on sys.path, and commands timed as child processes.
+
+The scripts run as `python bench/X.py`, outside the package, so Python puts bench/ on sys.path but not the
+repository root; importing this module first adds it (qstream without an install, the tests' fixtures). A
+command is timed in a child process so that its wall time includes process start and imports, and its peak
+memory is its own.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from qstream.common import REPORT_NAME  # noqa: E402
+
+
+def _hwm(pid: int) -> int:
+    """Peak resident set (VmHWM) of a live process, in bytes; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
+def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, int, int | None]:
+    """(wall seconds, peak RSS bytes, exit code or None if cut off at `timeout`) of one child process, its
+    output to `log`; the child imports this checkout's qstream.
+
+    getrusage's ru_maxrss of a child also counts this (large) Python process, which the child
+    shares between fork and exec; VmHWM belongs to the program after exec, so it is polled instead.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.perf_counter()
+    peak = 0
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            peak = max(peak, _hwm(proc.pid))
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                proc.kill()
+                proc.wait()
+                return time.perf_counter() - t0, peak, None
+            time.sleep(0.05)
+    return time.perf_counter() - t0, peak, proc.returncode
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A child process that writes a qstream report: its wall seconds and peak RSS, and the report it wrote
+    (None, with a note naming its log, when it failed)."""
+
+    wall: float
+    peak_rss: int
+    report: dict | None
+    note: str = ""
+
+
+def run_reported(cmd: list[str], out: Path, log: Path) -> Reported:
+    """Run `cmd`, which writes `out` with its qstream_report.json (a qstream command, or a script calling it)."""
+    wall, rss, rc = run_child(cmd, log)
+    if rc:
+        return Reported(wall, rss, None, f"FAILED rc={rc}, see {log}")
+    return Reported(wall, rss, json.loads((out / REPORT_NAME).read_text()))
+
+
+def qstream_cmd(*args: str) -> list[str]:
+    """`python -m qstream ARGS` with this interpreter."""
+    return [sys.executable, "-m", "qstream", *args]
+
+
+def same_outputs(a: Path, b: Path, skip: tuple[str, ...] = (REPORT_NAME,)) -> bool:
+    """Every output file but `skip` byte-identical. The report never is (times, device, scale-out); the card
+    only between outputs at like places (`X/q` and `Y/q`): it names the output and its path from the source."""
+    names = sorted(p.name for p in a.iterdir() if p.name not in skip)
+    return names == sorted(p.name for p in b.iterdir() if p.name not in skip) and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
