@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from qstream.calib import sequential
+from qstream.calib import group_tasks, sequential
 from qstream.cli import cli
 from qstream.cluster import LOCAL_ONLY_ENV, Cluster, connected
 from qstream.common import REPORT_NAME
@@ -214,12 +214,26 @@ def test_killed_driver_resumes(tiny_qwen35: Path, rtn_ref: tuple[Path, dict], ad
     assert not tmp.exists()
 
 
+def killing_group_task(*args: object) -> dict:
+    """group_task, but the first attempt at layer 1's group of expert 3 SIGKILLs its own worker between gathering
+    the group's Hessians and solving them."""
+    index, hidden, group = args[5], Path(args[6]), args[-1]  # type: ignore[arg-type]
+    died = hidden.parent.parent / "died"
+    if index == 1 and group[0] == 3 and not died.exists():  # type: ignore[index]
+        def die(*_: object) -> None:
+            died.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        group_tasks.solve_group = die  # type: ignore[assignment]  # this worker process only: it dies
+    return group_tasks.group_task(*args)
+
+
 @pytest.mark.parametrize("fixture,layers", [("tiny_qwen35", 4), pytest.param("tiny_mixtral", 2, marks=pytest.mark.slow)])
 def test_gptq_same_bytes(fixture: str, layers: int, address: str, tmp_path: Path, request: pytest.FixtureRequest,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--method gptq: each layer's expert groups gathered and solved as Ray tasks (fused experts; per-expert
-    tensors, slow), with routed and starved experts, a window a batch (their sums in batch order); the same bytes
-    as in one process, report aside."""
+    tensors, slow), with routed and starved experts, a window a batch (their sums in batch order), and a worker
+    killed in the middle of a group (Ray runs the task again); the same bytes as in one process, report aside."""
     src, prose = _source(request.getfixturevalue(fixture), tmp_path)
     widths = 64 * 64 + 32 * 32  # the fixtures' expert inputs: gate/up 64 wide, down 32
     monkeypatch.setattr(sequential, "HESSIAN_BUDGET", 3 * widths * (8 + 4 * torch.get_num_threads()))  # 3 a group
@@ -229,8 +243,10 @@ def test_gptq_same_bytes(fixture: str, layers: int, address: str, tmp_path: Path
     cases = ref_report["gptq"]["cases"]
     assert cases["gptq"] > 0 and cases["gptq-all-tokens"] > 0 and cases["mse3"] == 0, cases
     (tmp_path / "ray").mkdir()
+    monkeypatch.setattr(group_tasks, "group_task", killing_group_task)
     res = quantize(src, tmp_path / "ray" / "q", *args, "--ray", address)
     assert res.exit_code == 0, res.output
+    assert (tmp_path / "ray" / "died").exists()
     assert_same_files(tmp_path / "ray" / "q", tmp_path / "ref" / "q", skip=(REPORT_NAME,))
     report = json.loads((tmp_path / "ray" / "q" / REPORT_NAME).read_text())
     groups = len(sequential.expert_groups(8 if layers == 4 else 4, [64, 32], sequential.HESSIAN_BUDGET,
