@@ -88,7 +88,7 @@ def group_task(plan: Plan, s: GptqSettings, dtype: torch.dtype, device: str, cwd
             if t.kind == UP:
                 t.h_all, t.tokens_all = all_tokens[t.param]
             out.update(solve_group(plan, s, t, group, starved))
-        return {name: tuple(x.cpu() for x in r) for name, r in out.items()}  # type: ignore[misc]
+        return out  # on the CPU, as solve_modules returns them
     finally:
         hs.unwatch()
         model.free(index)
