@@ -250,7 +250,6 @@ class SequentialGptq:
             out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})
         return out
 
-
     def _gather_and_solve(self, group: list[int], starved: frozenset[int], experts: list[Target],
                           forward: Forward) -> dict[str, Solved]:
         """One pass of the live layer gathering `group`'s Hessians, then the group solved (in this process)."""
@@ -264,6 +263,7 @@ class SequentialGptq:
 
     def _solve_group(self, t: Target, group: list[int], starved: frozenset[int]) -> dict[str, Solved]:
         return solve_group(self.plan, self.s, t, group, starved)
+
 
 def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starved: frozenset[int]
                 ) -> dict[str, Solved]:
