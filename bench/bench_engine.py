@@ -99,9 +99,10 @@ def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args) 
     dst = work / f"gptq-{device}-{layers}"
     cmd = qstream_cmd("quantize", str(src), str(dst), "--preset", "experts", "--method", "gptq",
                       "--calib-text", str(text), "--calib-samples", str(args.samples),
-                      "--calib-seq-len", str(args.seq_len), "--device", device, "--no-progress", "--overwrite")
+                      "--calib-seq-len", str(args.seq_len), "--device", device, "--no-progress", "--overwrite",
+                      "--gptq-objective", args.gptq_objective)
     run = run_reported(cmd, dst, work / f"gptq-{device}-{layers}.log")
-    row = Row(f"qstream quantize --method gptq ({device})", layers, weight_bytes(src), run.wall,
+    row = Row(f"qstream quantize --method gptq ({device}, {args.gptq_objective})", layers, weight_bytes(src), run.wall,
               peak_rss=run.peak_rss, note=run.note)
     if run.report is None:
         return row
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward call")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each row")
     ap.add_argument("--gptq", action="store_true", help="also time quantize --method gptq (experts preset)")
+    ap.add_argument("--gptq-objective", default="source", help="--gptq: source (default) or layer")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 

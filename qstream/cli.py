@@ -6,6 +6,7 @@ what it runs, so `--help`, a typo or a usage error never waits for torch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
 
 if TYPE_CHECKING:
     from qstream.calib.sequential import GptqModules
+    from qstream.cluster import Cluster
     from qstream.convert.pipeline import Calibrated
     from qstream.planning.plan import Plan
 
@@ -138,7 +140,8 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
                    "inputs, so each layer corrects the error of the layers before it; layer: its own outputs on "
                    "the quantized model's inputs (GPTQ as published) [default: source].")
 @click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None, metavar="[ADDRESS]",
-              help="Write the shards as Ray tasks (pip install 'qstream[ray]'): on the cluster at ADDRESS (host:port, "
+              help="Write the shards (with --method gptq: also solve each layer's expert groups) as Ray tasks "
+                   "(pip install 'qstream[ray]'): on the cluster at ADDRESS (host:port, "
                    "ray://host:port or auto; SRC and DST on a filesystem every node mounts at the same path), or "
                    "with a bare --ray after SRC DST on a local Ray instance with all cores. Same bytes as without.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
@@ -188,11 +191,18 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
         if calib is None:
             calib = _calibrate_first(src, dst, calib_text, samples, seq_len, device, overwrite, resume, progress)
         calibrated = ChannelWeights(ImatrixSettings(calib), plan)
-    elif method == Method.GPTQ.value:
-        calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, gptq_objective != "layer",
-                                 overwrite, resume, progress)
-    report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
-                                 calibrated=calibrated, cluster=cluster)
+    with contextlib.ExitStack() as ray_session:
+        if method == Method.GPTQ.value:
+            if cluster is not None:  # one Ray session for the solve and the shards, started once DST is checked
+                from qstream.cluster import connected
+                from qstream.io.staging import check_destination
+
+                check_destination(plan.source.root, dst, overwrite or resume)
+                ray_session.enter_context(connected(cluster))
+            calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, gptq_objective != "layer",
+                                     overwrite, resume, progress, cluster)
+        report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
+                                     calibrated=calibrated, cluster=cluster)
     if method == Method.GPTQ.value:
         import shutil
 
@@ -232,9 +242,11 @@ def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int,
 
 @_quantize_flags
 def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
-                asymmetric: bool, overwrite: bool, resume: bool, progress: bool) -> GptqModules:
+                asymmetric: bool, overwrite: bool, resume: bool, progress: bool, cluster: Cluster | None
+                ) -> GptqModules:
     """`--method gptq`: SRC solved layer by layer through the engine into .DST.qstream-gptq beside DST (removed
-    once DST is written); a --resume continues or reuses them. Checks DST first."""
+    once DST is written); a --resume continues or reuses them. Checks DST first. `cluster`: each layer's expert
+    groups are Ray tasks there."""
     from qstream.calib.sequential import SUMMARY_NAME, GptqModules, GptqSettings, solve_sequential
     from qstream.io.staging import check_destination, gptq_dir_for
 
@@ -243,8 +255,7 @@ def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq
     if not (resume and (results / SUMMARY_NAME).is_file()):
         solve_sequential(plan, results, _text(text_file, None, "", "", ""),
                          GptqSettings(samples=samples, seq_len=seq_len, device=device, asymmetric=asymmetric),
-                         overwrite=True, resume=resume,
-                         progress=progress)
+                         overwrite=True, resume=resume, progress=progress, cluster=cluster)
     return GptqModules(results, plan)
 
 

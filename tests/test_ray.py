@@ -1,9 +1,10 @@
 """`qstream quantize --ray` on a real local Ray cluster (2 CPUs, started once for the module): the same bytes
-as one process for RTN and imatrix, a worker SIGKILLed in the middle of its shard (Ray retries the task), and a
-SIGKILLed driver finished with --resume."""
+as one process for RTN, imatrix and GPTQ (each layer's expert groups as tasks), a worker SIGKILLed in the middle
+of its shard (Ray retries the task), and a SIGKILLed driver finished with --resume."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from qstream.calib import group_tasks, sequential
 from qstream.cli import cli
 from qstream.cluster import LOCAL_ONLY_ENV, Cluster, connected
 from qstream.common import REPORT_NAME
@@ -33,6 +35,7 @@ from qstream.planning.selection import Selection
 from tests.calib_stats import collect_stats
 from tests.fixtures import assert_same_files
 from tests.test_bad_input import assert_refused, nan_in_selected, tree_hashes
+from tests.test_sequential import SMALL, _source
 
 os.environ.setdefault(LOCAL_ONLY_ENV, "0")  # the test's cluster listens on loopback only (read at Ray's import)
 ray = pytest.importorskip("ray")
@@ -210,3 +213,45 @@ def test_killed_driver_resumes(tiny_qwen35: Path, rtn_ref: tuple[Path, dict], ad
     report = json.loads((dst / REPORT_NAME).read_text())
     assert report["scale_out"]["shard_tasks"] <= report["totals"]["shards"] - 3
     assert not tmp.exists()
+
+
+def killing_group_task(*args: object) -> dict:
+    """group_task, but the first attempt at layer 1's group of expert 3 SIGKILLs its own worker between gathering
+    the group's Hessians and solving them."""
+    index, hidden, group = args[5], Path(args[6]), args[-1]  # type: ignore[arg-type]
+    died = hidden.parent.parent / "died"
+    if index == 1 and group[0] == 3 and not died.exists():  # type: ignore[index]
+        def die(*_: object) -> None:
+            died.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        group_tasks.solve_group = die  # type: ignore[assignment]  # this worker process only: it dies
+    return group_tasks.group_task(*args)
+
+
+@pytest.mark.parametrize("fixture,layers", [("tiny_qwen35", 4), pytest.param("tiny_mixtral", 2, marks=pytest.mark.slow)])
+def test_gptq_same_bytes(fixture: str, layers: int, address: str, tmp_path: Path, request: pytest.FixtureRequest,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--method gptq: each layer's expert groups gathered and solved as Ray tasks (fused experts; per-expert
+    tensors, slow), with routed and starved experts, a window a batch (their sums in batch order), and a worker
+    killed in the middle of a group (Ray runs the task again); the same bytes as in one process, report aside."""
+    src, prose = _source(request.getfixturevalue(fixture), tmp_path)
+    widths = 64 * 64 + 32 * 32  # the fixtures' expert inputs: gate/up 64 wide, down 32
+    sums = 2  # the Hessians and their cross terms (the default objective: the source's outputs)
+    monkeypatch.setattr(sequential, "HESSIAN_BUDGET", 3 * widths * (8 + 4 * torch.get_num_threads()) * sums)  # 3 a group
+    monkeypatch.setattr(sequential, "GptqSettings", functools.partial(sequential.GptqSettings, batch_tokens=48))
+    args = ("--preset", "experts", "--method", "gptq", "--calib-text", prose, "--device", "cpu", *SMALL)
+    ref_report = reference(src, tmp_path / "ref" / "q", *args)
+    cases = ref_report["gptq"]["cases"]
+    assert cases["gptq"] > 0 and cases["gptq-all-tokens"] > 0 and cases["mse3"] == 0, cases
+    (tmp_path / "ray").mkdir()
+    monkeypatch.setattr(group_tasks, "group_task", killing_group_task)
+    res = quantize(src, tmp_path / "ray" / "q", *args, "--ray", address)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ray" / "died").exists()
+    assert_same_files(tmp_path / "ray" / "q", tmp_path / "ref" / "q", skip=(REPORT_NAME,))
+    report = json.loads((tmp_path / "ray" / "q" / REPORT_NAME).read_text())
+    groups = len(sequential.expert_groups(8 if layers == 4 else 4, [64, 32], sequential.HESSIAN_BUDGET,
+                                          torch.get_num_threads(), sums))
+    assert groups > 1 and report["gptq"]["solve_report"]["scale_out"]["group_tasks"] == layers * groups
+    assert "scale_out" not in ref_report["gptq"]["solve_report"]

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from qstream.calib.gptq import (
 from qstream.calib.hessians import UP, Hessians, Target
 from qstream.calib.imatrix import DEPTH, quantize_weighted
 from qstream.calib.stats import EXPERT_INDEX, experts_module, layer_file, write_atomic
+from qstream.cluster import Cluster, connected
 from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
 from qstream.convert.dequantize import is_mxfp4_checkpoint
 from qstream.convert.pipeline import peak_rss_bytes
@@ -75,6 +77,11 @@ OWN, ALL_TOKENS, IMATRIX, MSE3 = range(len(CASES))
 HESSIAN_BUDGET = 2 << 30  # bytes of expert Hessians gathered at once on the CPU (a group of experts)
 GPU_SHARE = 4  # on CUDA: a 1/GPU_SHARE of the free device memory (all 256 experts of a 35B layer in one group)
 PACKED, SCALES, CASE, ROUTED = ":packed", ":scales", ":case", ":routed"  # ROUTED: per experts module
+Solved = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # modules' packed, scales, case (solve_modules)
+# Gathers and solves a layer's expert groups elsewhere (`--ray`: qstream.calib.group_tasks): (model, layer,
+# groups, starved experts, experts targets after the first pass) -> each group's results by source name, in order
+RemoteGroups = Callable[[StreamedModel, int, list[list[int]], frozenset[int], list[Target]],
+                        Iterable[dict[str, Solved]]]
 
 
 @dataclass(frozen=True)
@@ -170,8 +177,9 @@ class SequentialGptq:
     """An engine Editor: per decoder layer, Hessians, solve, results file, reload with the quantized weights."""
 
     def __init__(self, plan: Plan, out_dir: Path, s: GptqSettings, device: torch.device, workers: int,
-                 progress: bool = False) -> None:
+                 progress: bool = False, remote: RemoteGroups | None = None) -> None:
         self.plan, self.out_dir, self.s, self.workers, self.progress = plan, Path(out_dir), s, workers, progress
+        self.remote = remote
         self.hessians = Hessians(set(plan.quantized_sources), device, cross=s.asymmetric)
         self.budget = s.hessian_budget or (torch.cuda.mem_get_info(device)[0] // GPU_SHARE if device.type == "cuda"
                                            else HESSIAN_BUDGET)
@@ -222,7 +230,7 @@ class SequentialGptq:
                                    2 if asym else 1) if experts else []
             hs.begin_pass()
             forward(False, reference=asym, advance=asym and not groups)  # the source's stream moves on in the last
-            hs.end_pass()
+            hs.end_pass()  # pass of the layer's source weights (after the remote groups, which read its inputs)
             for t in hs.targets:
                 if not t.experts:
                     out.update(self._solve_linear(t))
@@ -230,14 +238,17 @@ class SequentialGptq:
                 n_exp, routed = experts[0].experts, experts[0].routed
                 floor = self.s.min_tokens or max(t.width for t in experts)
                 starved = frozenset(e for e in range(n_exp) if int(routed[e]) < floor)  # type: ignore[index]
+                if self.remote is not None:
+                    solved = list(self.remote(model, index, groups, starved, experts))
+                    if asym:
+                        forward(False, reference=True, advance=True)
+                else:
+                    solved = [self._gather_and_solve(group, starved, experts, forward, asym and k == len(groups) - 1)
+                              for k, group in enumerate(groups)]
                 parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
-                for k, group in enumerate(groups):
-                    hs.begin_pass(group, starved & frozenset(group))
-                    forward(False, reference=asym, advance=asym and k == len(groups) - 1)
-                    hs.end_pass()
-                    for t in experts:
-                        for name, r in self._solve_group(t, group, starved).items():
-                            parts.setdefault(name, []).append(r)
+                for result in solved:
+                    for name, r in result.items():
+                        parts.setdefault(name, []).append(r)
                 out.update(self._joined(parts))
                 out[experts_module(experts[0].sources[0])[0] + ROUTED] = routed.clone()  # type: ignore[union-attr]
         finally:
@@ -273,42 +284,58 @@ class SequentialGptq:
             out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})
         return out
 
-    def _solve_group(self, t: Target, group: list[int], starved: frozenset[int]
-                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Each source of experts target `t`: its group experts' packed, scales, cases (by source name)."""
-        h = t.h.clone()  # type: ignore[union-attr]
-        c = None if t.c is None else t.c.clone()
-        tokens = t.tokens.clone()  # type: ignore[union-attr]
-        own = torch.tensor([e not in starved for e in group])
-        if t.kind == UP:
-            for slot, e in enumerate(group):
-                if e in starved:
-                    h[slot], tokens[slot] = t.h_all, t.tokens_all  # type: ignore[assignment]
-                    if c is not None:
-                        c[slot] = t.c_all  # type: ignore[assignment]
-        out = {}
-        for name in t.sources:
-            src = self.plan.source.tensors[name]
-            shape = src.info.shape
-            m = EXPERT_INDEX.search(name) if len(shape) == 2 else None
-            if m is not None:  # one expert's own weight
-                e = int(m[1])
-                if e not in group:
-                    continue
-                slot = group.index(e)
-                sel = [slot]
-                w = src.read_rows(0, shape[0]).to(h.device).float()[None]
-            elif len(shape) == 3 and shape[0] == t.experts:
-                sel = list(range(len(group)))
-                rows = src.read_rows(group[0] * shape[1], (group[-1] + 1) * shape[1])
-                w = rows.to(h.device).float().reshape(len(group), *shape[1:])
-            else:
-                continue  # a layout the Hessians do not fit: _plain later
-            if w.shape[-1] != t.width:
-                continue
-            out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], self.s, own[sel],
-                                      None if c is None else c[sel])
+    def _gather_and_solve(self, group: list[int], starved: frozenset[int], experts: list[Target],
+                          forward: Forward, advance: bool) -> dict[str, Solved]:
+        """One pass of the live layer gathering `group`'s Hessians (with the reference stream when asymmetric;
+        `advance`: the last such pass), then the group solved (in this process)."""
+        self.hessians.begin_pass(group, starved & frozenset(group))
+        forward(False, reference=self.s.asymmetric, advance=advance)
+        self.hessians.end_pass()
+        out: dict[str, Solved] = {}
+        for t in experts:
+            out.update(self._solve_group(t, group, starved))
         return out
+
+    def _solve_group(self, t: Target, group: list[int], starved: frozenset[int]) -> dict[str, Solved]:
+        return solve_group(self.plan, self.s, t, group, starved)
+
+
+def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starved: frozenset[int]
+                ) -> dict[str, Solved]:
+    """Each source of experts target `t` (its Hessians gathered for `group`): the group's experts' packed, scales
+    and cases, by source name. A starved expert's gate/up take the all-token Hessian `t.h_all` (and `t.c_all`)."""
+    h = t.h.clone()  # type: ignore[union-attr]
+    c = None if t.c is None else t.c.clone()
+    tokens = t.tokens.clone()  # type: ignore[union-attr]
+    own = torch.tensor([e not in starved for e in group])
+    if t.kind == UP:
+        for slot, e in enumerate(group):
+            if e in starved:
+                h[slot], tokens[slot] = t.h_all, t.tokens_all  # type: ignore[assignment]
+                if c is not None:
+                    c[slot] = t.c_all  # type: ignore[assignment]
+    out: dict[str, Solved] = {}
+    for name in t.sources:
+        src = plan.source.tensors[name]
+        shape = src.info.shape
+        m = EXPERT_INDEX.search(name) if len(shape) == 2 else None
+        if m is not None:  # one expert's own weight
+            e = int(m[1])
+            if e not in group:
+                continue
+            slot = group.index(e)
+            sel = [slot]
+            w = src.read_rows(0, shape[0]).to(h.device).float()[None]
+        elif len(shape) == 3 and shape[0] == t.experts:
+            sel = list(range(len(group)))
+            rows = src.read_rows(group[0] * shape[1], (group[-1] + 1) * shape[1])
+            w = rows.to(h.device).float().reshape(len(group), *shape[1:])
+        else:
+            continue  # a layout the Hessians do not fit: _plain later
+        if w.shape[-1] != t.width:
+            continue
+        out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], s, own[sel], None if c is None else c[sel])
+    return out
 
 
 def _dense(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -339,8 +366,9 @@ def _fingerprint(plan: Plan, text: dict, s: GptqSettings, device: torch.device) 
 
 
 def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSettings(), overwrite: bool = False,
-                     resume: bool = False, progress: bool = True) -> dict:
-    """Write RESULTS `out` (see module doc) for the planned weights of plan.source; returns the summary."""
+                     resume: bool = False, progress: bool = True, cluster: Cluster | None = None) -> dict:
+    """Write RESULTS `out` (see module doc) for the planned weights of plan.source; returns the summary.
+    `cluster`: each layer's expert groups are Ray tasks there (qstream.calib.group_tasks); the same bytes."""
     t0 = time.perf_counter()
     device, dtype = resolve_device(s.device), dtype_of(s.dtype)
     ckpt = plan.source
@@ -358,11 +386,16 @@ def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSe
             for stale in tmp.glob("qstream-hidden-*"):
                 stale.unlink()
             first = next((i for i in range(model.n_layers) if not (tmp / layer_file(i)).exists()), model.n_layers)
-            editor = SequentialGptq(plan, tmp, s, device, workers)
             with HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp, device) as store, \
                     contextlib.ExitStack() as more:
                 ref = (more.enter_context(HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp,
                                                       device)) if s.asymmetric else None)
+                remote = None
+                if cluster is not None:
+                    from qstream.calib.group_tasks import RayGroups
+
+                    remote = RayGroups(cluster, more.enter_context(connected(cluster)), plan, s, store, ref, job, tmp)
+                editor = SequentialGptq(plan, tmp, s, device, workers, remote=remote)
                 stats = run(model, job, store, editor, 0, s.batch_tokens, progress, ahead=False, workers=workers,
                             reference=ref)
             summary = _summary(plan, tmp, model.n_layers, text_info, s, device, dtype)
@@ -371,7 +404,7 @@ def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSe
                 "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(), "tokens": job.tokens,
                 "resumed_from_layer": first if resume else None,
                 "solve_seconds": {str(k): v for k, v in sorted(editor.seconds.items())},
-                "parts": [asdict(p) for p in stats.parts]})
+                "parts": [asdict(p) for p in stats.parts], **({"scale_out": remote.describe()} if remote else {})})
     return summary
 
 
