@@ -198,9 +198,9 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
                 from qstream.io.staging import check_destination
 
                 check_destination(plan.source.root, dst, overwrite or resume)
-                ray_session.enter_context(connected(cluster))
+                resources = ray_session.enter_context(connected(cluster))
             calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, gptq_objective != "layer",
-                                     overwrite, resume, progress, cluster)
+                                     overwrite, resume, progress, None if cluster is None else (cluster, resources))
         report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
                                      calibrated=calibrated, cluster=cluster)
     if method == Method.GPTQ.value:
@@ -242,20 +242,25 @@ def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int,
 
 @_quantize_flags
 def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
-                asymmetric: bool, overwrite: bool, resume: bool, progress: bool, cluster: Cluster | None
-                ) -> GptqModules:
+                asymmetric: bool, overwrite: bool, resume: bool, progress: bool,
+                ray: tuple[Cluster, dict] | None) -> GptqModules:
     """`--method gptq`: SRC solved layer by layer through the engine into .DST.qstream-gptq beside DST (removed
-    once DST is written); a --resume continues or reuses them. Checks DST first. `cluster`: each layer's expert
-    groups are Ray tasks there."""
+    once DST is written); a --resume continues or reuses them. Checks DST first. `ray`: a connected cluster and
+    what it has; each layer's expert groups are Ray tasks there."""
     from qstream.calib.sequential import SUMMARY_NAME, GptqModules, GptqSettings, solve_sequential
     from qstream.io.staging import check_destination, gptq_dir_for
 
     check_destination(plan.source.root, dst, overwrite or resume)
     results = gptq_dir_for(dst)
+    elsewhere = None
+    if ray is not None:
+        from qstream.calib.group_tasks import RayGroups
+
+        elsewhere = functools.partial(RayGroups, *ray)
     if not (resume and (results / SUMMARY_NAME).is_file()):
         solve_sequential(plan, results, _text(text_file, None, "", "", ""),
                          GptqSettings(samples=samples, seq_len=seq_len, device=device, asymmetric=asymmetric),
-                         overwrite=True, resume=resume, progress=progress, cluster=cluster)
+                         overwrite=True, resume=resume, progress=progress, elsewhere=elsewhere)
     return GptqModules(results, plan)
 
 

@@ -4,8 +4,9 @@ Hessians and solves the group, where the cluster has room; the driver stays sequ
 The driver (calib.sequential) runs each layer's first pass itself (the Linears' Hessians, the routed counts, the
 all-token Hessian of gate/up), then hands the layer's expert groups out. A task reads the layer's source weights
 from the shared source, as a shard task reads its rows, runs the layer over the calibration tokens' hidden
-states with hooks on the group's experts (qstream.calib.hessians) and solves the group (sequential.solve_group);
-it returns the group's packed codes, scales and cases, and writes nothing, so a retried task only starts over.
+states with hooks on the group's experts (qstream.calib.hessians) and solves the group
+(qstream.calib.solve.solve_group); it returns the group's packed codes, scales and cases, and writes nothing,
+so a retried task only starts over.
 
 The layer's input hidden states travel through the staging directory as one safetensors file per layer (written
 once by the driver, read one batch at a time by each task), not through Ray's object store: the tasks already
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from qstream.calib.hessians import UP, Hessians, Target
-from qstream.calib.sequential import GptqSettings, Solved, solve_group
+from qstream.calib.solve import GptqSettings, Solved, solve_group
 from qstream.cluster import Cluster, run_tasks
 from qstream.common import CHUNK_ELEMENTS, row_chunks
 from qstream.engine.hidden import HiddenStore
@@ -98,6 +99,7 @@ def group_task(plan: Plan, s: GptqSettings, dtype: torch.dtype, device: str, cwd
         for t in hs.expert_targets:
             if t.kind == UP:
                 t.h_all, t.tokens_all, t.c_all = all_tokens[t.param]
+                t.cross = t.c_all is not None
             out.update(solve_group(plan, s, t, group, starved))
         return out  # on the CPU, as solve_modules returns them
     finally:
@@ -106,8 +108,9 @@ def group_task(plan: Plan, s: GptqSettings, dtype: torch.dtype, device: str, cwd
 
 
 class RayGroups:
-    """sequential.RemoteGroups on a Ray cluster (`qstream.cluster.connected` must be entered already): a task
-    per expert group, 1 CPU each, or 1 GPU each when the run's device is cuda."""
+    """sequential.RemoteGroups on a Ray cluster (`qstream.cluster.connected` must be entered already, `resources`
+    what it yielded): a task per expert group, 1 CPU each, or 1 GPU each when the run's device is cuda.
+    `functools.partial(RayGroups, cluster, resources)` is what `sequential.solve_sequential` takes as `elsewhere`."""
 
     def __init__(self, cluster: Cluster, resources: dict, plan: Plan, s: GptqSettings, store: HiddenStore,
                  reference: HiddenStore | None, job: Job, staging: Path) -> None:
@@ -125,7 +128,7 @@ class RayGroups:
         self._write_inputs(self.store, hidden)
         if reference is not None:
             self._write_inputs(self.reference, reference)  # type: ignore[arg-type]
-        all_tokens = {t.param: (t.h_all.cpu(), t.tokens_all, None if t.c_all is None else t.c_all.cpu())  # type: ignore[union-attr]
+        all_tokens = {t.param: (t.h_all.cpu(), t.tokens_all, t.c_all.cpu() if t.cross else None)  # type: ignore[union-attr]
                       for t in experts if t.kind == UP}
         device = model.device.type
         shared = (self.plan, self.s, model.dtype, device, os.getcwd(), index, hidden, reference, self.batches, starved,

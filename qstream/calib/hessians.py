@@ -10,9 +10,13 @@ expert falls back to. Experts are gathered in groups (one pass of the layer each
 experts with 2048 inputs never holds more Hessians than its memory budget.
 
 With a reference stream (the source model's hidden states of the same tokens, run through the same layer just
-before each batch's own rows; see `reference`), every Hessian also gets its cross term C = sum x_ref x^T, token
-for token (an expert's tokens are those routed to it in the batch's own rows): what GPTQ against the source's
-outputs needs (`qstream.calib.gptq.asymmetric_target`).
+before each batch's own rows; see `reference`), the weights that read the layer's first input (q/k/v, gate/up,
+experts' gate/up: the first input a watched weight sees in a batch) also get their cross term C = sum x_ref x^T,
+token for token (an expert's tokens are those routed to it in the batch's own rows): what GPTQ against the
+source's outputs needs (`qstream.calib.gptq.asymmetric_target`). The later weights (o_proj, down) get none:
+their inputs here come from the source weights of the weights before them, which that solve corrects towards
+the source, so correcting them too would count the drift twice (measured on SmolLM2: the error then grows layer
+by layer until the model is lost).
 
 Each batch's products are formed in float32 and summed into float64 totals in batch order, whichever thread
 ran the batch: the same Hessians run to run and across thread counts.
@@ -41,7 +45,8 @@ class Target:
     A Linear: `h` [in, in] over every token, `tokens`. Experts: `routed` [E] tokens the router sent to each;
     `h` [G, in, in] and `tokens` [G] for the current group's experts (routed tokens, or every token for a
     starved expert's down projection); gate/up also keep `h_all` [in, in] over every token, `tokens_all`.
-    `c`, `c_all`: the cross terms of `h` and `h_all` with the reference stream (None without one)."""
+    `c`, `c_all`: the cross terms of `h` and `h_all` with the reference stream (None without one); `cross`: they
+    were gathered (the weight reads the layer's first input)."""
 
     param: str
     sources: list[str]
@@ -56,6 +61,7 @@ class Target:
     tokens_all: int = 0
     c: torch.Tensor | None = None
     c_all: torch.Tensor | None = None
+    cross: bool = False
 
 
 @dataclass
@@ -131,11 +137,15 @@ class Hessians:
             return True
         return False
 
-    def _kept(self, key: int, where: str) -> torch.Tensor | None:
-        """The reference input kept for this call (None when not gathering cross terms)."""
+    def _kept(self, key: int, where: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The reference input kept for this call with input x: None when not gathering cross terms, or when x is
+        not the first input a watched weight saw in this batch (a later stage's: see the module doc)."""
         if not self.cross:
             return None
+        first = self._local.first = self._local.first or x.data_ptr()
         x_ref = self._local.kept.pop(key, None)
+        if x.data_ptr() != first:
+            return None
         if x_ref is None:
             raise RuntimeError(f"{where}: no reference input before the batch's own rows (run the reference stream)")
         return x_ref
@@ -147,9 +157,10 @@ class Hessians:
                 if self._in_reference(id(t), x):
                     return
                 self._add((id(t), "h"), x)
-                x_ref = self._kept(id(t), t.param)
+                x_ref = self._kept(id(t), t.param, x)
                 if x_ref is not None:
                     self._add((id(t), "c"), x, x_ref)
+                    t.cross = True
         return hook
 
     def _watch_experts(self, model: StreamedModel, name: str, experts: Any) -> None:
@@ -166,7 +177,7 @@ class Hessians:
             x, index = experts_inputs(module, args, kwargs)
             if self._in_reference(id(module), x):
                 return
-            self._expert_sums(module, x, index, targets, self._kept(id(module), name))
+            self._expert_sums(module, x, index, targets, self._kept(id(module), name, x))
 
         self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -183,6 +194,7 @@ class Hessians:
                     self._add((id(t), "all"), x)
                     if x_ref is not None:
                         self._add((id(t), "c_all"), x, x_ref)
+                        t.cross = True
             return
         for slot, e in enumerate(p.group):
             rows = slice(None) if e in p.starved else (index == e).any(-1)
@@ -192,9 +204,8 @@ class Hessians:
                     continue  # a starved expert's gate/up uses the shared all-token Hessian
                 xt = xe if t.kind == UP else down_input(experts, e, xe)
                 self._add((id(t), f"e{slot}"), xt)
-                if x_ref is not None:
-                    xr = x_ref[rows]
-                    self._add((id(t), f"c{slot}"), xt, xr if t.kind == UP else down_input(experts, e, xr))
+                if x_ref is not None and t.kind == UP:  # down reads gate/up's output: a later stage
+                    self._add((id(t), f"c{slot}"), xt, x_ref[rows])
 
     def _add(self, key: tuple[int, str], x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         """This batch's x^T x (float32; x_ref^T x for a cross term) and token count under `key` (routed counts:
@@ -241,7 +252,7 @@ class Hessians:
             raise RuntimeError(f"batches {sorted(p.partials)} finished after a missing one")
 
     def batch_begin(self, batch: int) -> None:
-        self._local.partial, self._local.kept, self._local.reference = {}, {}, False
+        self._local.partial, self._local.kept, self._local.reference, self._local.first = {}, {}, False, 0
 
     def batch_end(self, batch: int) -> None:
         """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing."""

@@ -33,36 +33,28 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 
-from qstream.calib.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids, coverage_of, dtype_of
+from qstream.calib.calibrate import calibration_ids, coverage_of, dtype_of
 from qstream.calib.gptq import (
-    DAMP,
-    LAZY_BLOCK,
-    Prepared,
-    SingularHessianError,
-    asymmetric_target,
-    prepare,
-    solve,
     stored,
 )
-from qstream.calib.hessians import UP, Hessians, Target
-from qstream.calib.imatrix import DEPTH, quantize_weighted
-from qstream.calib.stats import EXPERT_INDEX, experts_module, layer_file, write_atomic
-from qstream.cluster import Cluster, connected
+from qstream.calib.hessians import Hessians, Target
+from qstream.calib.solve import CASES, MSE3, GptqSettings, Solved, expert_groups, solve_group, solve_modules
+from qstream.calib.stats import experts_module, layer_file, write_atomic
 from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
 from qstream.convert.dequantize import is_mxfp4_checkpoint
 from qstream.convert.pipeline import peak_rss_bytes
-from qstream.engine.hidden import DEFAULT_BUDGET, HiddenStore
+from qstream.engine.hidden import HiddenStore
 from qstream.engine.model import StreamedModel
-from qstream.engine.run import DEFAULT_BATCH_TOKENS, Forward, Job, run
+from qstream.engine.run import Forward, Job, run
 from qstream.errors import QstreamError
-from qstream.format.mxfp4 import E8M0_BIAS, Quantized, dequantize, quantize
+from qstream.format.mxfp4 import Quantized, dequantize, quantize
 from qstream.format.rules import BLOCK, Method, Rule
 from qstream.io.checkpoint import CheckpointTensor
 from qstream.io.safetensors_io import TensorInfo, read_header, read_rows
@@ -72,102 +64,24 @@ from qstream.planning.plan import Plan, QuantJob
 
 SUMMARY_NAME = "gptq.json"
 SCHEMA = "qstream-gptq/1"
-CASES = ("gptq", "gptq-all-tokens", "imatrix", "mse3")  # how a module was solved, by its stored code
-OWN, ALL_TOKENS, IMATRIX, MSE3 = range(len(CASES))
 HESSIAN_BUDGET = 2 << 30  # bytes of expert Hessians gathered at once on the CPU (a group of experts)
 GPU_SHARE = 4  # on CUDA: a 1/GPU_SHARE of the free device memory (all 256 experts of a 35B layer in one group)
 PACKED, SCALES, CASE, ROUTED = ":packed", ":scales", ":case", ":routed"  # ROUTED: per experts module
-Solved = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # modules' packed, scales, case (solve_modules)
-# Gathers and solves a layer's expert groups elsewhere (`--ray`: qstream.calib.group_tasks): (model, layer,
-# groups, starved experts, experts targets after the first pass) -> each group's results by source name, in order
-RemoteGroups = Callable[[StreamedModel, int, list[list[int]], frozenset[int], list[Target]],
-                        Iterable[dict[str, Solved]]]
 
 
-@dataclass(frozen=True)
-class GptqSettings:
-    """How to calibrate and solve. `min_tokens` 0: an expert needs as many routed tokens as its input width."""
+class RemoteGroups(Protocol):
+    """Gathers and solves a layer's expert groups elsewhere (`--ray`: qstream.calib.group_tasks.RayGroups)."""
 
-    samples: int = DEFAULT_SAMPLES
-    seq_len: int = DEFAULT_SEQ_LEN
-    damp: float = DAMP
-    block: int = LAZY_BLOCK
-    act_order: bool = True  # columns by decreasing Hessian diagonal, exponents staying with their blocks (measured)
-    asymmetric: bool = True  # GPTQ against the source model's outputs, not the quantized model's (measured)
-    depth: int = DEPTH
-    min_tokens: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int = DEFAULT_BATCH_TOKENS
-    hidden_budget: int = DEFAULT_BUDGET
-    hessian_budget: int = 0  # 0: HESSIAN_BUDGET on the CPU, a share of the free memory on CUDA
+    def __call__(self, model: StreamedModel, index: int, groups: list[list[int]], starved: frozenset[int],
+                 experts: list[Target]) -> Iterable[dict[str, Solved]]:
+        """Each group's results by source name, in the order of `groups` (`experts`: after the first pass)."""
 
     def describe(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("device", "hidden_budget", "hessian_budget")}
+        """Where the groups went, for the report."""
 
 
-# ---- solving: pure functions of weights and Hessians --------------------------------------------------------
-
-
-def solve_modules(w: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, s: GptqSettings,
-                  own: torch.Tensor | None = None, c: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Modules w [B, out, in] with Hessians h [B, in, in] over tokens [B] -> packed, scales, case int8 [B].
-
-    Each module's exponents are the imatrix choice under diag(h) / tokens; GPTQ then rounds its columns. `own`
-    [B] bool: the Hessian is the module's own tokens' (else all tokens': a starved expert). `c` [B, in, in]: the
-    cross terms with the source model's inputs: GPTQ then rounds the weights that best serve the source's outputs
-    (`asymmetric_target`), under the exponents chosen for the source weights. No tokens: mse3; a Hessian GPTQ
-    cannot factor: the imatrix choice alone."""
-    w_src = w
-    if c is not None:
-        w = asymmetric_target(w, h, c, s.damp)
-    b, out, n = w.shape
-    packed = torch.empty(b, out, n // 2, dtype=torch.uint8)
-    scales = torch.empty(b, out, n // BLOCK, dtype=torch.uint8)
-    case = torch.full((b,), MSE3, dtype=torch.int8)
-    live = [i for i in range(b) if int(tokens[i]) > 0]
-    for i in range(b):
-        if i not in live:
-            q = quantize(w_src[i], Rule.MSE3)
-            packed[i], scales[i] = q.packed.cpu(), q.scales.cpu()
-    if not live:
-        return packed, scales, case
-    exps, weighted = [], []
-    for i in live:  # exponents from the source weights: within R-2..R of each block, as verify holds them
-        a = torch.diagonal(h[i]) / int(tokens[i])
-        q = quantize_weighted(w_src[i], a.to(w.device).clamp(min=0))
-        weighted.append(q)
-        exps.append(q.scales.to(torch.int32) - E8M0_BIAS)
-    sel = torch.tensor(live)
-    prep: Prepared | None
-    try:
-        bad: list[int] = []
-        prep = prepare(h[sel.to(h.device)], damp=s.damp, act_order=s.act_order)
-    except SingularHessianError as exc:
-        bad = exc.bad
-        keep = [k for k in range(len(live)) if k not in bad]
-        prep = prepare(h[sel[keep].to(h.device)], damp=s.damp, act_order=s.act_order) if keep else None
-    good = [k for k in range(len(live)) if k not in bad]
-    if good and prep is not None:
-        q = solve(w[sel[good].to(w.device)].float(), prep, torch.stack([exps[k] for k in good]), block=s.block)
-        for j, k in enumerate(good):
-            i = live[k]
-            packed[i], scales[i] = q.packed[j].cpu(), q.scales[j].cpu()
-            case[i] = OWN if own is None or bool(own[i]) else ALL_TOKENS
-    for k in bad:
-        i = live[k]
-        packed[i], scales[i] = weighted[k].packed.cpu(), weighted[k].scales.cpu()
-        case[i] = IMATRIX
-    return packed, scales, case
-
-
-def expert_groups(n_experts: int, widths: list[int], budget: int, workers: int, sums: int = 1) -> list[list[int]]:
-    """Experts in groups whose Hessians (float64 totals, a float32 partial per batch in flight; `sums` 2: the
-    cross terms too) fit `budget`."""
-    per_expert = sum(w * w for w in widths) * (8 + 4 * workers) * sums
-    size = max(1, min(n_experts, budget // max(1, per_expert)))
-    return [list(range(a, min(a + size, n_experts))) for a in range(0, n_experts, size)]
+# Makes one for a run: (plan, settings, hidden store, reference store or None, job, staging directory) -> it
+GroupsElsewhere = Callable[[Plan, GptqSettings, HiddenStore, HiddenStore | None, Job, Path], RemoteGroups]
 
 
 # ---- the engine's editor ----------------------------------------------------------------------------------
@@ -279,7 +193,7 @@ class SequentialGptq:
                 out.update(_plain(name, src))
                 continue
             w = src.read_rows(0, src.info.shape[0]).to(t.h.device).float()  # type: ignore[union-attr]
-            c = None if t.c is None else t.c[None]
+            c = t.c[None] if t.c is not None and t.cross else None
             packed, scales, case = solve_modules(w[None], t.h[None], t.tokens[None], self.s, c=c)  # type: ignore[index]
             out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})
         return out
@@ -298,44 +212,6 @@ class SequentialGptq:
 
     def _solve_group(self, t: Target, group: list[int], starved: frozenset[int]) -> dict[str, Solved]:
         return solve_group(self.plan, self.s, t, group, starved)
-
-
-def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starved: frozenset[int]
-                ) -> dict[str, Solved]:
-    """Each source of experts target `t` (its Hessians gathered for `group`): the group's experts' packed, scales
-    and cases, by source name. A starved expert's gate/up take the all-token Hessian `t.h_all` (and `t.c_all`)."""
-    h = t.h.clone()  # type: ignore[union-attr]
-    c = None if t.c is None else t.c.clone()
-    tokens = t.tokens.clone()  # type: ignore[union-attr]
-    own = torch.tensor([e not in starved for e in group])
-    if t.kind == UP:
-        for slot, e in enumerate(group):
-            if e in starved:
-                h[slot], tokens[slot] = t.h_all, t.tokens_all  # type: ignore[assignment]
-                if c is not None:
-                    c[slot] = t.c_all  # type: ignore[assignment]
-    out: dict[str, Solved] = {}
-    for name in t.sources:
-        src = plan.source.tensors[name]
-        shape = src.info.shape
-        m = EXPERT_INDEX.search(name) if len(shape) == 2 else None
-        if m is not None:  # one expert's own weight
-            e = int(m[1])
-            if e not in group:
-                continue
-            slot = group.index(e)
-            sel = [slot]
-            w = src.read_rows(0, shape[0]).to(h.device).float()[None]
-        elif len(shape) == 3 and shape[0] == t.experts:
-            sel = list(range(len(group)))
-            rows = src.read_rows(group[0] * shape[1], (group[-1] + 1) * shape[1])
-            w = rows.to(h.device).float().reshape(len(group), *shape[1:])
-        else:
-            continue  # a layout the Hessians do not fit: _plain later
-        if w.shape[-1] != t.width:
-            continue
-        out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], s, own[sel], None if c is None else c[sel])
-    return out
 
 
 def _dense(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -365,10 +241,12 @@ def _fingerprint(plan: Plan, text: dict, s: GptqSettings, device: torch.device) 
             "text_sha256": text["sha256"], "taken": text["taken"], "device": device.type, **s.describe()}
 
 
-def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSettings(), overwrite: bool = False,
-                     resume: bool = False, progress: bool = True, cluster: Cluster | None = None) -> dict:
+def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings | None = None, overwrite: bool = False,
+                     resume: bool = False, progress: bool = True, elsewhere: GroupsElsewhere | None = None) -> dict:
     """Write RESULTS `out` (see module doc) for the planned weights of plan.source; returns the summary.
-    `cluster`: each layer's expert groups are Ray tasks there (qstream.calib.group_tasks); the same bytes."""
+    `elsewhere`: each layer's expert groups are gathered and solved by what it makes (`--ray`: Ray tasks,
+    qstream.calib.group_tasks.RayGroups); the same bytes."""
+    s = s or GptqSettings()
     t0 = time.perf_counter()
     device, dtype = resolve_device(s.device), dtype_of(s.dtype)
     ckpt = plan.source
@@ -390,11 +268,7 @@ def solve_sequential(plan: Plan, out: Path, text: Text, s: GptqSettings = GptqSe
                     contextlib.ExitStack() as more:
                 ref = (more.enter_context(HiddenStore(job.tokens, model.hidden_size, dtype, s.hidden_budget, tmp,
                                                       device)) if s.asymmetric else None)
-                remote = None
-                if cluster is not None:
-                    from qstream.calib.group_tasks import RayGroups
-
-                    remote = RayGroups(cluster, more.enter_context(connected(cluster)), plan, s, store, ref, job, tmp)
+                remote = None if elsewhere is None else elsewhere(plan, s, store, ref, job, tmp)
                 editor = SequentialGptq(plan, tmp, s, device, workers, remote=remote)
                 stats = run(model, job, store, editor, 0, s.batch_tokens, progress, ahead=False, workers=workers,
                             reference=ref)
