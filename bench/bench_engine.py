@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward call")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each row")
     ap.add_argument("--gptq", action="store_true", help="also time quantize --method gptq (experts preset)")
-    ap.add_argument("--gptq-objective", default="source", help="--gptq: source (default) or layer")
+    ap.add_argument("--gptq-objective", default="layer", help="--gptq: layer (default) or source")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 

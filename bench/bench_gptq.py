@@ -42,7 +42,7 @@ from qstream.io.text_sources import wikipedia  # noqa: E402
 from qstream.io.tokens import tokenize  # noqa: E402
 
 CASES = {"mse3": [], "imatrix": ["--method", "imatrix"], "gptq": ["--method", "gptq"],
-         "gptq-layer": ["--method", "gptq", "--gptq-objective", "layer"]}
+         "gptq-source": ["--method", "gptq", "--gptq-objective", "source"]}
 HEADER = ["case", "PPL", "KL", "KL vs mse3", "paired z", "top-1", "rel. weight error", "time s", "peak RSS GiB"]
 
 

@@ -136,9 +136,10 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
 @click.option("--calib-seq-len", type=int, default=None,
               help=f"imatrix without --calib, gptq: tokens per calibration window [default: {CALIB_SEQ_LEN}].")
 @click.option("--gptq-objective", type=_choice(GPTQ_OBJECTIVES), default=None,
-              help="gptq: what each weight is solved to reproduce. source: the source model's outputs on its own "
-                   "inputs, so each layer corrects the error of the layers before it; layer: its own outputs on "
-                   "the quantized model's inputs (GPTQ as published) [default: source].")
+              help="gptq: what each weight is solved to reproduce. layer: its own outputs on the quantized model's "
+                   "inputs (GPTQ as published) [default]; source (experimental): the source model's outputs on its "
+                   "own inputs, for the weights that read a layer's input; on SmolLM2 it measured far worse "
+                   "(bench/NOTES.md).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None, metavar="[ADDRESS]",
               help="Write the shards (with --method gptq: also solve each layer's expert groups) as Ray tasks "
                    "(pip install 'qstream[ray]'): on the cluster at ADDRESS (host:port, "
@@ -199,7 +200,7 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
 
                 check_destination(plan.source.root, dst, overwrite or resume)
                 resources = ray_session.enter_context(connected(cluster))
-            calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, gptq_objective != "layer",
+            calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, gptq_objective == "source",
                                      overwrite, resume, progress, None if cluster is None else (cluster, resources))
         report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
                                      calibrated=calibrated, cluster=cluster)

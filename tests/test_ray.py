@@ -237,10 +237,11 @@ def test_gptq_same_bytes(fixture: str, layers: int, address: str, tmp_path: Path
     killed in the middle of a group (Ray runs the task again); the same bytes as in one process, report aside."""
     src, prose = _source(request.getfixturevalue(fixture), tmp_path)
     widths = 64 * 64 + 32 * 32  # the fixtures' expert inputs: gate/up 64 wide, down 32
-    sums = 2  # the Hessians and their cross terms (the default objective: the source's outputs)
+    sums = 2  # the Hessians and their cross terms: the source objective, whose tasks also read the reference stream
     monkeypatch.setattr(sequential, "HESSIAN_BUDGET", 3 * widths * (8 + 4 * torch.get_num_threads()) * sums)  # 3 a group
     monkeypatch.setattr(sequential, "GptqSettings", functools.partial(sequential.GptqSettings, batch_tokens=48))
-    args = ("--preset", "experts", "--method", "gptq", "--calib-text", prose, "--device", "cpu", *SMALL)
+    args = ("--preset", "experts", "--method", "gptq", "--gptq-objective", "source", "--calib-text", prose, "--device",
+            "cpu", *SMALL)
     ref_report = reference(src, tmp_path / "ref" / "q", *args)
     cases = ref_report["gptq"]["cases"]
     assert cases["gptq"] > 0 and cases["gptq-all-tokens"] > 0 and cases["mse3"] == 0, cases

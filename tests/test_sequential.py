@@ -138,7 +138,7 @@ def test_hessians_are_the_quantized_prefix_inputs(tiny_llama: Path, tmp_path: Pa
     src, prose = _source(tiny_llama, tmp_path)
     seen = _captured_hessians(monkeypatch)
     plan = make_plan(open_checkpoint(src), Selection("mlp"), Rule.MSE3, 10**9)
-    s = GptqSettings(samples=2, seq_len=40, dtype="float32", device="cpu")
+    s = GptqSettings(samples=2, seq_len=40, dtype="float32", device="cpu", asymmetric=True)
     results = tmp_path / "results"
     sequential.solve_sequential(plan, results, from_file(prose), s, progress=False)
     dst = tmp_path / "dst"
@@ -223,7 +223,7 @@ def test_expert_cross_terms_pair_source_and_quantized_inputs(tiny_mixtral: Path,
     src, prose = _source(tiny_mixtral, tmp_path)
     plan = make_plan(open_checkpoint(src), Selection("experts"), Rule.MSE3, 10**9)
     seen = _captured_hessians(monkeypatch)
-    s = GptqSettings(samples=2, seq_len=40, dtype="float32", device="cpu", min_tokens=1)
+    s = GptqSettings(samples=2, seq_len=40, dtype="float32", device="cpu", min_tokens=1, asymmetric=True)
     sequential.solve_sequential(plan, tmp_path / "results", from_file(prose), s, progress=False)
     dst = tmp_path / "dst"
     quantize_checkpoint(plan, dst, "cpu", progress=False, calibrated=sequential.GptqModules(tmp_path / "results", plan))
@@ -246,18 +246,20 @@ def test_expert_cross_terms_pair_source_and_quantized_inputs(tiny_mixtral: Path,
 # ------------------------------------------------------------------------------------------------ the command
 
 
-@pytest.mark.parametrize("fixture,preset", [("tiny_llama", "mlp"), ("tiny_mixtral", "experts"),
-                                            ("tiny_qwen35", "experts")])
-def test_gptq_writes_verified_deterministic_output(fixture: str, preset: str, tmp_path: Path,
+@pytest.mark.parametrize("fixture,preset,objective", [("tiny_llama", "mlp", "layer"), ("tiny_mixtral", "experts", "layer"),
+                                                      ("tiny_qwen35", "experts", "layer"),
+                                                      ("tiny_llama", "mlp", "source")])
+def test_gptq_writes_verified_deterministic_output(fixture: str, preset: str, objective: str, tmp_path: Path,
                                                    request: pytest.FixtureRequest) -> None:
-    """`quantize --method gptq` on dense, per-expert and fused-expert layouts: every planned module solved (cases
-    counted in the report and the card), `verify --source` passes, the results directory is gone, and a second run
-    with another thread count writes the same bytes, card included."""
+    """`quantize --method gptq` on dense, per-expert and fused-expert layouts (and with the source objective):
+    every planned module solved (cases counted in the report and the card), `verify --source` passes, the results
+    directory is gone, and a second run with another thread count writes the same bytes, card included."""
     src, prose = _source(request.getfixturevalue(fixture), tmp_path)
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"  # one name: the card's title is the directory's
     a.parent.mkdir()
     b.parent.mkdir()
-    res = _quantize(src, a, "--preset", preset, "--method", "gptq", "--calib-text", prose, *SMALL)
+    gptq = ("--preset", preset, "--method", "gptq", "--gptq-objective", objective, "--calib-text", prose, *SMALL)
+    res = _quantize(src, a, *gptq)
     assert res.exit_code == 0, res.output
     report = json.loads((a / REPORT_NAME).read_text())
     assert report["rule"] == "gptq" and report["gptq"]["modules_fallback"] == 0
@@ -268,7 +270,7 @@ def test_gptq_writes_verified_deterministic_output(fixture: str, preset: str, tm
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:
-        res = _quantize(src, b, "--preset", preset, "--method", "gptq", "--calib-text", prose, *SMALL)
+        res = _quantize(src, b, *gptq)
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
@@ -288,11 +290,14 @@ def test_gptq_output_differs_from_rtn_and_imatrix(tiny_llama: Path, tmp_path: Pa
     assert torch.isfinite(deq).all()
 
 
-def test_gptq_resumes_at_the_layer_it_was_on(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("objective", ["layer", "source"])
+def test_gptq_resumes_at_the_layer_it_was_on(objective: str, tiny_llama: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A run killed while solving layer 1 keeps layer 0's results; --resume finishes with the same bytes as an
-    uninterrupted run, without solving layer 0 again."""
+    uninterrupted run, without solving layer 0 again (with the source objective, the reference stream still
+    goes through layer 0)."""
     src, prose = _source(tiny_llama, tmp_path)
-    args = ("--preset", "mlp", "--method", "gptq", "--calib-text", prose, *SMALL)
+    args = ("--preset", "mlp", "--method", "gptq", "--gptq-objective", objective, "--calib-text", prose, *SMALL)
     whole, dst = tmp_path / "whole" / "dst", tmp_path / "resumed" / "dst"  # the card names the directory
     whole.parent.mkdir()
     dst.parent.mkdir()

@@ -6,10 +6,10 @@ it computed them, run through the layer with its source weights while hooks gath
 weights (qstream.calib.hessians). Each planned weight is then solved by GPTQ (qstream.calib.gptq) under block
 exponents chosen as imatrix chooses them (qstream.calib.imatrix, channel weights = the Hessian's diagonal per
 token), the layer is reloaded with its quantized weights and run again, so that the next layer calibrates on
-what the quantized model computes. With `asymmetric` (the default) the source model's hidden states of the
-same tokens run beside them (a second store, advanced through each layer's source weights), and each weight is
-solved against the source's outputs on the source's inputs rather than its own outputs on the quantized inputs
-(`qstream.calib.gptq.asymmetric_target`): what earlier layers got wrong, each later one corrects.
+what the quantized model computes. With `asymmetric` (experimental, off by default: it measured worse) the
+source model's hidden states of the same tokens run beside them (a second store, advanced through each layer's
+source weights), and the weights that read a layer's input are solved against the source's outputs on the
+source's inputs rather than their own outputs on the quantized inputs (`qstream.calib.gptq.asymmetric_target`).
 Routed experts: each expert's gate/up projection is solved with the Hessian of the tokens routed to it and
 its down projection with that of its own intermediate activations. An expert the router sent fewer tokens
 than its input width (its Hessian would be singular: GPTQ would fit those few tokens) uses the all-experts

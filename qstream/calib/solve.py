@@ -34,7 +34,7 @@ class GptqSettings:
     damp: float = DAMP
     block: int = LAZY_BLOCK
     act_order: bool = True  # columns by decreasing Hessian diagonal, exponents staying with their blocks (measured)
-    asymmetric: bool = True  # GPTQ against the source model's outputs, not the quantized model's (measured)
+    asymmetric: bool = False  # against the source model's outputs: measured worse on SmolLM2 (bench/NOTES.md)
     depth: int = DEPTH
     min_tokens: int = 0
     dtype: str = "auto"
