@@ -237,29 +237,33 @@ def test_singular_hessian_names_the_expert() -> None:
 
 @pytest.mark.slow
 def test_real_activations_gptq_beats_rtn() -> None:
-    """SmolLM2 layer 3's MLP inputs on real text: GPTQ (fitted on one half) cuts the held-out output error
-    of gate_proj and down_proj against RTN under the same MSE3 exponents."""
+    """SmolLM2 layer 3's MLP inputs on real text: GPTQ (fitted on eight 2048-token windows: about ten tokens per
+    input channel of down_proj, as calibration has; with a few per channel it fits the sample and loses to RTN on
+    held-out text) cuts the held-out output error of gate_proj and down_proj against RTN under the same MSE3
+    exponents, on a ninth window (measured: 0.70 and 0.94)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qstream import assets
 
     src = assets.build_smollm2_dense(assets.cache_dir() / "smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = AutoTokenizer.from_pretrained(src)(assets.wiki_text(max_chars=20_000), return_tensors="pt").input_ids
+    ids = AutoTokenizer.from_pretrained(src)(assets.wiki_text(max_chars=150_000), return_tensors="pt").input_ids
+    assert ids.shape[1] >= 9 * 2048
     mlp = model.model.layers[3].mlp
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, k=k: seen.__setitem__(k, a[0][0]))
+    seen: dict[str, list[torch.Tensor]] = {"gate": [], "down": []}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, k=k: seen[k].append(a[0][0]))
              for k, m in (("gate", mlp.gate_proj), ("down", mlp.down_proj))]
     with torch.no_grad():
-        model(ids[:, :2048])
+        for k in range(9):
+            model(ids[:, k * 2048:(k + 1) * 2048])
     for hook in hooks:
         hook.remove()
     for key, lin in (("gate", mlp.gate_proj), ("down", mlp.down_proj)):
-        x, w = seen[key], lin.weight.detach()
+        x, w = torch.cat(seen[key]), lin.weight.detach()
         fit, test = (torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64) for _ in range(2))
-        hessian_add(fit, x[:1024])
-        hessian_add(test, x[1024:])
+        hessian_add(fit, x[:8 * 2048])
+        hessian_add(test, x[8 * 2048:])
         q, rtn = gptq_quantize(w, fit), quantize(w, Rule.MSE3)
         ratio = float(output_error(w, values(q), test) / output_error(w, values(rtn), test))
         print(f"{key}: held-out output error GPTQ / RTN = {ratio:.3f}")
-        assert ratio < 0.9
+        assert ratio < {"gate": 0.8, "down": 0.97}[key]
