@@ -2,8 +2,8 @@
 
 Models: SmolLM2-135M (dense, the MLP projections quantized: `--preset mlp`) and the 8-expert top-2 MoE made from
 it (qstream.assets.build_smollm2_sparse_moe: every expert a full copy of the MLP, real sparse routing, the dense
-function; every expert quantized). Text: the offline Wikipedia corpus, tokenized once by the model's tokenizer with no special
-tokens (qstream.evaluate.tokenize). Calibration uses the LAST `--calib-windows` windows of `--seq-len`
+function; every expert quantized). Text: the offline Wikipedia corpus, tokenized once by the model's tokenizer with
+no special tokens (qstream.evaluate.tokenize). Calibration uses the LAST `--calib-windows` windows of `--seq-len`
 tokens; evaluation the FIRST `--eval-windows` windows (non-overlapping, as `qstream eval --seq-len L
 --max-windows N` takes them), so the two never share a token. Statistics come from tests/calib_stats.py (forward
 hooks on the whole in-memory model, in the calibration contract's format; experts: every expert on every
