@@ -1,4 +1,6 @@
-"""rtn (mse3) vs imatrix vs sequential GPTQ on SmolLM2-135M (dense, MLP preset) and its top-2-of-8 MoE.
+"""rtn (mse3) vs imatrix vs sequential GPTQ on SmolLM2-135M (dense, MLP preset) and its top-2-of-8 MoE
+(qstream.assets.build_smollm2_sparse_moe: every expert a full copy of the MLP, so the dense function under sparse
+routing; with mse3 every expert quantizes alike and the MoE must score as the dense model does).
 
 Each case is the real command, run as its own process so that its time and peak RSS are its own:
 `qstream quantize SRC DST --preset P [--method imatrix|gptq --calib-samples N --calib-seq-len L]`
@@ -48,8 +50,7 @@ HEADER = ["case", "PPL", "KL", "KL vs mse3", "paired z", "top-1", "rel. weight e
 
 def models() -> dict[str, tuple[Path, str]]:
     dense = assets.build_smollm2_dense(assets.cache_dir() / "smollm2-135m")
-    moe = assets.build_smollm2_moe(dense, assets.cache_dir() / "smollm2-135m-moe8-top2-r0", num_experts=8, top_k=2,
-                                   router_seed=0)
+    moe = assets.build_smollm2_sparse_moe(dense, assets.cache_dir() / "smollm2-135m-moe8-top2-copies")
     return {"dense": (dense, "mlp"), "moe": (moe, "experts")}
 
 

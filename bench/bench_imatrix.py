@@ -1,9 +1,9 @@
 """imatrix vs mse3 on real weights and real text: does weighting each block's error by E[x^2] pay?
 
-Models: SmolLM2-135M (dense, the MLP projections quantized: `--preset mlp`) and the 8-expert MoE made from it
-with a random router and top-2 routing (qstream.assets, router seed 0: real sparse routing; every expert
-quantized). Text: the offline Wikipedia corpus, tokenized once by the model's tokenizer with no special
-tokens (qstream.evaluate.tokenize). Calibration uses the LAST `--calib-windows` windows of `--seq-len`
+Models: SmolLM2-135M (dense, the MLP projections quantized: `--preset mlp`) and the 8-expert top-2 MoE made from
+it (qstream.assets.build_smollm2_sparse_moe: every expert a full copy of the MLP, real sparse routing, the dense
+function; every expert quantized). Text: the offline Wikipedia corpus, tokenized once by the model's tokenizer with
+no special tokens (qstream.evaluate.tokenize). Calibration uses the LAST `--calib-windows` windows of `--seq-len`
 tokens; evaluation the FIRST `--eval-windows` windows (non-overlapping, as `qstream eval --seq-len L
 --max-windows N` takes them), so the two never share a token. Statistics come from tests/calib_stats.py (forward
 hooks on the whole in-memory model, in the calibration contract's format; experts: every expert on every
@@ -89,8 +89,7 @@ class Scored:
 
 def models(work: Path) -> dict[str, tuple[Path, Selection]]:
     dense = assets.build_smollm2_dense(assets.cache_dir() / "smollm2-135m")
-    moe = assets.build_smollm2_moe(dense, assets.cache_dir() / "smollm2-135m-moe8-top2-r0", num_experts=8, top_k=2,
-                                   router_seed=0)
+    moe = assets.build_smollm2_sparse_moe(dense, assets.cache_dir() / "smollm2-135m-moe8-top2-copies")
     return {"dense": (dense, Selection("mlp")), "moe": (moe, Selection("experts"))}
 
 

@@ -13,9 +13,12 @@ torch.save(calibration_ids(src, wikipedia(), 128, 512)[0].reshape(128, 512), 'ca
     /usr/bin/time -v V/bin/python bench/peer_llmcompressor_gptq.py SRC calib.pt DST --modules mlp --json run.json
 
 `--modules mlp` quantizes every mlp.{gate,up,down}_proj (qstream's `--preset mlp` on a dense model);
-`--modules experts` the routed experts only (qstream's `experts` preset on the Mixtral-style MoE). GPTQ as the
-issue's anchor: static act-order, block 128, dampening 0.01, sequential pipeline with the quantized outputs
-propagated (llm-compressor's defaults for these). DST is written with save_compressed=True
+`--modules experts` the routed experts only (qstream's `experts` preset on the Mixtral-style MoE). On an MoE,
+`oneshot` first splits transformers' fused experts into per-expert Linear modules (its own post-load
+`linearize_moe`, which knows Mixtral); `--expert-tokens routed` gives each expert's Hessian only the tokens the
+router sends it, as qstream's gptq does (`all`, llm-compressor's default, runs every expert on every token).
+GPTQ as the issue's anchor: static act-order, block 128, dampening 0.01, sequential pipeline with the quantized
+outputs propagated (llm-compressor's defaults for these). DST is written with save_compressed=True
 (compressed-tensors mxfp4-pack-quantized); the wall time, peak RSS, versions and settings go to --json.
 """
 
@@ -48,6 +51,7 @@ def main() -> None:
     ap.add_argument("ids", type=Path, help="a [samples, seq_len] int64 tensor saved with torch.save")
     ap.add_argument("dst", type=Path)
     ap.add_argument("--modules", choices=sorted(TARGETS), default="mlp")
+    ap.add_argument("--expert-tokens", choices=["routed", "all"], default="routed")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -58,7 +62,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.src)
     recipe = GPTQModifier(targets=TARGETS[args.modules], ignore=["lm_head"], **SETTINGS)
     oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=recipe, num_calibration_samples=samples,
-            max_seq_length=seq_len, shuffle_calibration_samples=False)
+            max_seq_length=seq_len, shuffle_calibration_samples=False,
+            moe_calibrate_all_experts=args.expert_tokens == "all")
     model.save_pretrained(args.dst, save_compressed=True)
     tokenizer.save_pretrained(args.dst)
     seconds = time.perf_counter() - t0
@@ -67,7 +72,8 @@ def main() -> None:
            "versions": versions, "threads": torch.get_num_threads(),
            "settings": {**SETTINGS, "targets": TARGETS[args.modules], "ignore": ["lm_head"], "samples": samples,
                         "seq_len": seq_len, "model_dtype": str(model.dtype), "device": "cpu",
-                        "pipeline": "oneshot default (sequential for GPTQ)", "shuffle_calibration_samples": False}}
+                        "pipeline": "oneshot default (sequential for GPTQ)", "shuffle_calibration_samples": False,
+                        "expert_tokens": args.expert_tokens}}
     args.json.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 

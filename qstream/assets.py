@@ -7,6 +7,7 @@ equivalent Mixtral-style MoE (see /work/shared/ASSETS.md), which gives an end-to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -197,6 +198,38 @@ def build_smollm2_dense(out_dir: Path) -> Path:
     return _build_once(out_dir, recipe, build)
 
 
+def _mixtral_like(dense: Any, num_experts: int, top_k: int, intermediate_size: int) -> Any:
+    """An empty bf16 Mixtral with the dense Llama's attention, norms and embeddings settings."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    dc = dense.config
+    if dc.mlp_bias or dc.attention_bias:
+        raise QstreamError(f"{dense.name_or_path}: Mixtral has no biases, cannot upcycle a Llama with biases")
+    config = MixtralConfig(
+        **{key: getattr(dc, key) for key in LLAMA_TO_MIXTRAL_KEYS},
+        intermediate_size=intermediate_size,
+        sliding_window=None,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        rope_parameters=dict(dc.rope_parameters),
+    )
+    return MixtralForCausalLM(config).to(torch.bfloat16)
+
+
+def _save_upcycled(dense_dir: Path, tmp: Path, name: str, moe: Any, dense_state: dict[str, Any],
+                   layers: dict[str, Any], what: str) -> None:
+    """Load the dense bf16 state's non-MLP tensors plus `layers` (the MoE tensors) into `moe`, strictly, and save
+    it with the dense tokenizer and a card."""
+    from transformers import AutoTokenizer
+
+    kept = {k: v for k, v in dense_state.items() if ".mlp." not in k}
+    moe.load_state_dict(kept | layers, strict=True)
+    moe.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(dense_dir).save_pretrained(tmp)
+    _write_readme(tmp, name, what)
+
+
 def build_smollm2_moe(
     dense_dir: Path,
     out_dir: Path,
@@ -208,8 +241,9 @@ def build_smollm2_moe(
 
     Each MLP is split along its intermediate dim into `num_experts` experts whose down projections are
     scaled by E (a power of two, so exact in bf16). A zero router with top_k = E weights every expert 1/E,
-    so logits equal the dense model's. `router_seed` draws N(0, initializer_range) router weights instead,
-    which with top_k < E exercises real sparse routing (at some cost in perplexity).
+    so logits equal the dense model's. `router_seed` draws N(0, initializer_range) router weights instead;
+    with top_k < E that is no longer the dense function, nor a language model (see
+    `build_smollm2_sparse_moe` for sparse routing that keeps it).
     """
     k = num_experts if top_k is None else top_k
     if num_experts < 1 or num_experts & (num_experts - 1):
@@ -220,31 +254,17 @@ def build_smollm2_moe(
 
     def build(tmp: Path) -> None:
         import torch
-        from transformers import AutoTokenizer, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+        from transformers import LlamaForCausalLM
 
         dense = LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16)
         dc = dense.config
-        if dc.mlp_bias or dc.attention_bias:
-            raise QstreamError(f"{dense_dir}: Mixtral has no biases, cannot upcycle a Llama with biases")
         if dc.intermediate_size % num_experts:
             raise QstreamError(f"intermediate size {dc.intermediate_size} does not split into {num_experts} experts")
         inter = dc.intermediate_size // num_experts
-        config = MixtralConfig(
-            **{key: getattr(dc, key) for key in LLAMA_TO_MIXTRAL_KEYS},
-            intermediate_size=inter,
-            sliding_window=None,
-            num_local_experts=num_experts,
-            num_experts_per_tok=k,
-            rope_parameters=dict(dc.rope_parameters),
-        )
-        moe = MixtralForCausalLM(config).to(torch.bfloat16)
-
+        moe = _mixtral_like(dense, num_experts, k, inter)
         state = dense.state_dict()
         new: dict[str, torch.Tensor] = {}
         gen = torch.Generator().manual_seed(router_seed) if router_seed is not None else None
-        for name, tensor in state.items():
-            if ".mlp." not in name:
-                new[name] = tensor
         for i in range(dc.num_hidden_layers):
             p = f"model.layers.{i}.mlp."
             gate = state[p + "gate_proj.weight"].unflatten(0, (num_experts, inter))  # [E, I/E, H]
@@ -257,11 +277,97 @@ def build_smollm2_moe(
             if gen is not None:
                 router.normal_(0.0, dc.initializer_range, generator=gen)
             new[p + "gate.weight"] = router.to(torch.bfloat16)
-        moe.load_state_dict(new, strict=True)
-        moe.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(dense_dir).save_pretrained(tmp)
-        _write_readme(tmp, out_dir.name, f"{SMOLLM2_BASE} upcycled exactly into a {num_experts}-expert Mixtral MoE "
-                           f"(top-{k}{', random router' if router_seed is not None else ', zero router'}).")
+        _save_upcycled(dense_dir, tmp, out_dir.name, moe, state, new,
+                       f"{SMOLLM2_BASE} upcycled exactly into a {num_experts}-expert Mixtral MoE "
+                       f"(top-{k}{', random router' if router_seed is not None else ', zero router'}).")
+
+    return _build_once(out_dir, recipe, build)
+
+
+ROUTER_TEXT_TOKENS = 4096  # tokens whose MLP inputs set each layer's router: 8 windows of 512
+ROUTER_EIGEN_FLOOR = 1e-4  # covariance eigenvalues below this fraction of the largest are raised to it
+
+
+def whitened_router(x: Any, num_experts: int, generator: Any) -> Any:
+    """Router rows [E, H] for MLP inputs `x` [N, H] under which every expert's logit has zero mean and unit
+    variance over the inputs and the experts' logits are nearly uncorrelated, so top-k routing is balanced.
+
+    Random unit directions in whitened coordinates, mapped back through the inverse square root of the inputs'
+    covariance (eigenvalues floored), then made orthogonal to the inputs' mean: Mixtral's router has no bias,
+    and a mean component would send most tokens to the few experts that happen to align with it. A plain
+    N(0, initializer_range) router leaves some experts 0.1% of the routed slots and others 46% on SmolLM2.
+    """
+    import torch
+
+    x = x.double()
+    mean = x.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(x.T))
+    evals = evals.clamp_min(evals.max() * ROUTER_EIGEN_FLOOR)
+    directions = torch.randn(num_experts, x.shape[1], generator=generator, dtype=torch.float64)
+    rows = torch.nn.functional.normalize(directions, dim=1) @ (evecs * evals.rsqrt()) @ evecs.T
+    return rows - (rows @ mean)[:, None] * mean / mean.dot(mean)
+
+
+def build_smollm2_sparse_moe(
+    dense_dir: Path,
+    out_dir: Path,
+    num_experts: int = 8,
+    top_k: int = 2,
+    router_seed: int = 0,
+    router_text: str | None = None,
+) -> Path:
+    """Upcycle the dense Llama into a Mixtral with real data-dependent top-k routing that still computes the
+    dense function: every expert is a full copy of the dense MLP, and Mixtral renormalizes the top-k router
+    weights to sum to 1 (as vLLM's Mixtral does), so any routing gives the dense MLP's output.
+
+    Each expert then sees its own tokens, so per-expert calibration statistics, GPTQ Hessians and hence
+    quantized experts differ, while the source stays a language model with the dense model's perplexity.
+    Routers come from `whitened_router` on the dense model's MLP inputs for `ROUTER_TEXT_TOKENS` tokens of
+    `router_text` (default: from the middle of the offline Wikipedia corpus, far from the start that the
+    benches evaluate on and the end that they calibrate on).
+    """
+    if num_experts < 2 or not 1 <= top_k < num_experts:
+        raise QstreamError(f"sparse routing needs 2 or more experts and top_k in 1..{num_experts - 1}, "
+                           f"got {num_experts} experts, top_k {top_k}")
+    if router_text is None:
+        corpus = wiki_text()
+        router_text = corpus[len(corpus) // 2:len(corpus) // 2 + 8 * ROUTER_TEXT_TOKENS]
+    digest = hashlib.sha256(router_text.encode()).hexdigest()
+    recipe = {"asset": "smollm2-moe-copies", "num_experts": num_experts, "top_k": top_k, "router": "whitened",
+              "router_seed": router_seed, "router_text_sha256": digest, "router_tokens": ROUTER_TEXT_TOKENS,
+              "card": 2}
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        ids = AutoTokenizer.from_pretrained(dense_dir)(router_text, return_tensors="pt").input_ids[0]
+        ids = ids[:ROUTER_TEXT_TOKENS]
+        dense = LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+        dc = dense.config
+        layers = dense.model.layers
+        inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+        hooks = [layer.mlp.register_forward_pre_hook(lambda _m, a, i=i: inputs[i].append(a[0][0]))
+                 for i, layer in enumerate(layers)]
+        with torch.inference_mode():
+            for start in range(0, ids.numel(), 512):
+                dense(ids[None, start:start + 512], use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        gen = torch.Generator().manual_seed(router_seed)
+        state = dense.to(torch.bfloat16).state_dict()
+        new: dict[str, torch.Tensor] = {}
+        for i, x in enumerate(inputs):
+            p = f"model.layers.{i}.mlp."
+            gate_up = torch.cat([state[p + "gate_proj.weight"], state[p + "up_proj.weight"]])
+            new[p + "experts.gate_up_proj"] = gate_up.expand(num_experts, -1, -1).contiguous()
+            new[p + "experts.down_proj"] = state[p + "down_proj.weight"].expand(num_experts, -1, -1).contiguous()
+            new[p + "gate.weight"] = whitened_router(torch.cat(x), num_experts, gen).to(torch.bfloat16)
+        moe = _mixtral_like(dense, num_experts, top_k, dc.intermediate_size)
+        _save_upcycled(dense_dir, tmp, out_dir.name, moe, state, new,
+                       f"{SMOLLM2_BASE} upcycled into a {num_experts}-expert Mixtral MoE with top-{top_k} routing "
+                       f"whose experts are all full copies of the dense MLP: the same function as the dense model, "
+                       f"with data-dependent sparse routing (routers whitened on Wikipedia text, seed {router_seed}).")
 
     return _build_once(out_dir, recipe, build)
 

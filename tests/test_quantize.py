@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,15 @@ def test_report(quantized) -> None:
     assert set(stages) == {"start", "read wait", "quantize", "write wait", "copy wait", "sync and close",
                            "index and side files"}
     assert min(stages.values()) >= 0 and sum(stages.values()) <= on_disk["totals"]["seconds"]
+
+
+def test_peak_rss_is_the_commands_own() -> None:
+    """Reports give the peak of the command itself: ru_maxrss of a process started by a large one (a bench, this
+    test) would give the starter's peak, here over 1 GiB."""
+    ballast = b"\1" * (1 << 30)  # resident in this process when the child is forked
+    code = "from qstream.convert.pipeline import peak_rss_bytes; print(peak_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert len(ballast) == 1 << 30 and 0 < int(out) < 1 << 30
 
 
 def test_transformers_loads_and_logits_match_substituted_source(tmp_path, tiny_qwen3_moe, tiny_llama) -> None:

@@ -353,6 +353,16 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
 
 
 def peak_rss_bytes() -> int:
+    """This program's peak resident memory: VmHWM where /proc has it. Linux's ru_maxrss also keeps the peak of
+    the process that started us (exec carries it over from the fork), so a command run by a large process, a
+    benchmark's or a test's, would report that process's size instead of its own."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
