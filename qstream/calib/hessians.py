@@ -242,7 +242,7 @@ class Hessians:
             else:
                 t.h = t.c = None  # the previous group's go before this one's are made
                 t.h = zeros(len(group), t.width, t.width)
-                t.c = zeros(len(group), t.width, t.width) if self.cross else None
+                t.c = zeros(len(group), t.width, t.width) if self.cross and t.kind == UP else None  # down: none
                 t.tokens = torch.zeros(len(group), dtype=torch.int64)
 
     def end_pass(self) -> None:
