@@ -46,6 +46,7 @@ class Row:
     own_seconds: float = float("nan")
     tokens: int = 0
     peak_rss: int = 0
+    peak_anon: int = 0  # RssAnon, polled: VmHWM less the mapped files' pages
     note: str = ""
     parts: list[dict] = field(default_factory=list)
 
@@ -77,9 +78,9 @@ def evict(ckpt: Path) -> None:
 
 def cat_row(src: Path, work: Path, layers: int) -> Row:
     files = sorted(str(p) for p in src.glob("*.safetensors"))
-    seconds, rss, rc = run_child(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], work / f"cat-{layers}.log")
-    return Row("cat (read floor)", layers, weight_bytes(src), seconds, seconds, 0, rss,
-               "" if rc == 0 else f"FAILED rc={rc}")
+    c = run_child(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files], work / f"cat-{layers}.log")
+    return Row("cat (read floor)", layers, weight_bytes(src), c.wall, c.wall, 0, c.peak_rss, c.peak_anon,
+               "" if c.rc == 0 else f"FAILED rc={c.rc}")
 
 
 def calibrate_row(src: Path, text: Path, work: Path, layers: int, device: str, experts: str, args) -> Row:
@@ -89,7 +90,7 @@ def calibrate_row(src: Path, text: Path, work: Path, layers: int, device: str, e
                       "--batch-tokens", str(args.batch_tokens), "--no-progress", "--overwrite")
     run = run_reported(cmd, dst, work / f"calib-{device}-{experts}-{layers}.log")
     row = Row(f"qstream calibrate ({device}, experts {experts})", layers, weight_bytes(src), run.wall,
-              peak_rss=run.peak_rss, note=run.note)
+              peak_rss=run.peak_rss, peak_anon=run.peak_anon, note=run.note)
     if run.report is not None:
         row.own_seconds, row.tokens, row.parts = run.report["seconds"], run.report["tokens"], run.report["parts"]
     return row
@@ -103,7 +104,7 @@ def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args) 
                       "--gptq-objective", args.gptq_objective)
     run = run_reported(cmd, dst, work / f"gptq-{device}-{layers}.log")
     row = Row(f"qstream quantize --method gptq ({device}, {args.gptq_objective})", layers, weight_bytes(src), run.wall,
-              peak_rss=run.peak_rss, note=run.note)
+              peak_rss=run.peak_rss, peak_anon=run.peak_anon, note=run.note)
     if run.report is None:
         return row
     report = run.report
@@ -118,7 +119,7 @@ def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args) 
 
 def print_tables(rows: list[Row]) -> None:
     head = (f"| {'case':<40} | layers | {'ckpt GB':>7} | {'seconds':>7} | {'own s':>6} | {'GB/s':>5} | {'of cat':>6} "
-            f"| {'tokens/s':>8} | {'peak RSS':>9} | {'RSS/ckpt':>8} | note")
+            f"| {'tokens/s':>8} | {'peak RSS':>9} | {'RSS/ckpt':>8} | {'peak anon':>9} | {'anon/ckpt':>8} | note")
     print(head)
     print("|" + "-" * (len(head) - 1))
     for r in rows:
@@ -126,7 +127,8 @@ def print_tables(rows: list[Row]) -> None:
         share = f"{r.gbps / cat.gbps:6.0%}" if cat and not r.case.startswith("cat") else f"{'':>6}"
         tps = f"{r.tokens / r.own_seconds:8.0f}" if r.tokens else f"{'':>8}"
         print(f"| {r.case:<40} | {r.layers:>6} | {r.ckpt_bytes / 1e9:7.2f} | {r.seconds:7.1f} | {r.own_seconds:6.1f} "
-              f"| {r.gbps:5.2f} | {share} | {tps} | {fmt_rss(r.peak_rss):>9} | {r.peak_rss / r.ckpt_bytes:8.2f} | "
+              f"| {r.gbps:5.2f} | {share} | {tps} | {fmt_rss(r.peak_rss):>9} | {r.peak_rss / r.ckpt_bytes:8.2f} "
+              f"| {fmt_rss(r.peak_anon):>9} | {r.peak_anon / r.ckpt_bytes:8.2f} | "
               f"{r.note}")
     for r in rows:
         if not r.parts:
@@ -141,7 +143,8 @@ def print_tables(rows: list[Row]) -> None:
         pts = sorted((r for r in calib if r.case == case), key=lambda r: r.layers)
         if len(pts) > 1:
             print(f"\ngrowth {case}: " + ", ".join(f"{p.layers}L peak RSS {fmt_rss(p.peak_rss)} "
-                                                  f"({p.peak_rss / p.ckpt_bytes:.2f} of {p.ckpt_bytes / 1e9:.1f} GB), "
+                                                  f"({p.peak_rss / p.ckpt_bytes:.2f} of {p.ckpt_bytes / 1e9:.1f} GB; "
+                                                  f"anonymous {fmt_rss(p.peak_anon)}), "
                                                   f"own {p.own_seconds:.1f} s" for p in pts))
 
 
@@ -178,6 +181,7 @@ def main() -> None:
             evict(src) if args.cold else warm(src)
             rows.append(make())
             print(f"  {rows[-1].case}, {n} layers: {rows[-1].seconds:.1f} s, peak RSS {fmt_rss(rows[-1].peak_rss)} "
+                  f"(anonymous {fmt_rss(rows[-1].peak_anon)}) "
                   f"{rows[-1].note}", flush=True)
     print()
     print_tables(rows)

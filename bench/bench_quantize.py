@@ -128,10 +128,10 @@ def qstream_row(src: Path, work: Path, layers: int, device: str) -> Row:
 def peer_row(src: Path, work: Path, layers: int, venv: Path) -> Row:
     dst = work / f"out-llmcompressor-{layers}"
     shutil.rmtree(dst, ignore_errors=True)
-    seconds, rss, rc = run_child([str(venv / "bin" / "python"), str(BENCH / "peer_llmcompressor.py"), str(src), str(dst)],
-                                 work / f"llmcompressor-{layers}.log")
-    row = Row("llm-compressor model_free_ptq MXFP4A16 (cpu)", layers, seconds, weight_bytes(src), rss)
-    row.note = f"FAILED rc={rc}, see {work}/llmcompressor-{layers}.log" if rc else "EVEN rule, no search"
+    c = run_child([str(venv / "bin" / "python"), str(BENCH / "peer_llmcompressor.py"), str(src), str(dst)],
+                  work / f"llmcompressor-{layers}.log")
+    row = Row("llm-compressor model_free_ptq MXFP4A16 (cpu)", layers, c.wall, weight_bytes(src), c.peak_rss)
+    row.note = f"FAILED rc={c.rc}, see {work}/llmcompressor-{layers}.log" if c.rc else "EVEN rule, no search"
     row.extra = {"out": str(dst)}
     return row
 
@@ -139,8 +139,8 @@ def peer_row(src: Path, work: Path, layers: int, venv: Path) -> Row:
 def copy_row(src: Path, work: Path, layers: int) -> Row:
     dst = work / f"out-copy-{layers}"
     shutil.rmtree(dst, ignore_errors=True)
-    seconds, rss, rc = run_child(["cp", "-r", str(src), str(dst)], work / f"copy-{layers}.log")
-    row = Row("cp -r (plain copy)", layers, seconds, weight_bytes(src), rss, note="" if rc == 0 else f"rc={rc}")
+    c = run_child(["cp", "-r", str(src), str(dst)], work / f"copy-{layers}.log")
+    row = Row("cp -r (plain copy)", layers, c.wall, weight_bytes(src), c.peak_rss, note="" if c.rc == 0 else f"rc={c.rc}")
     shutil.rmtree(dst, ignore_errors=True)
     return row
 

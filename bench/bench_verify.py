@@ -40,7 +40,7 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
 from bench_quantize import device_line, ensure_checkpoint, versions, warm, weight_bytes  # noqa: E402
-from common import _hwm  # noqa: E402
+from common import _memory  # noqa: E402
 
 
 @dataclass
@@ -66,7 +66,7 @@ def run(cmd: list[str], log: Path, timeout: float | None = None,
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         while True:
-            peak = max(peak, _hwm(proc.pid))
+            peak = max(peak, _memory(proc.pid)[0])
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 proc.returncode = os.waitstatus_to_exitcode(status)

@@ -25,35 +25,48 @@ if str(ROOT) not in sys.path:
 from qstream.common import REPORT_NAME  # noqa: E402
 
 
-def _hwm(pid: int) -> int:
-    """Peak resident set (VmHWM) of a live process, in bytes; 0 once it is gone."""
+def _memory(pid: int) -> tuple[int, int]:
+    """(VmHWM, RssAnon) of a live process, in bytes; zeros once it is gone. VmHWM counts mapped file pages too
+    (the checkpoint's, the shared libraries'), which the kernel can drop; RssAnon is what only this process holds."""
     try:
         with open(f"/proc/{pid}/status") as fh:
-            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), 0)
+            fields = dict(line.split(":", 1) for line in fh if line.startswith(("VmHWM:", "RssAnon:")))
     except OSError:
-        return 0
+        return 0, 0
+    return tuple(int(fields.get(k, "0 kB").split()[0]) * 1024 for k in ("VmHWM", "RssAnon"))  # type: ignore[return-value]
 
 
-def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> tuple[float, int, int | None]:
-    """(wall seconds, peak RSS bytes, exit code or None if cut off at `timeout`) of one child process, its
-    output to `log`; the child imports this checkout's qstream.
+@dataclass(frozen=True)
+class Child:
+    """A finished child process: wall seconds, peak RSS (VmHWM) and peak anonymous RSS (polled every 50 ms),
+    exit code (None: cut off at its timeout)."""
+
+    wall: float
+    peak_rss: int
+    peak_anon: int
+    rc: int | None
+
+
+def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> Child:
+    """One child process, its output to `log`; the child imports this checkout's qstream.
 
     getrusage's ru_maxrss of a child also counts this (large) Python process, which the child
     shares between fork and exec; VmHWM belongs to the program after exec, so it is polled instead.
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
-    peak = 0
+    peak = anon = 0
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
-            peak = max(peak, _hwm(proc.pid))
+            hwm, rss_anon = _memory(proc.pid)
+            peak, anon = max(peak, hwm), max(anon, rss_anon)
             if timeout is not None and time.perf_counter() - t0 > timeout:
                 proc.kill()
                 proc.wait()
-                return time.perf_counter() - t0, peak, None
+                return Child(time.perf_counter() - t0, peak, anon, None)
             time.sleep(0.05)
-    return time.perf_counter() - t0, peak, proc.returncode
+    return Child(time.perf_counter() - t0, peak, anon, proc.returncode)
 
 
 @dataclass(frozen=True)
@@ -63,16 +76,17 @@ class Reported:
 
     wall: float
     peak_rss: int
+    peak_anon: int
     report: dict | None
     note: str = ""
 
 
 def run_reported(cmd: list[str], out: Path, log: Path) -> Reported:
     """Run `cmd`, which writes `out` with its qstream_report.json (a qstream command, or a script calling it)."""
-    wall, rss, rc = run_child(cmd, log)
-    if rc:
-        return Reported(wall, rss, None, f"FAILED rc={rc}, see {log}")
-    return Reported(wall, rss, json.loads((out / REPORT_NAME).read_text()))
+    c = run_child(cmd, log)
+    if c.rc:
+        return Reported(c.wall, c.peak_rss, c.peak_anon, None, f"FAILED rc={c.rc}, see {log}")
+    return Reported(c.wall, c.peak_rss, c.peak_anon, json.loads((out / REPORT_NAME).read_text()))
 
 
 def qstream_cmd(*args: str) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from qstream.calib import sequential
+from qstream.calib import sequential, solve
 from qstream.calib.gptq import gptq_quantize
 from qstream.calib.hessians import UP, Target
 from qstream.calib.imatrix import quantize_weighted
@@ -250,10 +250,12 @@ def test_expert_cross_terms_pair_source_and_quantized_inputs(tiny_mixtral: Path,
                                                       ("tiny_qwen35", "experts", "layer"),
                                                       ("tiny_llama", "mlp", "source")])
 def test_gptq_writes_verified_deterministic_output(fixture: str, preset: str, objective: str, tmp_path: Path,
-                                                   request: pytest.FixtureRequest) -> None:
+                                                   request: pytest.FixtureRequest,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`quantize --method gptq` on dense, per-expert and fused-expert layouts (and with the source objective):
     every planned module solved (cases counted in the report and the card), `verify --source` passes, the results
-    directory is gone, and a second run with another thread count writes the same bytes, card included."""
+    directory is gone, and a second run with another thread count, reading the source weights a few rows at a
+    time, writes the same bytes, card included."""
     src, prose = _source(request.getfixturevalue(fixture), tmp_path)
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"  # one name: the card's title is the directory's
     a.parent.mkdir()
@@ -269,6 +271,7 @@ def test_gptq_writes_verified_deterministic_output(fixture: str, preset: str, ob
     assert verify(a, source=src, device="cpu").ok
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
+    monkeypatch.setattr(solve, "CHUNK_ELEMENTS", 256)
     try:
         res = _quantize(src, b, *gptq)
     finally:
@@ -302,14 +305,14 @@ def test_gptq_resumes_at_the_layer_it_was_on(objective: str, tiny_llama: Path, t
     whole.parent.mkdir()
     dst.parent.mkdir()
     assert _quantize(src, whole, *args).exit_code == 0
-    solve = sequential.SequentialGptq._solve_layer
+    original = sequential.SequentialGptq._solve_layer
     solved: list[int] = []
 
     def killed_at_1(self, model, index, forward):  # noqa: ANN001, ANN202
         solved.append(index)
         if index == 1:
             raise KeyboardInterrupt
-        return solve(self, model, index, forward)
+        return original(self, model, index, forward)
 
     monkeypatch.setattr(sequential.SequentialGptq, "_solve_layer", killed_at_1)
     res = _quantize(src, dst, *args)
@@ -319,7 +322,7 @@ def test_gptq_resumes_at_the_layer_it_was_on(objective: str, tiny_llama: Path, t
 
     def counted(self, model, index, forward):  # noqa: ANN001, ANN202
         solved.append(index)
-        return solve(self, model, index, forward)
+        return original(self, model, index, forward)
 
     monkeypatch.setattr(sequential.SequentialGptq, "_solve_layer", counted)
     res = _quantize(src, dst, *args, "--resume")

@@ -14,10 +14,12 @@ from qstream.calib.gptq import DAMP, LAZY_BLOCK, Prepared, SingularHessianError,
 from qstream.calib.hessians import UP, Target
 from qstream.calib.imatrix import DEPTH, quantize_weighted
 from qstream.calib.stats import EXPERT_INDEX
+from qstream.common import CHUNK_ELEMENTS, row_chunks
 from qstream.engine.hidden import DEFAULT_BUDGET
 from qstream.engine.run import DEFAULT_BATCH_TOKENS
 from qstream.format.mxfp4 import E8M0_BIAS, quantize
 from qstream.format.rules import BLOCK, Rule
+from qstream.io.checkpoint import CheckpointTensor
 from qstream.planning.plan import Plan
 
 CASES = ("gptq", "gptq-all-tokens", "imatrix", "mse3")  # how a module was solved, by its stored code
@@ -133,14 +135,24 @@ def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starve
                 continue
             slot = group.index(e)
             sel = [slot]
-            w = src.read_rows(0, shape[0]).to(h.device).float()[None]
+            w = _fused_rows(src, 0, shape[0], h.device)[None]
         elif len(shape) == 3 and shape[0] == t.experts:
             sel = list(range(len(group)))
-            rows = src.read_rows(group[0] * shape[1], (group[-1] + 1) * shape[1])
-            w = rows.to(h.device).float().reshape(len(group), *shape[1:])
+            w = _fused_rows(src, group[0] * shape[1], (group[-1] + 1) * shape[1], h.device).reshape(len(group),
+                                                                                                  *shape[1:])
         else:
             continue  # a layout the Hessians do not fit: _plain later
         if w.shape[-1] != t.width:
             continue
         out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], s, own[sel], None if c is None else c[sel])
+    return out
+
+
+def _fused_rows(src: CheckpointTensor, r0: int, r1: int, device: torch.device) -> torch.Tensor:
+    """Rows [r0, r1) of a source weight as float32 on `device`, read CHUNK_ELEMENTS at a time: a group of 256
+    experts is 1.5 GiB of bf16, which the host never holds at once when the solve runs on the GPU."""
+    cols = src.info.row_shape[1]
+    out = torch.empty(r1 - r0, cols, dtype=torch.float32, device=device)
+    for a, b in row_chunks(r1 - r0, cols, CHUNK_ELEMENTS):
+        out[a:b] = src.read_rows(r0 + a, r0 + b).to(device)
     return out
