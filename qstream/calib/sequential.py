@@ -45,7 +45,7 @@ from qstream.calib.gptq import (
     stored,
 )
 from qstream.calib.hessians import Hessians, Target
-from qstream.calib.solve import CASES, MSE3, GptqSettings, Solved, expert_groups, solve_group, solve_modules
+from qstream.calib.solve import CASES, MSE3, GptqSettings, Solved, expert_groups, read_float, solve_group, solve_modules
 from qstream.calib.stats import experts_module, layer_file, write_atomic
 from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
 from qstream.convert.dequantize import is_mxfp4_checkpoint
@@ -192,7 +192,7 @@ class SequentialGptq:
             if len(src.info.shape) != 2 or src.info.shape[1] != t.width:
                 out.update(_plain(name, src))
                 continue
-            w = src.read_rows(0, src.info.shape[0]).to(t.h.device).float()  # type: ignore[union-attr]
+            w = read_float(src, 0, src.info.shape[0], t.h.device)  # type: ignore[union-attr]
             c = t.c[None] if t.c is not None and t.cross else None
             packed, scales, case = solve_modules(w[None], t.h[None], t.tokens[None], self.s, c=c)  # type: ignore[index]
             out.update({name + PACKED: packed[0], name + SCALES: scales[0], name + CASE: case[0]})

@@ -135,10 +135,10 @@ def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starve
                 continue
             slot = group.index(e)
             sel = [slot]
-            w = _fused_rows(src, 0, shape[0], h.device)[None]
+            w = read_float(src, 0, shape[0], h.device)[None]
         elif len(shape) == 3 and shape[0] == t.experts:
             sel = list(range(len(group)))
-            w = _fused_rows(src, group[0] * shape[1], (group[-1] + 1) * shape[1], h.device).reshape(len(group),
+            w = read_float(src, group[0] * shape[1], (group[-1] + 1) * shape[1], h.device).reshape(len(group),
                                                                                                   *shape[1:])
         else:
             continue  # a layout the Hessians do not fit: _plain later
@@ -148,7 +148,7 @@ def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starve
     return out
 
 
-def _fused_rows(src: CheckpointTensor, r0: int, r1: int, device: torch.device) -> torch.Tensor:
+def read_float(src: CheckpointTensor, r0: int, r1: int, device: torch.device) -> torch.Tensor:
     """Rows [r0, r1) of a source weight as float32 on `device`, read CHUNK_ELEMENTS at a time: a group of 256
     experts is 1.5 GiB of bf16, which the host never holds at once when the solve runs on the GPU."""
     cols = src.info.row_shape[1]
