@@ -179,9 +179,9 @@ class SequentialGptq:
         out = {}
         for name, rs in parts.items():
             shape = self.plan.source.tensors[name].info.shape
-            out[name + PACKED] = torch.cat([r[0] for r in rs]).reshape(-1, shape[-1] // 2)
-            out[name + SCALES] = torch.cat([r[1] for r in rs]).reshape(-1, shape[-1] // BLOCK)
-            case = torch.cat([r[2] for r in rs])
+            out[name + PACKED] = _joined_rows([r[0] for r in rs]).reshape(-1, shape[-1] // 2)
+            out[name + SCALES] = _joined_rows([r[1] for r in rs]).reshape(-1, shape[-1] // BLOCK)
+            case = _joined_rows([r[2] for r in rs])
             out[name + CASE] = case.reshape(()) if len(shape) == 2 else case
         return out
 
@@ -212,6 +212,11 @@ class SequentialGptq:
 
     def _solve_group(self, t: Target, group: list[int], starved: frozenset[int]) -> dict[str, Solved]:
         return solve_group(self.plan, self.s, t, group, starved)
+
+
+def _joined_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Groups' results one after another; a single group's as it is (a copy of all 256 experts' codes is not free)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _dense(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

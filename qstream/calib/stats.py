@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
 from qstream.engine.model import StreamedModel
+from qstream.io.safetensors_io import DTYPE_NAMES, OutEntry, ShardWriter
 
 X2, TOKENS, ROUTED = "x2_sum", "tokens", "routed"
 EXPERT_MODES = ("all", "routed")
@@ -327,7 +327,12 @@ def routed_sums(experts: Any, x: torch.Tensor, index: torch.Tensor, up: bool, do
 
 
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file that appears complete or not at all."""
+    """A safetensors file that appears complete or not at all, written tensor by tensor from their own memory
+    (safetensors' save_file first copies every tensor into bytes: a second copy of a 35B-shaped layer's results)."""
     partial = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
+    names = sorted(tensors)
+    entries = [OutEntry(k, DTYPE_NAMES[tensors[k].dtype], tuple(tensors[k].shape)) for k in names]
+    with ShardWriter(partial, entries) as w:
+        for k in names:
+            w.write(k, tensors[k])
     os.replace(partial, path)
