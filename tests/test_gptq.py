@@ -159,7 +159,8 @@ def test_less_output_error_than_rtn_on_held_out_inputs() -> None:
 
 
 def test_asymmetric_target_is_the_least_squares_fit_to_the_source_outputs() -> None:
-    """W' = W C H^-1 solves min ||X_ref W^T - X W'^T|| (undampened, against torch.linalg.lstsq); GPTQ on
+    """W' = W C H^-1 solves min ||X_ref W^T - X W'^T|| (undampened, against torch.linalg.lstsq), and is W when
+    C = H, dampened or not; GPTQ on
     (W', H) then serves the source's outputs better than GPTQ on (W, H), also on held-out inputs; dead
     channels and unfactorable entries keep their weights."""
     w, _, x_ref = case(24, 64, seed=5)
@@ -178,6 +179,9 @@ def test_asymmetric_target_is_the_least_squares_fit_to_the_source_outputs() -> N
     def miss(q) -> float:  # noqa: ANN001
         return float(((x_test.double() @ values(q).T - target) ** 2).sum())
 
+    # no drift: the weights stay as they are, dampened or not (dampening touches only the correction)
+    torch.testing.assert_close(asymmetric_target(w[None].double(), h, h, damp=0.1)[0], w.double(), rtol=0,
+                               atol=1e-9)
     asym = gptq_quantize(asymmetric_target(w[None], h, c)[0], h[0])
     assert miss(asym) < 0.8 * miss(gptq_quantize(w, h[0]))
     h_dead = h.clone()
