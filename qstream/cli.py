@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import click
 
 from qstream.errors import CalibrationSizeError, Interrupted, QstreamError
-from qstream.format.rules import Method, Rule
+from qstream.format.rules import GPTQ_DAMP, Method, Rule
 from qstream.planning.selection import DEFAULT_PRESET, KEEP_DTYPES, PRESETS
 
 if TYPE_CHECKING:
@@ -140,6 +140,9 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
                    "inputs (GPTQ as published) [default]; source (experimental): the source model's outputs on its "
                    "own inputs, for the weights that read a layer's input; on SmolLM2 it measured far worse "
                    "(bench/NOTES.md).")
+@click.option("--gptq-damp", type=float, default=None, metavar="SHARE",
+              help=f"gptq: dampening, this share of the Hessian's mean live diagonal added to its diagonal "
+                   f"[default: {GPTQ_DAMP}; more damping trusts the calibration text less].")
 @click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL_RAY, default=None, metavar="[ADDRESS]",
               help="Write the shards (with --method gptq: also solve each layer's expert groups) as Ray tasks "
                    "(pip install 'qstream[ray]'): on the cluster at ADDRESS (host:port, "
@@ -147,7 +150,7 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
                    "with a bare --ray after SRC DST on a local Ray instance with all cores. Same bytes as without.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
              calib: Path | None, calib_text: Path | None, calib_samples: int | None, calib_seq_len: int | None,
-             gptq_objective: str | None, ray_address: str | None, **kw) -> None:
+             gptq_objective: str | None, gptq_damp: float | None, ray_address: str | None, **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
 
     \b
@@ -174,8 +177,12 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     given = [k for k, v in calib_opts.items() if v is not None]
     if given and (not calibrated_method or calib is not None):
         raise QstreamError(f"{given[0]} is used by --method imatrix without --calib and by --method gptq only; drop it")
-    if gptq_objective is not None and method != Method.GPTQ.value:
-        raise QstreamError("--gptq-objective is used by --method gptq only; add --method gptq or drop it")
+    for flag, value in (("--gptq-objective", gptq_objective), ("--gptq-damp", gptq_damp)):
+        if value is not None and method != Method.GPTQ.value:
+            raise QstreamError(f"{flag} is used by --method gptq only; add --method gptq or drop it")
+    if gptq_damp is not None and not 0 < gptq_damp <= 1:
+        raise QstreamError(f"--gptq-damp {gptq_damp}: give a share of the Hessian's mean diagonal in (0, 1], "
+                           f"e.g. {GPTQ_DAMP}")
     cluster = None
     if ray_address is not None:
         from qstream.cluster import Cluster, check_address
@@ -200,8 +207,10 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
 
                 check_destination(plan.source.root, dst, overwrite or resume)
                 resources = ray_session.enter_context(connected(cluster))
-            calibrated = _gptq_first(plan, dst, calib_text, samples, seq_len, device, gptq_objective == "source",
-                                     overwrite, resume, progress, None if cluster is None else (cluster, resources))
+            settings = dict(samples=samples, seq_len=seq_len, device=device, asymmetric=gptq_objective == "source",
+                            damp=GPTQ_DAMP if gptq_damp is None else gptq_damp)
+            calibrated = _gptq_first(plan, dst, calib_text, settings, overwrite, resume, progress,
+                                     None if cluster is None else (cluster, resources))
         report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,
                                      calibrated=calibrated, cluster=cluster)
     if method == Method.GPTQ.value:
@@ -242,12 +251,11 @@ def _calibrate_first(src: Path, dst: Path, text_file: Path | None, samples: int,
 
 
 @_quantize_flags
-def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq_len: int, device: str,
-                asymmetric: bool, overwrite: bool, resume: bool, progress: bool,
-                ray: tuple[Cluster, dict] | None) -> GptqModules:
+def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, settings: dict, overwrite: bool, resume: bool,
+                progress: bool, ray: tuple[Cluster, dict] | None) -> GptqModules:
     """`--method gptq`: SRC solved layer by layer through the engine into .DST.qstream-gptq beside DST (removed
-    once DST is written); a --resume continues or reuses them. Checks DST first. `ray`: a connected cluster and
-    what it has; each layer's expert groups are Ray tasks there."""
+    once DST is written); a --resume continues or reuses them. Checks DST first. `settings`: GptqSettings' fields;
+    `ray`: a connected cluster and what it has; each layer's expert groups are Ray tasks there."""
     from qstream.calib.sequential import SUMMARY_NAME, GptqModules, GptqSettings, solve_sequential
     from qstream.io.staging import check_destination, gptq_dir_for
 
@@ -260,7 +268,7 @@ def _gptq_first(plan: Plan, dst: Path, text_file: Path | None, samples: int, seq
         elsewhere = functools.partial(RayGroups, *ray)
     if not (resume and (results / SUMMARY_NAME).is_file()):
         solve_sequential(plan, results, _text(text_file, None, "", "", ""),
-                         GptqSettings(samples=samples, seq_len=seq_len, device=device, asymmetric=asymmetric),
+                         GptqSettings(**settings),
                          overwrite=True, resume=resume, progress=progress, elsewhere=elsewhere)
     return GptqModules(results, plan)
 

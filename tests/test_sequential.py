@@ -281,14 +281,20 @@ def test_gptq_writes_verified_deterministic_output(fixture: str, preset: str, ob
 
 
 def test_gptq_output_differs_from_rtn_and_imatrix(tiny_llama: Path, tmp_path: Path) -> None:
-    """GPTQ moves codes off their nearest values (what imatrix keeps), under exponents in the imatrix set."""
+    """GPTQ moves codes off their nearest values (what imatrix keeps), under exponents in the imatrix set;
+    --gptq-damp reaches the solve and the report."""
     src, prose = _source(tiny_llama, tmp_path)
     for method in ("imatrix", "gptq"):
         res = _quantize(src, tmp_path / method, "--preset", "mlp", "--method", method, "--calib-text", prose, *SMALL)
         assert res.exit_code == 0, res.output
+    res = _quantize(src, tmp_path / "damped", "--preset", "mlp", "--method", "gptq", "--gptq-damp", "0.5",
+                    "--calib-text", prose, *SMALL)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "damped" / REPORT_NAME).read_text())["gptq"]["damp"] == 0.5
     a, b = load_tensors(tmp_path / "imatrix"), load_tensors(tmp_path / "gptq")
     name = "model.layers.0.mlp.down_proj.weight_packed"
     assert not torch.equal(a[name], b[name])
+    assert not torch.equal(b[name], load_tensors(tmp_path / "damped")[name])  # --gptq-damp reaches the solve
     deq = dequantize(b[name], b[name.replace("packed", "scale")], torch.float32)
     assert torch.isfinite(deq).all()
 
@@ -342,3 +348,8 @@ def test_gptq_refusals(tiny_llama: Path, tmp_path: Path) -> None:
     assert_refused(res, "--rule even with --method gptq", src, before, dst)
     res = _quantize(src, dst, "--preset", "mlp", "--method", "gptq", "--calib", tmp_path)
     assert_refused(res, "--calib is used by --method imatrix only", src, before, dst)
+    res = _quantize(src, dst, "--preset", "mlp", "--gptq-damp", "0.1")
+    assert_refused(res, "--gptq-damp is used by --method gptq only", src, before, dst)
+    for bad in ("0", "-0.1", "2", "nan"):
+        res = _quantize(src, dst, "--preset", "mlp", "--method", "gptq", "--calib-text", prose, "--gptq-damp", bad)
+        assert_refused(res, f"--gptq-damp {float(bad)}: give a share", src, before, dst)

@@ -32,8 +32,8 @@ from qstream.format.mxfp4 import (
     quantize,
     rule_exponents,
 )
+from qstream.format.rules import GPTQ_DAMP as DAMP
 
-DAMP = 0.01  # dampening: this share of the mean live diagonal of H is added to the diagonal (GPTQ's default)
 LAZY_BLOCK = 128  # columns updated together before the rest of the matrix sees their errors
 
 

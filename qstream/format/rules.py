@@ -83,6 +83,7 @@ METHODS: dict[Method, str] = {
     Method.GPTQ: "sequential GPTQ through the layer-streaming engine: block exponents by the imatrix choice, then "
                  "each column rounded with the inverse-Hessian error update (each expert with its own tokens)",
 }
+GPTQ_DAMP = 0.01  # GPTQ's dampening: this share of the mean live Hessian diagonal is added to the diagonal
 
 
 def c_defines() -> tuple[str, ...]:
