@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -43,6 +42,13 @@ TARGETS = {
     "experts": [r"re:.*experts\.\d+\.(gate|up|down)_proj$", r"re:.*experts\.\d+\.w[123]$"],
 }
 SETTINGS = {"scheme": "MXFP4A16", "actorder": "static", "block_size": 128, "dampening_frac": 0.01}
+
+
+def _vm_hwm() -> int:
+    """This process's peak resident memory (VmHWM): ru_maxrss would carry over the peak of the process that
+    started this one."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def main() -> None:
@@ -68,7 +74,7 @@ def main() -> None:
     tokenizer.save_pretrained(args.dst)
     seconds = time.perf_counter() - t0
     versions = {p: md.version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch", "datasets")}
-    out = {"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    out = {"seconds": seconds, "peak_rss_bytes": _vm_hwm(),
            "versions": versions, "threads": torch.get_num_threads(),
            "settings": {**SETTINGS, "targets": TARGETS[args.modules], "ignore": ["lm_head"], "samples": samples,
                         "seq_len": seq_len, "model_dtype": str(model.dtype), "device": "cpu",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,3 +90,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
 
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def peak_rss_bytes() -> int:
+    """This program's peak resident memory: VmHWM where /proc has it. Linux's ru_maxrss also keeps the peak of
+    the process that started us (exec carries it over from the fork), so a command run by a large process, a
+    benchmark's or a test's, would report that process's size instead of its own."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -182,7 +182,7 @@ def test_peak_rss_is_the_commands_own() -> None:
     """Reports give the peak of the command itself: ru_maxrss of a process started by a large one (a bench, this
     test) would give the starter's peak, here over 1 GiB."""
     ballast = b"\1" * (1 << 30)  # resident in this process when the child is forked
-    code = "from qstream.convert.pipeline import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from qstream.common import peak_rss_bytes; print(peak_rss_bytes())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert len(ballast) == 1 << 30 and 0 < int(out) < 1 << 30
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from qstream.calib.stats import EXPERT_MODES, ROUTED, Collector, experts_module, layer_file
-from qstream.common import REPORT_NAME, resolve_device
+from qstream.common import REPORT_NAME, peak_rss_bytes, resolve_device
 from qstream.convert.dequantize import is_mxfp4_checkpoint
-from qstream.convert.pipeline import peak_rss_bytes
 from qstream.engine.hidden import DEFAULT_BUDGET, HiddenStore
 from qstream.engine.model import StreamedModel
 from qstream.engine.run import DEFAULT_BATCH_TOKENS, Job, run

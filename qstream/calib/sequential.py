@@ -47,9 +47,8 @@ from qstream.calib.gptq import (
 from qstream.calib.hessians import Hessians, Target
 from qstream.calib.solve import CASES, MSE3, GptqSettings, Solved, expert_groups, read_float, solve_group, solve_modules
 from qstream.calib.stats import experts_module, layer_file, write_atomic
-from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
+from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, peak_rss_bytes, resolve_device, row_chunks
 from qstream.convert.dequantize import is_mxfp4_checkpoint
-from qstream.convert.pipeline import peak_rss_bytes
 from qstream.engine.hidden import HiddenStore
 from qstream.engine.model import StreamedModel
 from qstream.engine.run import Forward, Job, run

@@ -14,7 +14,6 @@ chose against what the checkpoint holds; checkpoint tensors no loader consumes; 
 from __future__ import annotations
 
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from qstream.check.vllm_hooks import NoKernel, Vllm, headers_only, import_vllm, kernel_probe, one_line
 from qstream.check.vllm_report import ModuleRow, VllmReport
 from qstream.check.vllm_writes import LoadState, Write, WriteTracker, coverage, describe
+from qstream.common import peak_rss_bytes
 from qstream.errors import QstreamError
 from qstream.format.formats import (
     BF16,
@@ -64,7 +64,7 @@ def check_with_vllm(dst: Path) -> VllmReport:
     if not report.errors:
         report.unconsumed = sorted(set(shapes) - state.consumed)
     report.seconds = time.perf_counter() - started
-    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report.peak_rss_bytes = peak_rss_bytes()
     return report
 
 

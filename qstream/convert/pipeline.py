@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from tqdm import tqdm
 
-from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, resolve_device, row_chunks
+from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, peak_rss_bytes, resolve_device, row_chunks
 from qstream.convert.streams import OrderedWriter, prefetch
 from qstream.errors import QstreamError
 from qstream.format.kernels import quantize_fast, warm_up
@@ -350,20 +349,6 @@ def run(plan: Plan, dst: Path, device: str = "auto", overwrite: bool = False, pr
         if finish is not None:
             finish(tmp)
     return report
-
-
-def peak_rss_bytes() -> int:
-    """This program's peak resident memory: VmHWM where /proc has it. Linux's ru_maxrss also keeps the peak of
-    the process that started us (exec carries it over from the fork), so a command run by a large process, a
-    benchmark's or a test's, would report that process's size instead of its own."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _report(plan: Plan, stats: dict[str, TensorStats], seconds: float, dev: torch.device,
