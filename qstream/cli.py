@@ -138,7 +138,7 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
 @click.option("--gptq-objective", type=_choice(GPTQ_OBJECTIVES), default=None,
               help="gptq: what each weight is solved to reproduce. layer: its own outputs on the quantized model's "
                    "inputs (GPTQ as published) [default]; source (experimental): the source model's outputs on its "
-                   "own inputs, for the weights that read a layer's input; on SmolLM2 it measured far worse "
+                   "own inputs, for the weights that read a layer's input; on SmolLM2 it measured worse "
                    "(bench/NOTES.md).")
 @click.option("--gptq-damp", type=float, default=None, metavar="SHARE",
               help=f"gptq: dampening, this share of the Hessian's mean live diagonal added to its diagonal "
