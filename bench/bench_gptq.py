@@ -44,7 +44,8 @@ from qstream.io.text_sources import wikipedia  # noqa: E402
 from qstream.io.tokens import tokenize  # noqa: E402
 
 CASES = {"mse3": [], "imatrix": ["--method", "imatrix"], "gptq": ["--method", "gptq"],
-         "gptq-source": ["--method", "gptq", "--gptq-objective", "source"]}
+         "gptq-source": ["--method", "gptq", "--gptq-objective", "source"],
+         "gptq-own": ["--method", "gptq", "--gptq-down", "own"]}
 HEADER = ["case", "PPL", "KL", "KL vs mse3", "paired z", "top-1", "rel. weight error", "time s", "peak RSS GiB"]
 
 

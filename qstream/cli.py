@@ -32,6 +32,7 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 RESUMABLE = ("quantize", "calibrate")  # commands with --resume
 LOCAL_RAY = "local"  # a bare --ray: start a local Ray instance
 GPTQ_OBJECTIVES = ("source", "layer")  # GptqSettings.asymmetric True / False
+GPTQ_DOWN = ("fit", "own")  # GptqSettings.fit_down True / False
 P = ParamSpec("P")
 R = TypeVar("R")
 CALIB_SAMPLES, CALIB_SEQ_LEN = 128, 2048  # `qstream calibrate`'s defaults (calib.calibrate.DEFAULT_*, torch-free)
@@ -140,6 +141,11 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
                    "inputs (GPTQ as published) [default]; source (experimental): the source model's outputs on its "
                    "own inputs, for the weights that read a layer's input; on SmolLM2 it measured worse "
                    "(bench/NOTES.md).")
+@click.option("--gptq-down", type=_choice(GPTQ_DOWN), default=None,
+              help="gptq: what each down projection (a gated MLP's or expert's) is solved to reproduce. fit: its "
+                   "source MLP's output, solved after its gate/up on what the quantized gate/up give it [default; on "
+                   "SmolLM2 KL -12% on validation text, bench/NOTES.md]; own: its own output on what the source "
+                   "gate/up give it (one pass less per layer).")
 @click.option("--gptq-damp", type=float, default=None, metavar="SHARE",
               help=f"gptq: dampening, this share of the Hessian's mean live diagonal added to its diagonal "
                    f"[default: {GPTQ_DAMP}; more damping trusts the calibration text less].")
@@ -150,7 +156,8 @@ def _plan(src: Path, preset: str, include, exclude, skip_indivisible: bool, rule
                    "with a bare --ray after SRC DST on a local Ray instance with all cores. Same bytes as without.")
 def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, no_progress: bool, method: str,
              calib: Path | None, calib_text: Path | None, calib_samples: int | None, calib_seq_len: int | None,
-             gptq_objective: str | None, gptq_damp: float | None, ray_address: str | None, **kw) -> None:
+             gptq_objective: str | None, gptq_down: str | None, gptq_damp: float | None, ray_address: str | None,
+             **kw) -> None:
     """Write DST: SRC with the selected weights in MXFP4, everything else bit-identical.
 
     \b
@@ -177,7 +184,7 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     given = [k for k, v in calib_opts.items() if v is not None]
     if given and (not calibrated_method or calib is not None):
         raise QstreamError(f"{given[0]} is used by --method imatrix without --calib and by --method gptq only; drop it")
-    for flag, value in (("--gptq-objective", gptq_objective), ("--gptq-damp", gptq_damp)):
+    for flag, value in (("--gptq-objective", gptq_objective), ("--gptq-down", gptq_down), ("--gptq-damp", gptq_damp)):
         if value is not None and method != Method.GPTQ.value:
             raise QstreamError(f"{flag} is used by --method gptq only; add --method gptq or drop it")
     if gptq_damp is not None and not 0 < gptq_damp <= 1:
@@ -208,7 +215,7 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
                 check_destination(plan.source.root, dst, overwrite or resume)
                 resources = ray_session.enter_context(connected(cluster))
             settings = dict(samples=samples, seq_len=seq_len, device=device, asymmetric=gptq_objective == "source",
-                            damp=GPTQ_DAMP if gptq_damp is None else gptq_damp)
+                            damp=GPTQ_DAMP if gptq_damp is None else gptq_damp, fit_down=gptq_down != "own")
             calibrated = _gptq_first(plan, dst, calib_text, settings, overwrite, resume, progress,
                                      None if cluster is None else (cluster, resources))
         report = quantize_checkpoint(plan, dst, device=device, overwrite=overwrite, resume=resume, progress=progress,

@@ -234,7 +234,8 @@ def test_gptq_same_bytes(fixture: str, layers: int, address: str, tmp_path: Path
                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--method gptq: each layer's expert groups gathered and solved as Ray tasks (fused experts; per-expert
     tensors, slow), with routed and starved experts, a window a batch (their sums in batch order), and a worker
-    killed in the middle of a group (Ray runs the task again); the same bytes as in one process, report aside."""
+    killed in the middle of a group (Ray runs the task again); each layer's groups go out twice (gate/up, then down
+    fitted on the quantized gate/up); the same bytes as in one process, report aside."""
     src, prose = _source(request.getfixturevalue(fixture), tmp_path)
     widths = 64 * 64 + 32 * 32  # the fixtures' expert inputs: gate/up 64 wide, down 32
     sums = 2  # the Hessians and their cross terms: the source objective, whose tasks also read the reference stream
@@ -254,5 +255,6 @@ def test_gptq_same_bytes(fixture: str, layers: int, address: str, tmp_path: Path
     report = json.loads((tmp_path / "ray" / "q" / REPORT_NAME).read_text())
     groups = len(sequential.expert_groups(8 if layers == 4 else 4, [64, 32], sequential.HESSIAN_BUDGET,
                                           torch.get_num_threads(), sums))
-    assert groups > 1 and report["gptq"]["solve_report"]["scale_out"]["group_tasks"] == layers * groups
+    tasks = layers * groups * 2  # gate/up, then the fitted down projections on the quantized gate/up
+    assert groups > 1 and report["gptq"]["solve_report"]["scale_out"]["group_tasks"] == tasks
     assert "scale_out" not in ref_report["gptq"]["solve_report"]

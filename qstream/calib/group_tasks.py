@@ -6,7 +6,9 @@ all-token Hessian of gate/up), then hands the layer's expert groups out. A task 
 from the shared source, as a shard task reads its rows, runs the layer over the calibration tokens' hidden
 states with hooks on the group's experts (qstream.calib.hessians) and solves the group
 (qstream.calib.solve.solve_group); it returns the group's packed codes, scales and cases, and writes nothing,
-so a retried task only starts over.
+so a retried task only starts over. With down projections fitted (`GptqSettings.fit_down`) a layer's groups go
+out twice: first for gate/up, then, once every group's gate/up is back, for down, each task loading the layer with
+the quantized gate/up the driver wrote to the staging directory beside the hidden states.
 
 The layer's input hidden states travel through the staging directory as one safetensors file per layer (written
 once by the driver, read one batch at a time by each task), not through Ray's object store: the tasks already
@@ -27,9 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from qstream.calib.hessians import UP, Hessians, Target
-from qstream.calib.solve import GptqSettings, Solved, solve_group
+from qstream.calib.solve import PACKED, GptqSettings, Solved, dequantized, solve_group
+from qstream.calib.stats import write_atomic
 from qstream.cluster import Cluster, run_tasks
 from qstream.common import CHUNK_ELEMENTS, row_chunks
 from qstream.engine.hidden import HiddenStore
@@ -42,10 +46,11 @@ HIDDEN = "hidden"  # the tensor of a layer's input file: [tokens, hidden size], 
 Batch = tuple[int, int, int]  # first row, sequences, their length: one engine batch
 
 
-def hidden_file(index: int, reference: bool = False) -> str:
-    """A layer's input file in the staging directory (under the bookkeeping glob qstream-hidden-*); `reference`:
-    the source model's hidden states of the same tokens (asymmetric GPTQ)."""
-    return f"qstream-hidden-{index:05d}{'-reference' if reference else ''}.safetensors"
+def hidden_file(index: int, what: str = "") -> str:
+    """A layer's file in the staging directory (under the bookkeeping glob qstream-hidden-*): its input; `what`
+    "reference": the source model's hidden states of the same tokens (asymmetric GPTQ), "fitted": its quantized
+    gate/up (a fit pass)."""
+    return f"qstream-hidden-{index:05d}{'-' + what if what else ''}.safetensors"
 
 
 _models: dict[tuple[str, torch.dtype, str], StreamedModel] = {}  # this worker process's, built once per run
@@ -66,11 +71,13 @@ AllTokens = tuple[torch.Tensor, int, torch.Tensor | None]  # a gate/up target's 
 
 def group_task(plan: Plan, s: GptqSettings, dtype: torch.dtype, device: str, cwd: str, index: int, hidden: Path,
                reference: Path | None, batches: list[Batch], starved: frozenset[int],
-               all_tokens: dict[str, AllTokens], group: list[int]) -> dict[str, Solved]:
+               all_tokens: dict[str, AllTokens], kinds: frozenset[str], fitted: Path | None,
+               group: list[int]) -> dict[str, Solved]:
     """One Ray task: decoder layer `index` of the source over the hidden states in `hidden` (each batch's rows of
-    `reference` first, when asymmetric), batch by batch in order, gathering `group`'s Hessians; then the group
-    solved. `all_tokens`: each gate/up target's all-token sums (by model parameter), for its starved experts.
-    Relative paths mean what they meant to the driver (`cwd`)."""
+    `reference` first, when asymmetric), batch by batch in order, gathering `group`'s Hessians of the targets of
+    `kinds`; then those solved. `all_tokens`: each gate/up target's all-token sums (by model parameter), for its
+    starved experts. `fitted`: a fit pass, over the layer loaded with the quantized gate/up in this file (its
+    layer-file entries). Relative paths mean what they meant to the driver (`cwd`)."""
     os.chdir(cwd)
     if device == "cpu":
         torch.set_num_threads(1)  # the engine's rounding with its batches spread over threads (see engine.run)
@@ -84,11 +91,16 @@ def group_task(plan: Plan, s: GptqSettings, dtype: torch.dtype, device: str, cwd
     model.load(index)
     try:
         hs.watch(model, index)
-        hs.begin_pass(group, starved & frozenset(group))
+        if fitted is not None:
+            hs.keep_sources()
+            with safe_open(str(fitted), "pt") as f:
+                names = [k.removesuffix(PACKED) for k in f.keys() if k.endswith(PACKED)]
+                model.load(index, dequantized(names, f.get_tensor, plan, model.dtype, model.device), only=True)
+        hs.begin_pass(group, starved & frozenset(group), kinds, fit=fitted is not None)
         with model.live(model.layers[index]), torch.inference_mode():
             for k, (r0, count, length) in enumerate(batches):
                 hs.batch_begin(k)
-                if reference is not None:
+                if reference is not None and fitted is None:
                     hs.reference(True)
                     model.layer_pass(rows(reference, r0, count, length))
                     hs.reference(False)
@@ -97,6 +109,8 @@ def group_task(plan: Plan, s: GptqSettings, dtype: torch.dtype, device: str, cwd
         hs.end_pass()
         out: dict[str, Solved] = {}
         for t in hs.expert_targets:
+            if t.kind not in kinds:
+                continue
             if t.kind == UP:
                 t.h_all, t.tokens_all, t.c_all = all_tokens[t.param]
                 t.cross = t.c_all is not None
@@ -121,18 +135,22 @@ class RayGroups:
         self.tasks = 0
 
     def __call__(self, model: StreamedModel, index: int, groups: list[list[int]], starved: frozenset[int],
-                 experts: list[Target]) -> Iterator[dict[str, Solved]]:
+                 experts: list[Target], kinds: frozenset[str], fitted: dict[str, torch.Tensor] | None = None
+                 ) -> Iterator[dict[str, Solved]]:
         """Each group's results by source name, in the order of `groups` (tasks finish in any order)."""
         hidden = self.staging / hidden_file(index)
-        reference = None if self.reference is None else self.staging / hidden_file(index, reference=True)
+        reference = None if self.reference is None or fitted else self.staging / hidden_file(index, "reference")
+        fitted_path = None if fitted is None else self.staging / hidden_file(index, "fitted")
         self._write_inputs(self.store, hidden)
         if reference is not None:
             self._write_inputs(self.reference, reference)  # type: ignore[arg-type]
+        if fitted_path is not None:
+            write_atomic(fitted_path, fitted)  # type: ignore[arg-type]
         all_tokens = {t.param: (t.h_all.cpu(), t.tokens_all, t.c_all.cpu() if t.cross else None)  # type: ignore[union-attr]
                       for t in experts if t.kind == UP}
         device = model.device.type
         shared = (self.plan, self.s, model.dtype, device, os.getcwd(), index, hidden, reference, self.batches, starved,
-                  all_tokens)
+                  all_tokens, kinds, fitted_path)
         done: dict[int, dict[str, Solved]] = {}
         try:
             for k, result in run_tasks(group_task, groups, shared, gpus=1 if device == "cuda" else 0,
@@ -140,9 +158,9 @@ class RayGroups:
                 done[k] = result
                 self.tasks += 1
         finally:
-            hidden.unlink(missing_ok=True)
-            if reference is not None:
-                reference.unlink(missing_ok=True)
+            for path in (hidden, reference, fitted_path):
+                if path is not None:
+                    path.unlink(missing_ok=True)
         return (done[k] for k in range(len(groups)))
 
     @staticmethod

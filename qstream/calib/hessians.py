@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from qstream.calib.stats import _is_experts, down_input, experts_dims, experts_inputs
+from qstream.calib.stats import _is_experts, down_input, experts_dims, experts_inputs, up_params
 from qstream.engine.model import StreamedModel
 
 LINEAR, UP, DOWN = "linear", "up", "down"  # what a target's input is: a Linear's, experts' gate/up, experts' down
@@ -46,7 +47,9 @@ class Target:
     `h` [G, in, in] and `tokens` [G] for the current group's experts (routed tokens, or every token for a
     starved expert's down projection); gate/up also keep `h_all` [in, in] over every token, `tokens_all`.
     `c`, `c_all`: the cross terms of `h` and `h_all` with the reference stream (None without one); `cross`: they
-    were gathered (the weight reads the layer's first input)."""
+    were gathered (the weight reads the layer's first input, or a down projection was fitted: see `Hessians.fit`).
+    `mlp`: for a Linear down projection, the gated MLP it ends (gate_proj, up_proj, act_fn) when its output can be
+    recomputed from the MLP's input (`Hessians.keep_sources`); `source`: the gate/up weights kept for the fit."""
 
     param: str
     sources: list[str]
@@ -62,29 +65,41 @@ class Target:
     c: torch.Tensor | None = None
     c_all: torch.Tensor | None = None
     cross: bool = False
+    mlp: Any = None
+    source: tuple[Any, ...] = ()  # weights (and biases or None)
 
 
 @dataclass
 class _Pass:
     """One pass over the batches. The first gathers every Linear's Hessian, the experts' shared all-token
     Hessian and their routed counts; each later one a group of experts' Hessians (`starved`: those whose
-    down projection is measured on every token)."""
+    down projection is measured on every token; `kinds`: of which targets, UP and/or DOWN). `fit`: a pass after
+    gate/up were quantized (see `Hessians.fit`): the fitted down projections' Hessians and cross terms, the
+    dense MLPs' (no group) or a group of experts'."""
 
     group: Sequence[int] = ()
     starved: frozenset[int] = frozenset()
+    kinds: frozenset[str] = frozenset((UP, DOWN))
+    fit: bool = False
     partials: dict[int, dict[tuple[int, str], list]] = field(default_factory=dict)
     next: int = 0
 
     @property
     def first(self) -> bool:
-        return not self.group
+        return not self.group and not self.fit
 
 
 class Hessians:
     """Hooks on the live layer's planned weights and their sums, in batch order (a half of an engine Observer).
 
     `wanted`: the planned source tensor names; `device`: where the sums live; `cross`: also gather the cross
-    terms with a reference stream (every batch then runs its reference rows first)."""
+    terms with a reference stream (every batch then runs its reference rows first).
+
+    Fitting a down projection to its source MLP's output (`GptqSettings.fit_down`): once the layer's gate/up are
+    solved, `keep_sources` keeps their source weights, the layer is loaded with the quantized gate/up, and fit passes
+    gather each down projection's Hessian of what it now receives, H = sum a_q a_q^T, with the cross term
+    C = sum a_src a_q^T, a_src its input under the source gate/up on the same tokens (computed in the hook from the
+    kept weights): GPTQ then rounds down towards the source MLP's output (`qstream.calib.gptq.asymmetric_target`)."""
 
     def __init__(self, wanted: set[str], device: torch.device, cross: bool = False) -> None:
         self.wanted, self.device, self.cross = wanted, device, cross
@@ -106,15 +121,49 @@ class Hessians:
                     self._handles.append(module.register_forward_pre_hook(self._linear_hook(t)))
             elif _is_experts(module):
                 self._watch_experts(model, name, module)
+        by_param = {t.param: t for t in self.targets}
+        for name, module in model.layers[index].named_modules(prefix=model.layer_path(index)):
+            t = by_param.get(f"{name}.down_proj.weight")
+            gated = all(isinstance(getattr(module, p, None), nn.Linear) for p in ("gate_proj", "up_proj"))
+            if t is not None and gated and callable(getattr(module, "act_fn", None)):
+                t.mlp = module
+                self._handles.append(module.register_forward_pre_hook(self._mlp_hook(module)))
 
     def unwatch(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for t in self.targets:
+            t.source = ()  # the kept source weights go with the layer
 
     @property
     def expert_targets(self) -> list[Target]:
         return [t for t in self.targets if t.experts]
+
+    @property
+    def fitted(self) -> list[Target]:
+        """The down projections a fit pass gathers for (after `keep_sources`): dense MLPs' and experts'."""
+        return [t for t in self.targets if t.source and (t.kind == DOWN or t.mlp is not None)]
+
+    def keep_sources(self) -> list[str]:
+        """Keep the live layer's gate/up weights (still the source's) for the fit passes, and return the planned
+        gate/up source tensors whose quantized values the layer must be loaded with for them. A dense MLP whose
+        output is not down(act(gate x) * up x) on a probe input is not fitted (its down keeps plain GPTQ)."""
+        gate_up = []
+        by_param = {t.param: t for t in self.targets}
+        for t in self.targets:
+            if t.kind == DOWN:
+                up = by_param.get(t.param.rpartition(".")[0] + "." + experts_dims(t.module)[0])
+                if up is not None:
+                    t.source = up_params(t.module)
+                    gate_up += up.sources
+            elif t.mlp is not None:
+                gate, upl = (by_param.get(f"{t.param.rsplit('.', 2)[0]}.{p}.weight") for p in ("gate_proj", "up_proj"))
+                m = t.mlp
+                if gate is not None and upl is not None and _gated(m, m.gate_proj, m.up_proj):
+                    t.source = (m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias)
+                    gate_up += gate.sources + upl.sources
+        return gate_up
 
     def _target(self, model: StreamedModel, param: str, kind: str, width: int, experts: int = 0,
                 module: Any = None) -> Target | None:
@@ -150,9 +199,24 @@ class Hessians:
             raise RuntimeError(f"{where}: no reference input before the batch's own rows (run the reference stream)")
         return x_ref
 
+    def _mlp_hook(self, mlp: nn.Module) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._pass is not None and self._pass.fit and not self._pass.group:
+                self._local.mlp_in[id(mlp)] = args[0]
+        return hook
+
     def _linear_hook(self, t: Target) -> Callable:
         def hook(module: nn.Linear, args: tuple) -> None:
-            if self._pass is not None and self._pass.first:
+            p = self._pass
+            if p is not None and p.fit and not p.group and t.source:  # a dense down projection's fit pass
+                a_q = args[0].reshape(-1, module.in_features)
+                g, gb, u, ub = t.source
+                x = self._local.mlp_in.pop(id(t.mlp))
+                a_src = t.mlp.act_fn(F.linear(x, g, gb)) * F.linear(x, u, ub)
+                self._add((id(t), "h"), a_q)
+                self._add((id(t), "c"), a_q, a_src.reshape(a_q.shape))
+                t.cross = True
+            elif p is not None and p.first:
                 x = args[0].reshape(-1, module.in_features)
                 if self._in_reference(id(t), x):
                     return
@@ -175,6 +239,9 @@ class Hessians:
             if self._pass is None:
                 return
             x, index = experts_inputs(module, args, kwargs)
+            if self._pass.fit:
+                self._fit_sums(module, x, index, targets)
+                return
             if self._in_reference(id(module), x):
                 return
             self._expert_sums(module, x, index, targets, self._kept(id(module), name, x))
@@ -200,12 +267,26 @@ class Hessians:
             rows = slice(None) if e in p.starved else (index == e).any(-1)
             xe = x[rows]
             for t in targets:
-                if t.kind == UP and e in p.starved:
+                if t.kind not in p.kinds or t.kind == UP and e in p.starved:
                     continue  # a starved expert's gate/up uses the shared all-token Hessian
                 xt = xe if t.kind == UP else down_input(experts, e, xe)
                 self._add((id(t), f"e{slot}"), xt)
                 if x_ref is not None and t.kind == UP:  # down reads gate/up's output: a later stage
                     self._add((id(t), f"c{slot}"), xt, x_ref[rows])
+
+    def _fit_sums(self, experts: Any, x: torch.Tensor, index: torch.Tensor, targets: list[Target]) -> None:
+        """A fit pass over a group of experts: each down projection's input under the live (quantized) gate/up and
+        under the kept source ones, on the expert's tokens (every token for a starved expert)."""
+        p = self._pass
+        for t in targets:
+            if t.kind != DOWN or not t.source or p is None:
+                continue
+            for slot, e in enumerate(p.group):
+                xe = x[slice(None) if e in p.starved else (index == e).any(-1)]
+                a_q = down_input(experts, e, xe)
+                self._add((id(t), f"e{slot}"), a_q)
+                self._add((id(t), f"c{slot}"), a_q, down_input(experts, e, xe, t.source))
+                t.cross = True
 
     def _add(self, key: tuple[int, str], x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         """This batch's x^T x (float32; x_ref^T x for a cross term) and token count under `key` (routed counts:
@@ -224,14 +305,25 @@ class Hessians:
 
     # ---- passes -------------------------------------------------------------------------------------
 
-    def begin_pass(self, group: Sequence[int] = (), starved: frozenset[int] = frozenset()) -> None:
-        """The next pass over the batches gathers the first pass's sums (no group) or a group's (see _Pass)."""
-        self._pass = _Pass(group, starved)
+    def begin_pass(self, group: Sequence[int] = (), starved: frozenset[int] = frozenset(),
+                   kinds: frozenset[str] = frozenset((UP, DOWN)), fit: bool = False) -> None:
+        """The next pass over the batches gathers the first pass's sums (no group), a group's, or a fit pass's
+        (see _Pass)."""
+        self._pass = _Pass(group, starved, kinds, fit)
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=torch.float64, device=self.device)
 
+        fitted = {id(t) for t in self.fitted}
         for t in self.targets:
-            if not t.experts:
+            if fit:
+                if id(t) in fitted and bool(t.experts) == bool(group):
+                    t.h = t.c = None
+                    n = (len(group),) if group else ()
+                    t.h, t.c = zeros(*n, t.width, t.width), zeros(*n, t.width, t.width)
+                    t.tokens = torch.zeros(n, dtype=torch.int64)
+            elif not t.experts:
+                if group:
+                    continue
                 t.h, t.tokens = zeros(t.width, t.width), torch.zeros((), dtype=torch.int64)
                 t.c = zeros(t.width, t.width) if self.cross else None
             elif not group:
@@ -239,7 +331,7 @@ class Hessians:
                 if t.kind == UP:
                     t.h_all, t.tokens_all = zeros(t.width, t.width), 0
                     t.c_all = zeros(t.width, t.width) if self.cross else None
-            else:
+            elif t.kind in kinds:
                 t.h = t.c = None  # the previous group's go before this one's are made
                 t.h = zeros(len(group), t.width, t.width)
                 t.c = zeros(len(group), t.width, t.width) if self.cross and t.kind == UP else None  # down: none
@@ -253,6 +345,7 @@ class Hessians:
 
     def batch_begin(self, batch: int) -> None:
         self._local.partial, self._local.kept, self._local.reference, self._local.first = {}, {}, False, 0
+        self._local.mlp_in = {}
 
     def batch_end(self, batch: int) -> None:
         """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing."""
@@ -287,3 +380,13 @@ def _merge(t: Target, what: str, value: torch.Tensor, n: int) -> None:
         slot = int(what[1:])
         t.h[slot] += value  # type: ignore[index]
         t.tokens[slot] += n  # type: ignore[index]
+
+
+def _gated(mlp: nn.Module, gate: nn.Linear, up: nn.Linear) -> bool:
+    """Whether mlp(x) is down(act_fn(gate x) * up x) on a probe input (what a dense fit recomputes)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(4, gate.in_features, generator=g).to(gate.weight.device, gate.weight.dtype)
+    with torch.no_grad():
+        want = mlp(x)
+        got = mlp.get_submodule("down_proj")(mlp.act_fn(gate(x)) * up(x))  # type: ignore[operator]
+    return bool(torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6))

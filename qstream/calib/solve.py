@@ -5,6 +5,7 @@ engine; qstream.calib.group_tasks in Ray tasks). No models, no engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,7 +18,7 @@ from qstream.calib.stats import EXPERT_INDEX
 from qstream.common import CHUNK_ELEMENTS, row_chunks
 from qstream.engine.hidden import DEFAULT_BUDGET
 from qstream.engine.run import DEFAULT_BATCH_TOKENS
-from qstream.format.mxfp4 import E8M0_BIAS, quantize
+from qstream.format.mxfp4 import E8M0_BIAS, dequantize, quantize
 from qstream.format.rules import BLOCK, Rule
 from qstream.io.checkpoint import CheckpointTensor
 from qstream.planning.plan import Plan
@@ -25,6 +26,8 @@ from qstream.planning.plan import Plan
 CASES = ("gptq", "gptq-all-tokens", "imatrix", "mse3")  # how a module was solved, by its stored code
 OWN, ALL_TOKENS, IMATRIX, MSE3 = range(len(CASES))
 Solved = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # modules' packed, scales, case (solve_modules)
+# a results layer file's entries (qstream.calib.sequential): per source tensor N, and ROUTED per experts module
+PACKED, SCALES, CASE, ROUTED = ":packed", ":scales", ":case", ":routed"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class GptqSettings:
     block: int = LAZY_BLOCK
     act_order: bool = True  # columns by decreasing Hessian diagonal, exponents staying with their blocks (measured)
     asymmetric: bool = False  # against the source model's outputs: measured worse on SmolLM2 (bench/NOTES.md)
+    fit_down: bool = True  # down projections against their source MLP's outputs (calib.hessians): measured better
     depth: int = DEPTH
     min_tokens: int = 0
     dtype: str = "auto"
@@ -113,9 +117,10 @@ def expert_groups(n_experts: int, widths: list[int], budget: int, workers: int, 
 def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starved: frozenset[int]
                 ) -> dict[str, Solved]:
     """Each source of experts target `t` (its Hessians gathered for `group`): the group's experts' packed, scales
-    and cases, by source name. A starved expert's gate/up take the all-token Hessian `t.h_all` (and `t.c_all`)."""
+    and cases, by source name. A starved expert's gate/up take the all-token Hessian `t.h_all` (and `t.c_all`).
+    Cross terms: gate/up's with the reference stream, down's from a fit pass (calib.hessians)."""
     h = t.h.clone()  # type: ignore[union-attr]
-    c = t.c.clone() if t.c is not None and t.cross and t.kind == UP else None  # down: a later stage (calib.hessians)
+    c = t.c.clone() if t.c is not None and t.cross else None
     tokens = t.tokens.clone()  # type: ignore[union-attr]
     own = torch.tensor([e not in starved for e in group])
     if t.kind == UP:
@@ -155,4 +160,21 @@ def read_float(src: CheckpointTensor, r0: int, r1: int, device: torch.device) ->
     out = torch.empty(r1 - r0, cols, dtype=torch.float32, device=device)
     for a, b in row_chunks(r1 - r0, cols, CHUNK_ELEMENTS):
         out[a:b] = src.read_rows(r0 + a, r0 + b).to(device)
+    return out
+
+
+def dequantized(names: Iterable[str], entry: Callable[[str], torch.Tensor], plan: Plan, dtype: torch.dtype,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Source tensors' values from their layer-file entries (`entry(N:packed)`, `entry(N:scales)`, fetched one
+    tensor at a time), in their stored shapes."""
+    return {n: _dense(entry(n + PACKED), entry(n + SCALES), dtype, device).reshape(plan.source.tensors[n].info.shape)
+            for n in names}
+
+
+def _dense(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Stored codes and scales [rows, ...] as `dtype` values on `device`, decoded in row chunks (decoding holds a
+    few times the output's size in temporaries)."""
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype, device=device)
+    for a, b in row_chunks(out.shape[0], out.shape[1], CHUNK_ELEMENTS):
+        out[a:b] = dequantize(packed[a:b].to(device), scales[a:b].to(device), dtype)
     return out

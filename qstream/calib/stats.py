@@ -260,14 +260,24 @@ def _is_experts(module: nn.Module) -> bool:
     return hasattr(module, "has_gate") and isinstance(down, torch.Tensor) and down.dim() == 3
 
 
-def down_input(experts: Any, e: int, x: torch.Tensor) -> torch.Tensor:
+def up_params(experts: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fused experts module's gate/up weight [E, ...] and its bias (None without one), as it holds them now."""
+    if experts.has_gate:
+        return experts.gate_up_proj, experts.gate_up_proj_bias if experts.has_bias else None
+    return experts.up_proj, experts.up_proj_bias if experts.has_bias else None
+
+
+def down_input(experts: Any, e: int, x: torch.Tensor,
+               up: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """What expert e's down projection receives for tokens x [n, hidden]: its gate/up projection then its own
     gating (`_apply_gate`, or the activation alone for ungated experts), as transformers' experts compute it.
-    One expert at a time: the plain reference that the batched `down_input_sums` is held to."""
-    w = experts.gate_up_proj[e] if experts.has_gate else experts.up_proj[e]
+    One expert at a time: the plain reference that the batched `down_input_sums` is held to. `up`: gate/up weights
+    and bias in the module's layout (`up_params`) to use instead of the module's own."""
+    w_all, bias = up or up_params(experts)
+    w = w_all[e]
     h = x @ w if experts.is_transposed else x @ w.T
-    if experts.has_bias:
-        h = h + (experts.gate_up_proj_bias[e] if experts.has_gate else experts.up_proj_bias[e])
+    if bias is not None:
+        h = h + bias[e]
     return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
 
 

@@ -207,12 +207,14 @@ class StreamedModel:
 
     # ---- loading and freeing ------------------------------------------------------------------------
 
-    def load(self, part: Part, replace: dict[str, torch.Tensor] | None = None) -> None:
+    def load(self, part: Part, replace: dict[str, torch.Tensor] | None = None, only: bool = False) -> None:
         """Materialize `part` on the device from the checkpoint (thread-safe against passes on other parts).
 
         `replace`: checkpoint tensors (by the names `sources_of` gives) to load from these values instead, in
         the stored shape, through the same key mapping and converters (sequential GPTQ swaps in a layer's
-        quantized weights so)."""
+        quantized weights so). `only`: the part is loaded already; load just the `replace` tensors into it (every
+        source of a parameter they fill must be among them). The parameters they fill get new tensors: references
+        to the old ones keep the old values."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -223,13 +225,16 @@ class StreamedModel:
         unknown = sorted(set(replace) - set(p.sources))
         if unknown:
             raise ValueError(f"{unknown[0]} does not fill part {part!r}")
-        state = {n: _Given(replace[n]) if n in replace else self._lazy[n] for n in p.sources}
+        if only and (part not in self._materialized or not replace):
+            raise ValueError(f"part {part!r} is not loaded, or nothing is given to load into it")
+        state = {n: _Given(replace[n]) if n in replace else self._lazy[n] for n in p.sources
+                 if not only or n in replace}
         info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         problems = [f"{n} has shape {list(got)}, the model wants {list(want)}"
                     for n, got, want in sorted(info.mismatched_keys) if n in p.targets]
         problems += [f"{n}: {e}" for n, e in sorted(info.conversion_errors.items())]
         problems += [f"{t} was not loaded" for t in sorted(p.targets & info.missing_keys)
-                     if t not in self.model.all_tied_weights_keys]
+                     if t not in self.model.all_tied_weights_keys and not only]
         if problems:
             raise QstreamError(f"{self.ckpt.root}: {problems[0]}; the checkpoint does not fit the model its "
                                "config.json describes (incomplete or mixed up?)")

@@ -311,7 +311,9 @@ def _rule_line(report: dict) -> str:
                 f"{order} with "
                 f"the inverse-Hessian error update ({gq['damp']:g} dampening, lazy blocks of {gq['block']}), on "
                 f"{gq['tokens']:,} calibration tokens ({gq['samples']} x {gq['seq_len']}). "
-                f"Modules: {c['gptq']} solved on their own tokens, {c['gptq-all-tokens']} routed experts with too "
+                + ("Each down projection is solved after its gate/up, on what the quantized gate/up give it, towards "
+                   "its source MLP's output. " if gq.get("fit_down") else "")
+                + f"Modules: {c['gptq']} solved on their own tokens, {c['gptq-all-tokens']} routed experts with too "
                 f"few tokens on every token's statistics, {c['imatrix']} by the imatrix choice alone, {c['mse3']} "
                 "by mse3 (no tokens).")
     im = report.get(Method.IMATRIX.value)
