@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.fp8_layouts import to_layout
+from tests.test_evaluate import PROSE, byte_tokenizer
 from tests_vllm import fixtures
 from tests_vllm.decompress import decompress
 
 ROOT = Path(__file__).resolve().parent.parent
 
+GPTQ = "gptq"  # not an input layout: the source quantized by `--method gptq` (with a byte tokenizer and some prose)
 # layout -> (builder of the bf16 source, the quantized input layout it is re-encoded to or None, quantize flags)
 LAYOUTS = {
     "qwen35_moe": (fixtures.build_qwen35_moe, None, []),
@@ -33,6 +35,8 @@ LAYOUTS = {
     "qwen3_moe_fp8_block": (fixtures.build_qwen3_moe, "fp8-block", []),
     "llama_ct_fp8_channel": (fixtures.build_llama, "ct-fp8", ["--preset", "mlp"]),
     "qwen3_moe_mxfp8": (fixtures.build_qwen3_moe, "ct-mxfp8", []),
+    "qwen35_moe_gptq": (fixtures.build_qwen35_moe, GPTQ, []),  # an MoE before a dense model in one vLLM process
+    "llama_gptq": (fixtures.build_llama, GPTQ, ["--preset", "mlp"]),
 }
 
 
@@ -64,7 +68,13 @@ def checkpoints(tmp_path_factory, vllm_installed):
             root = tmp_path_factory.mktemp(layout)
             source = build(root / "bf16")
             given = source
-            if encoding:
+            if encoding == GPTQ:
+                byte_tokenizer(source)
+                prose = root / "prose.txt"
+                prose.write_text(PROSE * 3)
+                flags = [*flags, "--method", GPTQ, "--calib-text", str(prose), "--calib-samples", "3",
+                         "--calib-seq-len", "48"]
+            elif encoding:
                 given = root / encoding
                 to_layout(source, given, encoding)
             qstream("quantize", given, root / "mxfp4", "--no-progress", *flags)

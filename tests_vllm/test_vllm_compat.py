@@ -23,6 +23,8 @@ QUANTIZED_KINDS = {
     "llama_ct_fp8_channel": {"MergedColumnParallelLinear": "MXFP4", "RowParallelLinear": "FP8+MXFP4",
                              "QKVParallelLinear": "FP8"},
     "qwen3_moe_mxfp8": {"RoutedExperts": "MXFP4", "QKVParallelLinear": "MXFP8", "RowParallelLinear": "MXFP8"},
+    "llama_gptq": {"MergedColumnParallelLinear": "MXFP4", "RowParallelLinear": "MXFP4"},
+    "qwen35_moe_gptq": {"RoutedExperts": "MXFP4"},
 }
 CLOSE = 0.1  # |logprob - bf16 source's| over the spread of the source's logprobs: MXFP4 gives 1-3%
 

@@ -47,7 +47,7 @@ class Target:
     `h` [G, in, in] and `tokens` [G] for the current group's experts (routed tokens, or every token for a
     starved expert's down projection); gate/up also keep `h_all` [in, in] over every token, `tokens_all`.
     `c`, `c_all`: the cross terms of `h` and `h_all` with the reference stream (None without one); `cross`: they
-    were gathered (the weight reads the layer's first input, or a down projection was fitted: see `Hessians.fit`).
+    were gathered (the weight reads the layer's first input, or a down projection was fitted: see `Hessians`).
     `mlp`: for a Linear down projection, the gated MLP it ends (gate_proj, up_proj, act_fn) when its output can be
     recomputed from the MLP's input (`Hessians.keep_sources`); `source`: the gate/up weights kept for the fit."""
 
@@ -67,6 +67,7 @@ class Target:
     cross: bool = False
     mlp: Any = None
     source: tuple[Any, ...] = ()  # weights (and biases or None)
+    whole: bool = True  # every source tensor of the parameter is planned (it can be loaded quantized alone)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class _Pass:
     """One pass over the batches. The first gathers every Linear's Hessian, the experts' shared all-token
     Hessian and their routed counts; each later one a group of experts' Hessians (`starved`: those whose
     down projection is measured on every token; `kinds`: of which targets, UP and/or DOWN). `fit`: a pass after
-    gate/up were quantized (see `Hessians.fit`): the fitted down projections' Hessians and cross terms, the
+    gate/up were quantized (see `Hessians`): the fitted down projections' Hessians and cross terms, the
     dense MLPs' (no group) or a group of experts'."""
 
     group: Sequence[int] = ()
@@ -148,19 +149,20 @@ class Hessians:
     def keep_sources(self) -> list[str]:
         """Keep the live layer's gate/up weights (still the source's) for the fit passes, and return the planned
         gate/up source tensors whose quantized values the layer must be loaded with for them. A dense MLP whose
-        output is not down(act(gate x) * up x) on a probe input is not fitted (its down keeps plain GPTQ)."""
+        output is not down(act(gate x) * up x) on a probe input is not fitted (its down keeps plain GPTQ), nor is a
+        down projection whose gate/up parameter is only partly planned."""
         gate_up = []
         by_param = {t.param: t for t in self.targets}
         for t in self.targets:
             if t.kind == DOWN:
                 up = by_param.get(t.param.rpartition(".")[0] + "." + experts_dims(t.module)[0])
-                if up is not None:
+                if up is not None and up.whole:
                     t.source = up_params(t.module)
                     gate_up += up.sources
             elif t.mlp is not None:
                 gate, upl = (by_param.get(f"{t.param.rsplit('.', 2)[0]}.{p}.weight") for p in ("gate_proj", "up_proj"))
                 m = t.mlp
-                if gate is not None and upl is not None and _gated(m, m.gate_proj, m.up_proj):
+                if gate and upl and gate.whole and upl.whole and _gated(m, m.gate_proj, m.up_proj):
                     t.source = (m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias)
                     gate_up += gate.sources + upl.sources
         return gate_up
@@ -170,7 +172,7 @@ class Hessians:
         sources = [s for s in model.sources_of(param) if s in self.wanted]
         if not sources:
             return None
-        t = Target(param, sources, kind, width, experts, module)
+        t = Target(param, sources, kind, width, experts, module, whole=len(sources) == len(model.sources_of(param)))
         self.targets.append(t)
         return t
 

@@ -12,7 +12,7 @@ source weights), and the weights that read a layer's input are solved against th
 source's inputs rather than their own outputs on the quantized inputs (`qstream.calib.gptq.asymmetric_target`).
 Down projections (`fit_down`, the default): once a layer's gate/up are solved, the layer is loaded with them
 quantized and run again, and each down projection (a dense gated MLP's, each routed expert's) is solved on what it
-now receives against what its source MLP would output on the same tokens (qstream.calib.hessians, `fit`): the
+now receives against what its source MLP would output on the same tokens (qstream.calib.hessians): the
 down projection makes up for its gate/up's rounding. Measured on SmolLM2 (bench/NOTES.md): KL -12% on validation.
 Routed experts: each expert's gate/up projection is solved with the Hessian of the tokens routed to it and
 its down projection with that of its own intermediate activations. An expert the router sent fewer tokens
@@ -181,6 +181,9 @@ class SequentialGptq:
                 out.update(self._joined(solved))
                 out[experts_module(experts[0].sources[0])[0] + ROUTED] = routed.clone()  # type: ignore[union-attr]
             if later:
+                for n in gate_up:  # a layout its Hessians did not fit: plain, and the fit sees that
+                    if n + PACKED not in out:
+                        out.update(_plain(n, self.plan.source.tensors[n]))
                 out.update(self._fit(model, index, {n + k: out[n + k] for n in gate_up for k in (PACKED, SCALES)},
                                      groups, starved, experts, forward))
         finally:
@@ -194,7 +197,7 @@ class SequentialGptq:
 
     def _fit(self, model: StreamedModel, index: int, fitted: dict[str, torch.Tensor], groups: list[list[int]],
              starved: frozenset[int], experts: list[Target], forward: Forward) -> dict[str, torch.Tensor]:
-        """The fitted down projections (`Hessians.fit`), with the layer loaded with its quantized gate/up
+        """The fitted down projections (see qstream.calib.hessians), with the layer loaded with its quantized gate/up
         (`fitted`: their layer-file entries): dense MLPs' in one pass, experts' a pass per group."""
         hs = self.hessians
         names = [k.removesuffix(PACKED) for k in fitted if k.endswith(PACKED)]
