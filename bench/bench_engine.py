@@ -96,14 +96,15 @@ def calibrate_row(src: Path, text: Path, work: Path, layers: int, device: str, e
     return row
 
 
-def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args) -> Row:
+def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args, down: str) -> Row:
     dst = work / f"gptq-{device}-{layers}"
     cmd = qstream_cmd("quantize", str(src), str(dst), "--preset", "experts", "--method", "gptq",
                       "--calib-text", str(text), "--calib-samples", str(args.samples),
                       "--calib-seq-len", str(args.seq_len), "--device", device, "--no-progress", "--overwrite",
-                      "--gptq-objective", args.gptq_objective)
+                      "--gptq-objective", args.gptq_objective, "--gptq-down", down)
     run = run_reported(cmd, dst, work / f"gptq-{device}-{layers}.log")
-    row = Row(f"qstream quantize --method gptq ({device}, {args.gptq_objective})", layers, weight_bytes(src), run.wall,
+    row = Row(f"qstream quantize --method gptq ({device}, {args.gptq_objective}, down {down})", layers,
+              weight_bytes(src), run.wall,
               peak_rss=run.peak_rss, peak_anon=run.peak_anon, note=run.note)
     if run.report is None:
         return row
@@ -153,13 +154,14 @@ def main() -> None:
     ap.add_argument("--layers", default="2,4", help="comma-separated decoder layer counts (default 2,4)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qstream-bench"), help="checkpoints and outputs go here")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if present)")
-    ap.add_argument("--experts", default="all", help="comma-separated --experts modes to run (all, routed)")
+    ap.add_argument("--experts", default="all", help="comma-separated --experts modes to run (all, routed; none)")
     ap.add_argument("--samples", type=int, default=2, help="calibration windows (default 2; a real run: 128)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256; a real run: 2048)")
     ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward call")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each row")
     ap.add_argument("--gptq", action="store_true", help="also time quantize --method gptq (experts preset)")
     ap.add_argument("--gptq-objective", default="layer", help="--gptq: layer (default) or source")
+    ap.add_argument("--gptq-down", default="fit", help="--gptq: comma-separated --gptq-down values to run (fit, own)")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args()
 
@@ -176,8 +178,9 @@ def main() -> None:
         src = ensure_checkpoint(args.work, n)
         text = prepare(src, args.work, args.samples * args.seq_len)
         for make in [lambda: cat_row(src, args.work, n)] + [
-                lambda e=e: calibrate_row(src, text, args.work, n, device, e, args) for e in args.experts.split(",")] + (
-                [lambda: gptq_row(src, text, args.work, n, device, args)] if args.gptq else []):
+                lambda e=e: calibrate_row(src, text, args.work, n, device, e, args) for e in args.experts.split(",")
+                if e != "none"] + ([lambda d=d: gptq_row(src, text, args.work, n, device, args, d)
+                                    for d in args.gptq_down.split(",")] if args.gptq else []):
             evict(src) if args.cold else warm(src)
             rows.append(make())
             print(f"  {rows[-1].case}, {n} layers: {rows[-1].seconds:.1f} s, peak RSS {fmt_rss(rows[-1].peak_rss)} "
