@@ -16,7 +16,8 @@ token for token (an expert's tokens are those routed to it in the batch's own ro
 source's outputs needs (`qstream.calib.gptq.asymmetric_target`). The later weights (o_proj, down) get none:
 their inputs here come from the source weights of the weights before them, which that solve corrects towards
 the source, so correcting them too would count the drift twice (measured on SmolLM2: the error then grows layer
-by layer until the model is lost).
+by layer until the model is lost). A down projection's own cross term comes from a fit pass instead, within its
+MLP: the source gate/up's activations against the quantized gate/up's on the same tokens (see `Hessians`).
 
 Each batch's products are formed in float32 and summed into float64 totals in batch order, whichever thread
 ran the batch: the same Hessians run to run and across thread counts.
