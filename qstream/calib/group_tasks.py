@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from qstream.calib.hessians import UP, Hessians, Target
-from qstream.calib.solve import PACKED, GptqSettings, Solved, dequantized, solve_group
+from qstream.calib.solve import GptqSettings, Solved, dequantized, solve_group
 from qstream.calib.stats import write_atomic
 from qstream.cluster import Cluster, run_tasks
 from qstream.common import CHUNK_ELEMENTS, row_chunks
@@ -94,8 +94,7 @@ def group_task(plan: Plan, s: GptqSettings, dtype: torch.dtype, device: str, cwd
         if fitted is not None:
             hs.keep_sources()
             with safe_open(str(fitted), "pt") as f:
-                names = [k.removesuffix(PACKED) for k in f.keys() if k.endswith(PACKED)]
-                model.load(index, dequantized(names, f.get_tensor, plan, model.dtype, model.device), only=True)
+                model.load(index, dequantized(f.keys(), f.get_tensor, plan, model.dtype, model.device), only=True)
         hs.begin_pass(group, starved & frozenset(group), kinds, fit=fitted is not None)
         with model.live(model.layers[index]), torch.inference_mode():
             for k, (r0, count, length) in enumerate(batches):

@@ -142,8 +142,7 @@ class SequentialGptq:
         elif self.s.asymmetric:  # solved before a resume: the source's stream still goes through this layer
             forward(False, reference=True, advance=True)
         with safe_open(str(path), "pt") as f:
-            names = [k.removesuffix(PACKED) for k in f.keys() if k.endswith(PACKED)]
-            replace = dequantized(names, f.get_tensor, self.plan, model.dtype, model.device)
+            replace = dequantized(f.keys(), f.get_tensor, self.plan, model.dtype, model.device)
         model.free(index)
         model.load(index, replace)
         forward(True)
@@ -200,8 +199,7 @@ class SequentialGptq:
         """The fitted down projections (see qstream.calib.hessians), with the layer loaded with its quantized gate/up
         (`fitted`: their layer-file entries): dense MLPs' in one pass, experts' a pass per group."""
         hs = self.hessians
-        names = [k.removesuffix(PACKED) for k in fitted if k.endswith(PACKED)]
-        model.load(index, dequantized(names, fitted.__getitem__, self.plan, model.dtype, model.device), only=True)
+        model.load(index, dequantized(fitted, fitted.__getitem__, self.plan, model.dtype, model.device), only=True)
         out: dict[str, torch.Tensor] = {}
         if any(not t.experts for t in hs.fitted):
             hs.begin_pass(fit=True)

@@ -163,10 +163,11 @@ def read_float(src: CheckpointTensor, r0: int, r1: int, device: torch.device) ->
     return out
 
 
-def dequantized(names: Iterable[str], entry: Callable[[str], torch.Tensor], plan: Plan, dtype: torch.dtype,
+def dequantized(keys: Iterable[str], entry: Callable[[str], torch.Tensor], plan: Plan, dtype: torch.dtype,
                 device: torch.device) -> dict[str, torch.Tensor]:
-    """Source tensors' values from their layer-file entries (`entry(N:packed)`, `entry(N:scales)`, fetched one
-    tensor at a time), in their stored shapes."""
+    """The values of the source tensors a layer file's `keys` hold (N:packed with N:scales; other keys ignored),
+    fetched one tensor at a time by `entry`, in their stored shapes."""
+    names = [k.removesuffix(PACKED) for k in keys if k.endswith(PACKED)]
     return {n: _dense(entry(n + PACKED), entry(n + SCALES), dtype, device).reshape(plan.source.tensors[n].info.shape)
             for n in names}
 
