@@ -219,7 +219,7 @@ class Hessians:
                 self._add((id(t), "h"), a_q)
                 self._add((id(t), "c"), a_q, a_src.reshape(a_q.shape))
                 t.cross = True
-            elif p is not None and p.first:
+            elif p is not None and p.first and not t.source:  # a fitted down's Hessian comes from its fit pass
                 x = args[0].reshape(-1, module.in_features)
                 if self._in_reference(id(t), x):
                     return
@@ -325,7 +325,7 @@ class Hessians:
                     t.h, t.c = zeros(*n, t.width, t.width), zeros(*n, t.width, t.width)
                     t.tokens = torch.zeros(n, dtype=torch.int64)
             elif not t.experts:
-                if group:
+                if group or t.source:
                     continue
                 t.h, t.tokens = zeros(t.width, t.width), torch.zeros((), dtype=torch.int64)
                 t.c = zeros(t.width, t.width) if self.cross else None

@@ -156,11 +156,11 @@ class SequentialGptq:
             experts = hs.expert_targets
             groups = expert_groups(experts[0].experts, [t.width for t in experts], self.budget, self.workers,
                                    2 if asym or self.s.fit_down else 1) if experts else []
+            gate_up = hs.keep_sources() if self.s.fit_down else []
+            later = {id(t) for t in hs.fitted}  # solved after the fit pass: the first pass skips them
             hs.begin_pass()
             forward(False, reference=asym, advance=asym and not groups)  # the source's stream moves on in the last
             hs.end_pass()  # pass of the layer's source weights (after the remote groups, which read its inputs)
-            gate_up = hs.keep_sources() if self.s.fit_down else []
-            later = {id(t) for t in hs.fitted}  # solved after the fit pass
             for t in hs.targets:
                 if not t.experts and id(t) not in later:
                     out.update(self._solve_linear(t))
