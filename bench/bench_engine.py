@@ -9,10 +9,12 @@ each checkpoint, one at a time on the same page cache (warm, or evicted before e
   calibrate   `python -m qstream calibrate SRC STATS --device D --experts E ...` in a child process
   gptq        (--gptq) `python -m qstream quantize SRC DST --preset experts --method gptq ...`: sequential GPTQ of
               every routed expert through the engine, then the conversion (its per-layer solve times printed)
-and prints one table: seconds (wall of the child; "own s" is the command's own time from its report, imports and
-interpreter start excluded), GB/s of checkpoint read and its share of cat's speed, tokens/s, peak RSS of the
-child (VmHWM, polled) against the checkpoint's size; then per decoder layer: seconds waiting for its weights
-(not hidden behind the previous layer) and computing, and tokens/s.
+and prints one table: seconds (wall of the child; "own s" is the command's own time from its report: interpreter
+start and the CLI's imports excluded, the import of the model's transformers classes included), GB/s of checkpoint
+read and its share of cat's speed; for calibrate also "pass s", the engine pass alone (embeddings and every layer,
+waits for reading included; the report's other phases in the note) and its share of cat's speed; tokens/s, peak
+RSS of the child (VmHWM, polled) against the checkpoint's size; then per decoder layer: seconds waiting for its
+weights (not hidden behind the previous layer's compute) and computing, and tokens/s.
 
     python bench/bench_engine.py                          # CPU, 2 and 4 layers, 2 x 256 tokens (a few minutes)
     python bench/bench_engine.py --device cuda --samples 128 --seq-len 2048 --experts all,routed   # lent GPU
@@ -49,6 +51,7 @@ class Row:
     peak_anon: int = 0  # RssAnon, polled: VmHWM less the mapped files' pages
     note: str = ""
     parts: list[dict] = field(default_factory=list)
+    pass_seconds: float = float("nan")  # calibrate: the engine pass alone (its report's phases)
 
     @property
     def gbps(self) -> float:
@@ -93,6 +96,8 @@ def calibrate_row(src: Path, text: Path, work: Path, layers: int, device: str, e
               peak_rss=run.peak_rss, peak_anon=run.peak_anon, note=run.note)
     if run.report is not None:
         row.own_seconds, row.tokens, row.parts = run.report["seconds"], run.report["tokens"], run.report["parts"]
+        row.pass_seconds = run.report["phases"]["pass"]
+        row.note = ", ".join(f"{k} {v:.2f} s" for k, v in run.report["phases"].items())
     return row
 
 
@@ -120,15 +125,19 @@ def gptq_row(src: Path, text: Path, work: Path, layers: int, device: str, args, 
 
 def print_tables(rows: list[Row]) -> None:
     head = (f"| {'case':<40} | layers | {'ckpt GB':>7} | {'seconds':>7} | {'own s':>6} | {'GB/s':>5} | {'of cat':>6} "
+            f"| {'pass s':>6} | {'pass of cat':>11} "
             f"| {'tokens/s':>8} | {'peak RSS':>9} | {'RSS/ckpt':>8} | {'peak anon':>9} | {'anon/ckpt':>8} | note")
     print(head)
     print("|" + "-" * (len(head) - 1))
     for r in rows:
         cat = next((c for c in rows if c.case.startswith("cat") and c.layers == r.layers), None)
         share = f"{r.gbps / cat.gbps:6.0%}" if cat and not r.case.startswith("cat") else f"{'':>6}"
+        passed = (f"{r.pass_seconds:6.1f} | {cat.seconds / r.pass_seconds:11.0%}" if cat and r.pass_seconds > 0
+                  else f"{'':>6} | {'':>11}")
         tps = f"{r.tokens / r.own_seconds:8.0f}" if r.tokens else f"{'':>8}"
         print(f"| {r.case:<40} | {r.layers:>6} | {r.ckpt_bytes / 1e9:7.2f} | {r.seconds:7.1f} | {r.own_seconds:6.1f} "
-              f"| {r.gbps:5.2f} | {share} | {tps} | {fmt_rss(r.peak_rss):>9} | {r.peak_rss / r.ckpt_bytes:8.2f} "
+              f"| {r.gbps:5.2f} | {share} | {passed} | {tps} | {fmt_rss(r.peak_rss):>9} "
+              f"| {r.peak_rss / r.ckpt_bytes:8.2f} "
               f"| {fmt_rss(r.peak_anon):>9} | {r.peak_anon / r.ckpt_bytes:8.2f} | "
               f"{r.note}")
     for r in rows:

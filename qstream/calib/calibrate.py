@@ -135,8 +135,11 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
     if is_mxfp4_checkpoint(ckpt):
         raise QstreamError(f"{ckpt.root}: already MXFP4; calibrate the checkpoint it was quantized from")
     wanted = wanted_tensors(ckpt)
+    clock = _Clock(t0)
     with StreamedModel(ckpt.root, dtype, device) as model:  # checks the model class and every layer's weights
+        clock.lap("model")
         ids, text_info = calibration_ids(ckpt.root, text, settings.samples, settings.seq_len)
+        clock.lap("text")
         if int(ids.max()) >= model.vocab_size:
             raise QstreamError(f"{ckpt.root}: its tokenizer yields id {int(ids.max())}, beyond the model's "
                                f"{model.vocab_size} embeddings; the tokenizer does not belong to this model")
@@ -153,15 +156,31 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
                 with HiddenStore(job.tokens, model.hidden_size, dtype, settings.hidden_budget, tmp, device) as store:
                     stats = run(model, job, store, Collector(wanted, settings.experts, tmp), first,
                                 settings.batch_tokens, progress)
+            clock.lap("pass")
             names = merge_layers(tmp, model.n_layers, tmp / STATS_NAME)
             summary = _summary(ckpt, model.model.config.model_type, text_info, settings, device, dtype, wanted,
                                names, tmp / STATS_NAME)
             write_json(tmp / SUMMARY_NAME, summary)
-            report = {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
+            clock.lap("statistics")
+            report = {"seconds": time.perf_counter() - t0, "phases": clock.laps, "peak_rss_bytes": peak_rss_bytes(),
                       "resumed_from_layer": first if resume else None, "tokens": job.tokens,
                       "parts": [asdict(p) for p in stats.parts] if stats else []}
             write_json(tmp / REPORT_NAME, report)
     return {**summary, "report": report}
+
+
+class _Clock:
+    """Seconds per phase of a run, for its report: `model` (the model class's import, its meta build, the resident
+    weights), `text` (tokenizing), `pass` (the engine: embeddings and every layer), `statistics` (merged, summed)."""
+
+    def __init__(self, t0: float) -> None:
+        self.last = t0
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
 
 
 def merge_layers(tmp: Path, n_layers: int, out: Path) -> list[str]:

@@ -123,21 +123,25 @@ class RunStats:
 
 def parts_in_turn(model: StreamedModel, parts: Sequence[Part], times: list[float], ahead: bool) -> Iterator[Part]:
     """Yield each part loaded, the next being read meanwhile (loaded if `ahead`, else only read into the page
-    cache); each is freed once the caller is done with it. `times` receives the seconds spent waiting per part."""
+    cache); each is freed once the caller is done with it. `times` receives the seconds spent waiting per part
+    (for its reading, or loading, not hidden behind the previous part's compute)."""
     fetch = model.load if ahead else model.warm
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qstream-read") as pool:
         pending: Future | None = pool.submit(fetch, parts[0])
+        waited = 0.0  # ahead: already waited for this part before the previous one was freed
         for k, part in enumerate(parts):
             t0 = time.perf_counter()
             if pending is not None:
                 pending.result()
             if not ahead:
                 model.load(part)
-            times.append(time.perf_counter() - t0)
+            times.append(waited + time.perf_counter() - t0)
             pending = pool.submit(fetch, parts[k + 1]) if k + 1 < len(parts) else None
             yield part
+            t0 = time.perf_counter()
             if ahead and pending is not None:
                 pending.result()  # the next part is in before this one goes: loading never races a free
+            waited = time.perf_counter() - t0
             model.free(part)
 
 
