@@ -10,10 +10,9 @@ A Linear's input is caught by a forward pre-hook. A fused experts module (transf
 every expert also computes its gate/up projection and gating on every token, so its down projection gets the
 statistics of all tokens, while the layer's own forward keeps the true routing for its output. In `routed`
 mode an expert sees only the tokens routed to it. Experts are batched: in `all` mode a group of experts'
-gate/up projections is one product and their sums over a batch's tokens are float32 (exact squares of bf16
-inputs, summed pairwise by torch); in `routed` mode the routed rows are sorted by expert once, go through one
-grouped product, and are summed per expert in float64. Either differs from the one-expert-at-a-time float64
-reference `down_input` in the last bits. Each batch sums into its own float64 partials, which are added in batch
+gate/up projections is one product, in `routed` mode the routed rows are sorted by expert once and go through
+one grouped product; their sums over a batch's tokens are float32 (exact squares of bf16 inputs), so they differ
+from the one-expert-at-a-time float64 reference `down_input` in the last bits. Each batch sums into its own float64 partials, which are added in batch
 order whichever thread ran the batch: the same bytes run to run.
 """
 
@@ -325,29 +324,30 @@ def square_sums(a: torch.Tensor, dim: int) -> torch.Tensor:
 def routed_sums(experts: Any, x: torch.Tensor, index: torch.Tensor, up: bool, down: bool
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Sums over each expert's routed tokens of x^2 (its gate/up input) and of its down projection's input,
-    float64 [E, hidden] and [E, inner] (None where not asked). No loop over experts: the routed rows, sorted by
+    float32 [E, hidden] and [E, inner] (None where not asked). No loop over experts: the routed rows, sorted by
     expert, go through one grouped product (`F.grouped_mm`) and the experts' own gating; the per-expert sums are
-    float64 products with the routing's 0/1 matrix (no atomics: the same bits run to run, and no TF32 setting
-    reaches them). One device sync per call (the routed row count)."""
+    products with 0/1 routing matrices (exact products, float32 accumulation at torch's default matmul precision,
+    which qstream never lowers; no atomics: the same bits run to run). One device sync per call (the row count)."""
     n_exp = experts.down_proj.shape[0]
-    k = index.shape[-1]
+    n, k = index.shape
     flat = index.reshape(-1).long()
-    flat = torch.where(flat < n_exp, flat, n_exp)  # past the experts (padding): nowhere
-    member = F.one_hot(flat, n_exp + 1)[:, :n_exp]  # [n * k, E]
+    flat = torch.where(flat < n_exp, flat, n_exp)  # an index past the experts (padding) routes nowhere
     up_x2 = down_x2 = None
     if up:
-        routing = member.view(x.shape[0], k, n_exp).sum(1).double()  # [n, E]: tokens routed to e
-        up_x2 = routing.T @ x.double().square()
+        routing = torch.zeros(n, n_exp + 1, dtype=torch.float32, device=x.device)  # tokens x experts, 0/1
+        routing.scatter_add_(1, flat.view(n, k), torch.ones(n, k, dtype=torch.float32, device=x.device))
+        up_x2 = routing[:, :n_exp].T @ x.float().square()
     if down:
-        order = torch.argsort(flat, stable=True)
-        counts = member.sum(0)
-        order = order[:int(counts.sum())]  # the sync: padding slots sort last
+        counts = torch.bincount(flat, minlength=n_exp + 1)[:n_exp]
+        order = torch.argsort(flat, stable=True)[:int(counts.sum())]  # the sync: padding slots sort last
         inner = experts.down_proj.shape[1 if experts.is_transposed else 2]
-        down_x2 = torch.zeros(n_exp, inner, dtype=torch.float64, device=x.device)
+        down_x2 = torch.zeros(n_exp, inner, dtype=torch.float32, device=x.device)
         if len(order):
-            h = _grouped_up(experts, x[order // k], counts, flat[order])
+            expert_of_row = flat[order]
+            h = _grouped_up(experts, x[order // k], counts, expert_of_row)
             a = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-            down_x2 = member[order].T.double() @ a.double().square()
+            member = expert_of_row[None, :] == torch.arange(n_exp, device=x.device)[:, None]  # experts x rows
+            down_x2 = member.to(torch.float32) @ a.float().square()
     return up_x2, down_x2
 
 
