@@ -12,8 +12,8 @@ statistics of all tokens, while the layer's own forward keeps the true routing f
 mode an expert sees only the tokens routed to it. Experts are batched: in `all` mode a group of experts'
 gate/up projections is one product, in `routed` mode the routed rows are sorted by expert once and go through
 one grouped product; their sums over a batch's tokens are float32 (exact squares of bf16 inputs), so they differ
-from the one-expert-at-a-time float64 reference `down_input` in the last bits. Each batch sums into its own float64 partials, which are added in batch
-order whichever thread ran the batch: the same bytes run to run.
+from the one-expert-at-a-time float64 reference `down_input` in the last bits. Each batch sums into its own
+float64 partials, which are added in batch order whichever thread ran the batch: the same bytes run to run.
 """
 
 from __future__ import annotations
