@@ -1,17 +1,21 @@
 """Names that several rooms need, kept at the bottom so no room imports a higher one for them.
 
 Output file names and their readers (the quantize report, stored eval results), where qstream caches
-things, the device a command runs on, and plain text tables. Nothing here knows about tensors' formats.
+things, the device a command runs on, a clock for reports' stages, and plain text tables. Nothing here knows
+about tensors' formats.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from qstream.errors import QstreamError
 
@@ -25,6 +29,48 @@ CARD_NAME = "README.md"  # the model card
 # A source card's section that says where its weights came from (e.g. dequantized from a 4-bit GGUF): it holds
 # for every checkpoint made from them, so cards carry it over verbatim (and assets' built cards write one).
 PROVENANCE = "## Provenance"
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class Clock:
+    """Where a run's time goes, seconds per stage, for its report: the first thing to read when a run is slower
+    than the disk. quantize's thread times blocks (`stage`, `timed`: waiting for reads, the kernel, waiting for
+    writes, syncing; its `totals.stages`); calibrate closes phases in turn (`lap`: the time since the last lap,
+    or since the clock started)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    last: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def timed(self, items: Iterator[T], name: str) -> Iterator[T]:
+        """`items`, the time spent waiting for each added to stage `name`; closing this closes them."""
+        try:
+            while True:
+                with self.stage(name):
+                    try:
+                        item = next(items)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
 
 def read_report(dst: Path) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qstream.calib.stats import EXPERT_MODES, ROUTED, Collector, experts_module, layer_file
-from qstream.common import REPORT_NAME, peak_rss_bytes, resolve_device
+from qstream.common import REPORT_NAME, Clock, peak_rss_bytes, resolve_device
 from qstream.convert.dequantize import is_mxfp4_checkpoint
 from qstream.engine.hidden import DEFAULT_BUDGET, HiddenStore
 from qstream.engine.model import StreamedModel
@@ -128,6 +128,7 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
     """Write STATS `dst` for checkpoint `src` (see module doc); returns the summary written to calibration.json
     with the run's report under "report"."""
     t0 = time.perf_counter()
+    clock = Clock(last=t0)  # the report's phases: model, text, pass, statistics
     if settings.experts not in EXPERT_MODES:
         raise QstreamError(f"--experts {settings.experts!r}: choose one of {', '.join(EXPERT_MODES)}")
     device, dtype = resolve_device(settings.device), dtype_of(settings.dtype)
@@ -135,7 +136,6 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
     if is_mxfp4_checkpoint(ckpt):
         raise QstreamError(f"{ckpt.root}: already MXFP4; calibrate the checkpoint it was quantized from")
     wanted = wanted_tensors(ckpt)
-    clock = _Clock(t0)
     with StreamedModel(ckpt.root, dtype, device) as model:  # checks the model class and every layer's weights
         clock.lap("model")
         ids, text_info = calibration_ids(ckpt.root, text, settings.samples, settings.seq_len)
@@ -162,25 +162,11 @@ def calibrate(src: Path, dst: Path, text: Text, settings: Settings = Settings(),
                                names, tmp / STATS_NAME)
             write_json(tmp / SUMMARY_NAME, summary)
             clock.lap("statistics")
-            report = {"seconds": time.perf_counter() - t0, "phases": clock.laps, "peak_rss_bytes": peak_rss_bytes(),
+            report = {"seconds": time.perf_counter() - t0, "phases": clock.seconds, "peak_rss_bytes": peak_rss_bytes(),
                       "resumed_from_layer": first if resume else None, "tokens": job.tokens,
                       "parts": [asdict(p) for p in stats.parts] if stats else []}
             write_json(tmp / REPORT_NAME, report)
     return {**summary, "report": report}
-
-
-class _Clock:
-    """Seconds per phase of a run, for its report: `model` (the model class's import, its meta build, the resident
-    weights), `text` (tokenizing), `pass` (the engine: embeddings and every layer), `statistics` (merged, summed)."""
-
-    def __init__(self, t0: float) -> None:
-        self.last = t0
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = now - self.last
-        self.last = now
 
 
 def merge_layers(tmp: Path, n_layers: int, out: Path) -> list[str]:

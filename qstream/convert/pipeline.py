@@ -8,18 +8,17 @@ resumed shard by shard.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
-from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, peak_rss_bytes, resolve_device, row_chunks
+from qstream.common import CHUNK_ELEMENTS, REPORT_NAME, Clock, peak_rss_bytes, resolve_device, row_chunks
 from qstream.convert.streams import OrderedWriter, prefetch
 from qstream.errors import QstreamError
 from qstream.format.kernels import quantize_fast, warm_up
@@ -64,40 +63,6 @@ class ShardRunner(Protocol):
 
     def describe(self) -> dict:
         """Where the shards were written, for the report."""
-
-
-T = TypeVar("T")
-
-
-@dataclass
-class Clock:
-    """Where the quantizing thread's time goes, seconds per stage (the report's `totals.stages`): the first thing
-    to read when a run is slower than the disk (waiting for reads, the kernel, waiting for writes, syncing)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-
-    def timed(self, items: Iterator[T], name: str) -> Iterator[T]:
-        """`items`, the time spent waiting for each added to stage `name`; closing this closes them."""
-        try:
-            while True:
-                with self.stage(name):
-                    try:
-                        item = next(items)
-                    except StopIteration:
-                        return
-                yield item
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
 
 
 STATS_SUFFIX = ".stats.json"  # per finished shard: its quantization statistics, for resumed reports
