@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common import ROOT, qstream_cmd, run_child, run_reported  # first: the repository on sys.path
+from common import ROOT, evict, qstream_cmd, run_child, run_reported  # first: the repository on sys.path
 
 import torch
 from bench_quantize import device_line, ensure_checkpoint, fmt_rss, warm, weight_bytes
@@ -67,16 +66,6 @@ def prepare(src: Path, work: Path, chars: int) -> Path:
         readme = (ROOT / "README.md").read_text()
         text.write_text(readme * (chars // len(readme) + 1))
     return text
-
-
-def evict(ckpt: Path) -> None:
-    """Drop the checkpoint's pages from the page cache (no root needed), for cold-read rows."""
-    for p in ckpt.glob("*.safetensors"):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def cat_row(src: Path, work: Path, layers: int) -> Row:

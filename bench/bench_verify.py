@@ -3,7 +3,8 @@
 For the lead, one device call (H200; builds syn-1/2/4 under --work first, ~18 GB; verify --full left out):
 
     python bench/bench_verify.py --layers 1,2,4 --devices cpu,cuda --no-full --work /tmp/qsb --json $OUT/verify.json
-    # before/after in the same run: add --baseline DIR (a checkout of the code before, e.g. `git worktree add`)
+    # before/after in the same run: add --baseline DIR (a checkout of the code before, e.g. `git worktree add`);
+    # --cold evicts the source from the page cache before each copy and quantize row
 
 The questions (issue 15): is the source check as fast as the conversion it checks (target: within 1.5x of
 quantize's time on the same checkpoint and machine)? Does quantize run at the speed of the disk (targets: >= 80%
@@ -40,7 +41,7 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
 from bench_quantize import device_line, ensure_checkpoint, versions, warm, weight_bytes  # noqa: E402
-from common import _memory  # noqa: E402
+from common import _memory, evict  # noqa: E402
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Row:
     cpu: float = float("nan")  # user + system seconds of the child
     note: str = ""
     round: int = 0  # rows of one round (a copy, then quantize) are compared with each other
+    stages: str = ""  # quantize: its report's stage clock (seconds)
 
 
 def run(cmd: list[str], log: Path, timeout: float | None = None,
@@ -96,7 +98,9 @@ def quantize_row(src: Path, dst: Path, work: Path, n: int, dev: str, baseline: P
     if rc:
         row.note = f"FAILED rc={rc}, see {work}/{tag}.log"
     else:
-        row.own = json.loads((dst / "qstream_report.json").read_text())["totals"]["seconds"]
+        totals = json.loads((dst / "qstream_report.json").read_text())["totals"]
+        row.own = totals["seconds"]
+        row.stages = ", ".join(f"{k} {v:.2f}" for k, v in totals["stages"].items() if v >= 0.01)
     return row
 
 
@@ -154,7 +158,7 @@ def print_table(rows: list[Row], size: dict[int, int]) -> None:
         ratio = f"{r.wall / q.wall:.2f} / {r.own / q.own:.2f}" if q and r.case != "cp -r" else "-"
         print(f"| {r.case:<22} | {r.layers:>6} | {r.device:<6} | {r.wall:7.1f} | {r.own:7.1f} | {ratio:>21} "
               f"| {size[r.layers] / r.wall / 1e9:9.3f} | {cp.wall / r.wall:5.0%} | {r.cpu:6.1f} "
-              f"| {r.peak_rss / 2**20:5.0f} MiB | {r.note}")
+              f"| {r.peak_rss / 2**20:5.0f} MiB | {'; '.join(x for x in (r.note, r.stages) if x)}")
 
 
 def main() -> None:
@@ -170,6 +174,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write every number here")
     ap.add_argument("--baseline", type=Path, help="also time quantize with the qstream of this checkout (before)")
     ap.add_argument("--repeat", type=int, default=1, help="time copy and quantize this many times, interleaved")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the source from the page cache before each copy and quantize (verify stays warm)")
     args = ap.parse_args()
 
     import torch
@@ -186,15 +192,19 @@ def main() -> None:
         size[n] = weight_bytes(src)
         print(f"{n} layer(s): {size[n] / 1e9:.2f} GB bf16", flush=True)
         warm(src)
+        cold = evict if args.cold else lambda _: None
         for dev in devices:
             dst = args.work / f"out-verify-{dev}-{n}"
             for _ in range(args.repeat):  # interleaved, so a change in the machine's load hits all alike
                 rnd = rows[-1].round + 1 if rows else 1
+                cold(src)
                 rows.append(copy_row(src, args.work, n))
                 if args.baseline:
+                    cold(src)
                     rows.append(quantize_row(src, args.work / f"out-base-{dev}-{n}", args.work, n, dev,
                                              args.baseline))
                     print(rows[-1], flush=True)
+                cold(src)
                 rows.append(quantize_row(src, dst, args.work, n, dev))
                 if args.baseline and not rows[-1].note:
                     rows[-1].note = same_shards(args.work / f"out-base-{dev}-{n}", dst)
@@ -203,6 +213,7 @@ def main() -> None:
                     r.round = r.round or rnd
             if rows[-1].note not in ("", "shards = base"):
                 continue
+            warm(src)
             for full in [False] if args.no_full else [False, True]:
                 rows.append(verify_row(src, dst, args.work, n, dev, full, args.full_timeout if full else None))
                 rows[-1].round = rnd

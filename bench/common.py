@@ -100,3 +100,13 @@ def same_outputs(a: Path, b: Path, skip: tuple[str, ...] = (REPORT_NAME,)) -> bo
     names = sorted(p.name for p in a.iterdir() if p.name not in skip)
     return names == sorted(p.name for p in b.iterdir() if p.name not in skip) and all(
         filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def evict(ckpt: Path) -> None:
+    """Drop the checkpoint's pages from the page cache (no root needed), for cold-read rows."""
+    for p in ckpt.glob("*.safetensors"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -171,9 +171,6 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
       qstream quantize ./M ./M-MXFP4 --method gptq --calib-samples 128 --calib-seq-len 2048
       qstream quantize ./M ./M-MXFP4 --ray   # a shard per task on a local Ray instance (--ray HOST:PORT: a cluster)
     """
-    from qstream.quantize import quantize_checkpoint
-    from qstream.report.summary import run_text
-
     calibrated_method = method != Method.RTN.value
     if calibrated_method and kw["rule"] != Rule.MSE3.value:
         raise QstreamError(f"--rule {kw['rule']} with --method {method}: {method} chooses its own exponents "
@@ -190,6 +187,13 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     if gptq_damp is not None and not 0 < gptq_damp <= 1:
         raise QstreamError(f"--gptq-damp {gptq_damp}: give a share of the Hessian's mean diagonal in (0, 1], "
                            f"e.g. {GPTQ_DAMP}")
+    if method == Method.RTN.value and ray_address is None:  # the imports below and the device's start take seconds
+        from qstream.io import read_ahead
+
+        read_ahead.start(src)
+    from qstream.quantize import quantize_checkpoint
+    from qstream.report.summary import run_text
+
     cluster = None
     if ray_address is not None:
         from qstream.cluster import Cluster, check_address
