@@ -180,6 +180,39 @@ def test_build_is_cached_and_safe_under_concurrent_first_use(tmp_path, monkeypat
     assert cpu.build() == built and built.stat().st_mtime_ns == mtime  # reused, not rebuilt
 
 
+def test_machine_build_writes_the_generic_builds_bytes(monkeypatch) -> None:
+    """The build for this CPU (AVX2 where it has it) against the one with no machine-specific flag, on the extreme
+    values of every dtype and on many Gaussian blocks: the same bytes and the very same statistics."""
+    if cpu.machine_flags() == cpu.FLAGS:
+        pytest.skip("this machine's build is the generic one")
+    try:
+        generic = cpu.load(cpu.build(cpu.FLAGS))
+    except cpu.BuildError as exc:
+        pytest.skip(str(exc))
+    tensors = [extreme_tensor(dtype, seed=7) for dtype in DTYPES]
+    tensors.append((torch.randn(257, 1024, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16))
+    for w in tensors:
+        for rule in Rule:
+            mine = cpu.quantize(w, rule)
+            monkeypatch.setattr(cpu, "library", lambda: generic)
+            theirs = cpu.quantize(w, rule)
+            monkeypatch.undo()
+            assert torch.equal(mine.packed, theirs.packed) and torch.equal(mine.scales, theirs.scales), (w.dtype, rule)
+            assert (mine.sq_error, mine.sq_norm, mine.offset_counts) == (theirs.sq_error, theirs.sq_norm,
+                                                                         theirs.offset_counts)
+
+
+def test_flags_the_compiler_refuses_fall_back_to_the_generic_build(monkeypatch) -> None:
+    try:
+        generic = cpu.build(cpu.FLAGS)
+    except cpu.BuildError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setattr(cpu, "machine_flags", lambda: cpu.FLAGS + ("-fqstream-no-such-flag",))
+    with pytest.raises(cpu.BuildError, match="failed"):
+        cpu.build()
+    assert cpu.library.__wrapped__() is cpu.load(generic)
+
+
 def test_dispatch_and_fallback_without_compiler(monkeypatch) -> None:
     w = torch.randn(8, 64).to(torch.bfloat16)
     assert kernels.backend_name("meta") == "torch"
