@@ -31,6 +31,7 @@ from qstream.engine.weights import causal_lm_class, lazy_state_dict, read_stored
 from qstream.errors import QstreamError
 from qstream.io.checkpoint import Checkpoint, open_checkpoint
 from qstream.io.device_reader import READ_CHUNK, DeviceReader
+from qstream.io.read_ahead import read_span
 
 EMBED, HEAD, RESIDENT = "embed", "head", "resident"
 Part = int | str  # a decoder layer's index, or EMBED / HEAD / RESIDENT
@@ -292,13 +293,7 @@ class StreamedModel:
         for path, spans in by_file.items():
             fd = os.open(path, os.O_RDONLY)
             try:
-                for b, e in spans:
-                    while b < e:
-                        n = os.preadv(fd, [view[:min(READ_CHUNK, e - b)]], b)
-                        if n <= 0:
-                            break
-                        b += n
-                        total += n
+                total += sum(read_span(fd, b, e, view) for b, e in spans)
             finally:
                 os.close(fd)
         return total

@@ -52,6 +52,18 @@ def _cached(fd: int, offset: int, probe: bytearray) -> bool:
         return False
 
 
+def read_span(fd: int, begin: int, end: int, view: memoryview) -> int:
+    """Read bytes [begin, end) of fd through `view`, a piece at a time, only for the page cache (the engine's
+    look-ahead too); returns the bytes read (fewer where the file ends first)."""
+    done = 0
+    while begin + done < end:
+        k = os.preadv(fd, [view[:min(len(view), end - begin - done)]], begin + done)
+        if k <= 0:
+            break
+        done += k
+    return done
+
+
 def read_ahead(files: Sequence[Path], budget: int) -> int:
     """Read `files` front to back into the page cache, skipping pieces cached already, until `budget` bytes of
     them have been passed; returns the bytes it read from the files (the rest was cached)."""
@@ -72,13 +84,7 @@ def read_ahead(files: Sequence[Path], budget: int) -> int:
                 passed += n
                 if _cached(fd, offset, probe) and _cached(fd, offset + n - min(n, PAGE), probe):
                     continue
-                got = 0
-                while got < n:
-                    k = os.preadv(fd, [view[got:n]], offset + got)
-                    if k <= 0:
-                        break
-                    got += k
-                read += got
+                read += read_span(fd, offset, offset + n, view)
         finally:
             os.close(fd)
     return read
