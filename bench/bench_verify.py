@@ -18,7 +18,9 @@ a time on the same warm page cache:
 Each row gives wall seconds of the child process (process start, imports, CUDA/Triton start included) and its
 own seconds (process start excluded; quantize: its report's; verify: the verify() call, timed inside the child
 after torch and the device are up), their ratio to quantize's, the share of `cp -r`'s speed (cp wall / wall),
-and peak RSS (VmHWM).
+and peak RSS (VmHWM). A second table splits each quantize run's wall time (PHASES): the interpreter's start (to
+timed_cli.py's first line), imports and planning (to the run's own clock start), its own seconds, after the report
+(verify_written, the card, the summary line, atexit handlers) and the exit (interpreter and torch teardown).
 
     nice -n 10 python bench/bench_verify.py                    # 1 layer, cpu (and cuda when present)
     python bench/bench_verify.py --layers 1,2 --devices cuda --json out.json
@@ -33,7 +35,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -56,13 +58,14 @@ class Row:
     note: str = ""
     round: int = 0  # rows of one round (a copy, then quantize) are compared with each other
     stages: str = ""  # quantize: its report's stage clock (seconds)
+    phases: dict[str, float] = field(default_factory=dict)  # quantize: where its wall time went (the docstring)
 
 
-def run(cmd: list[str], log: Path, timeout: float | None = None,
-        root: Path = ROOT) -> tuple[float, int, int | None, float]:
+def run(cmd: list[str], log: Path, timeout: float | None = None, root: Path = ROOT,
+        env: dict[str, str] | None = None) -> tuple[float, int, int | None, float]:
     """(wall seconds, peak RSS bytes, exit code or None if cut off at `timeout`, CPU seconds: user + system) of
     one child process, running the qstream found at `root`. CPU seconds vary less than wall on a shared machine."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     peak = 0
     with open(log, "w") as fh:
@@ -90,17 +93,27 @@ def copy_row(src: Path, work: Path, n: int) -> Row:
 
 def quantize_row(src: Path, dst: Path, work: Path, n: int, dev: str, baseline: Path | None = None) -> Row:
     """`qstream quantize` of this checkout, or (`baseline`) of the checkout at that path."""
-    cmd = [sys.executable, "-m", "qstream", "quantize", str(src), str(dst), "--device", dev, "--no-progress",
-           "--overwrite"]
+    cmd = [sys.executable, str(BENCH / "timed_cli.py"), "quantize", str(src), str(dst), "--device", dev,
+           "--no-progress"]
     tag = f"quantize{'-base' if baseline else ''}-{dev}-{n}"
-    wall, rss, rc, cpu = run(cmd, work / f"{tag}.log", root=baseline or ROOT)
+    marks = work / f"{tag}.marks.json"
+    marks.unlink(missing_ok=True)
+    subprocess.run(["rm", "-rf", str(dst)], check=True)  # as for cp -r: removing the last output is not timed
+    spawned = time.time()
+    wall, rss, rc, cpu = run(cmd, work / f"{tag}.log", root=baseline or ROOT, env={"QSTREAM_BENCH_MARKS": str(marks)})
+    ended = spawned + wall
     row = Row("quantize (base)" if baseline else "quantize", n, dev, wall, float("nan"), rss, cpu)
     if rc:
         row.note = f"FAILED rc={rc}, see {work}/{tag}.log"
     else:
-        totals = json.loads((dst / "qstream_report.json").read_text())["totals"]
+        report = dst / "qstream_report.json"
+        totals = json.loads(report.read_text())["totals"]
         row.own = totals["seconds"]
         row.stages = ", ".join(f"{k} {v:.2f}" for k, v in totals["stages"].items() if v >= 0.01)
+        m = json.loads(marks.read_text())
+        reported = report.stat().st_mtime
+        row.phases = {"interpreter": m["script"] - spawned, "imports and plan": reported - row.own - m["script"],
+                      "own": row.own, "after report": m["returned"] - reported, "exit": ended - m["returned"]}
     return row
 
 
@@ -159,6 +172,18 @@ def print_table(rows: list[Row], size: dict[int, int]) -> None:
         print(f"| {r.case:<22} | {r.layers:>6} | {r.device:<6} | {r.wall:7.1f} | {r.own:7.1f} | {ratio:>21} "
               f"| {size[r.layers] / r.wall / 1e9:9.3f} | {cp.wall / r.wall:5.0%} | {r.cpu:6.1f} "
               f"| {r.peak_rss / 2**20:5.0f} MiB | {'; '.join(x for x in (r.note, r.stages) if x)}")
+
+
+def print_phases(rows: list[Row]) -> None:
+    """Where each quantize run's wall time went: see PHASES."""
+    timed = [r for r in rows if r.phases]
+    if not timed:
+        return
+    names = list(timed[0].phases)
+    print(f"\n| {'quantize: wall s by phase':<26} | round | " + " | ".join(f"{n:>16}" for n in names) + " |   wall |")
+    for r in timed:
+        print(f"| {r.case + ' ' + r.device + ' ' + str(r.layers) + 'L':<26} | {r.round:>5} | "
+              + " | ".join(f"{r.phases[n]:16.2f}" for n in names) + f" | {r.wall:6.2f} |")
 
 
 def main() -> None:
@@ -220,6 +245,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     print()
     print_table(rows, size)
+    print_phases(rows)
     if args.json:
         args.json.write_text(json.dumps({"device": device_line(), "versions": versions(None),
                                          "bytes": size, "rows": [asdict(r) for r in rows]}, indent=1))

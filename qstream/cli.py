@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import sys
@@ -55,6 +56,17 @@ class _Group(click.Group):
                 raise
             click.echo(f"qstream: {_interrupted(exc, ctx.invoked_subcommand)}", err=True)
             ctx.exit(INTERRUPTED_EXIT)
+
+
+_process: dict[str, bool] = {"own": False}  # True when main() runs: the process is the command's alone
+
+
+def _imported() -> None:
+    """Call once a command's heavy imports are done. In a process of its own (not a library call, not a test
+    runner), `gc.freeze` takes what was imported (torch's 170,000 objects, alive until exit) out of every later
+    collection, including the one at exit: 0.4-0.5 s of each run's end on 2 cores."""
+    if _process["own"]:
+        gc.freeze()
 
 
 def _choice(values: Iterable[str]) -> click.Choice:
@@ -187,12 +199,19 @@ def quantize(src: Path, dst: Path, device: str, overwrite: bool, resume: bool, n
     if gptq_damp is not None and not 0 < gptq_damp <= 1:
         raise QstreamError(f"--gptq-damp {gptq_damp}: give a share of the Hessian's mean diagonal in (0, 1], "
                            f"e.g. {GPTQ_DAMP}")
-    if method == Method.RTN.value and ray_address is None:  # the imports below and the device's start take seconds
+    in_process = method == Method.RTN.value and ray_address is None
+    if in_process:  # the imports below and the device's start take seconds
         from qstream.io import read_ahead
 
         read_ahead.start(src)
+    from qstream.common import resolve_device
+    from qstream.format.kernels import warm_up
     from qstream.quantize import quantize_checkpoint
     from qstream.report.summary import run_text
+
+    _imported()
+    if in_process:  # the kernel's start (CUDA, Triton) overlaps the planning too
+        warm_up(resolve_device(device), Rule(kw["rule"]))
 
     cluster = None
     if ray_address is not None:
@@ -356,6 +375,7 @@ def verify_cmd(dst: Path, source: Path | None, device: str, full: bool, seed: in
     from qstream.check.kernel_audit import Sampling
     from qstream.check.verify import verify
 
+    _imported()
     check_with_vllm = _vllm_checker() if vllm else None  # a flag that cannot work fails before the long part
     report = verify(dst, source, device=device, full=full, sampling=Sampling(seed=seed))
     # no point loading a checkpoint already known to be broken
@@ -398,6 +418,7 @@ def dequantize_cmd(src: Path, dst: Path, max_shard_size: str, overwrite: bool, n
     from qstream.convert.dequantize import dequantize_checkpoint
     from qstream.planning.plan import parse_size
 
+    _imported()
     r = dequantize_checkpoint(src, dst, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                               progress=not no_progress and sys.stderr.isatty())
     fp8 = f" and {r['modules_decoded_from_fp8']} kept FP8/MXFP8" if r["modules_decoded_from_fp8"] else ""
@@ -595,4 +616,5 @@ def card_cmd(dst: Path, source_readme: Path | None) -> None:
 
 
 def main() -> None:
+    _process["own"] = True
     cli(prog_name="qstream")
