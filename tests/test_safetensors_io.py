@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qstream.errors import QstreamError
-from qstream.io.safetensors_io import OutEntry, ShardWriter, read_header, read_rows
+from qstream.io.safetensors_io import OutEntry, ShardWriter, count_byte, read_header, read_rows
 from qstream.io.shards import shard_file, write_index
 
 
@@ -26,6 +26,22 @@ def tensors() -> dict[str, torch.Tensor]:
         "d.bias": torch.randn(11, generator=g),
         "e.scalar": torch.tensor(3.5),
     }
+
+
+@pytest.mark.parametrize("piece", [1, 3, 5, 14, 1 << 20])
+def test_count_byte_counts_and_finds_the_first(tmp_path: Path, piece: int) -> None:
+    scale = torch.zeros(7, 2, dtype=torch.uint8)
+    scale[3, 1] = scale[5, 0] = scale[6, 1] = 255
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.full((9,), 255, dtype=torch.uint8), "s": scale, "z": torch.full((4,), 255, dtype=torch.uint8)},
+              path)
+    info = read_header(path).tensors["s"]
+    assert count_byte(path, info, 255, piece) == (3, 3 * 2 + 1)  # not the 255s of the tensors around it
+    assert count_byte(path, info, 7, piece) == (0, -1)
+    with open(path, "r+b") as f:
+        f.truncate(info.end - 1)
+    with pytest.raises(QstreamError, match="'s' ends early"):
+        count_byte(path, info, 255, piece)
 
 
 def test_header_and_rows_match_safetensors(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:

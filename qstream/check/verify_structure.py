@@ -12,7 +12,6 @@ from collections import defaultdict
 from pathlib import Path
 
 from qstream.check.verify_report import Check
-from qstream.common import row_chunks
 from qstream.errors import QstreamError
 from qstream.format.formats import (
     BF16,
@@ -29,13 +28,12 @@ from qstream.format.formats import (
 )
 from qstream.format.mxfp4 import BLOCK
 from qstream.io.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, SourceTensor, open_checkpoint
-from qstream.io.safetensors_io import TensorInfo, read_rows
+from qstream.io.safetensors_io import TensorInfo, count_byte
 from qstream.planning.plan import linear_modules
 from qstream.planning.selection import Role
 from qstream.planning.targets import check_merges, targeting_problems
 
 NAN_SCALE = 255  # E8M0 NaN: never a valid scale
-CHUNK_ELEMENTS = 4 * 1024 * 1024  # scale bytes held at once
 
 # The compressed-tensors block vLLM reads (see Plan.quantization_config), from the format table. The planner writes
 # from the same rows, so the judges independent of the table are compressed-tensors' own parser (below)
@@ -194,15 +192,11 @@ def _scales(ckpt: Checkpoint[SourceTensor]) -> Check:
     check = Check("scale bytes", f"{len(names)} scale tensors, no byte {NAN_SCALE}")
     for name in names:
         st = ckpt.tensors[name]
-        count, first = 0, (0, 0)
-        for r0, r1 in row_chunks(*st.info.row_shape, max_elements=CHUNK_ELEMENTS):
-            hits = (read_rows(st.file, st.info, r0, r1) == NAN_SCALE).nonzero()
-            if len(hits) and not count:
-                first = (r0 + int(hits[0, 0]), int(hits[0, 1]))
-            count += len(hits)
+        count, first = count_byte(st.file, st.info, NAN_SCALE)
         if count:
+            row, block = divmod(first, st.info.row_shape[1])
             check.failures.append(f"{name}: {count} scale bytes are {NAN_SCALE} (NaN in E8M0), first at row "
-                                  f"{first[0]}, block {first[1]}; the quantizer wrote an invalid exponent")
+                                  f"{row}, block {block}; the quantizer wrote an invalid exponent")
     return check
 
 

@@ -188,6 +188,22 @@ def read_rows(path: Path, info: TensorInfo, row_start: int, row_end: int) -> tor
     return buf.view(info.torch_dtype).reshape(row_end - row_start, cols)
 
 
+def count_byte(path: Path, info: TensorInfo, value: int, piece: int = 4 << 20) -> tuple[int, int]:
+    """How many of a tensor's stored bytes equal `value`, and the index of the first (-1: none): read a piece at a
+    time and searched as bytes, so a check of thousands of small tensors costs their reads, not tensor ops."""
+    needle, count, first = bytes([value]), 0, -1
+    with open(path, "rb", buffering=0) as f:
+        for begin in range(0, info.nbytes, piece):
+            data = os.pread(f.fileno(), min(piece, info.nbytes - begin), info.start + begin)
+            if len(data) < min(piece, info.nbytes - begin):
+                raise _bad(Path(path), f"tensor {info.name!r} ends early")
+            hits = data.count(needle)
+            if hits and first < 0:
+                first = begin + data.index(needle)
+            count += hits
+    return count, first
+
+
 @dataclass(frozen=True)
 class OutEntry:
     """A tensor the writer will hold: its name, dtype and shape, known before any data."""
