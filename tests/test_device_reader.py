@@ -3,7 +3,6 @@ only after the copy that last read them (the CUDA path's ordering, seen here thr
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from qstream.engine.weights import read_stored
 from qstream.errors import QstreamError
 from qstream.format.rules import Rule
 from qstream.io.checkpoint import open_checkpoint
-from qstream.io.device_reader import MIN_PART, DeviceReader, Staging, pread_parts
+from qstream.io.device_reader import DeviceReader, Staging
 from qstream.planning.plan import CopyJob, make_plan
 from qstream.planning.selection import Selection
 
@@ -42,23 +41,6 @@ def test_truncated_file_is_named(tiny_qwen35: Path, tmp_path: Path) -> None:
         f.truncate(t.info.end - 10)
     with pytest.raises(QstreamError, match=f"{t.name}.*ends early"):
         DeviceReader(CPU, chunk=1000)(t)
-
-
-@pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
-def test_a_piece_read_in_parts_is_the_file(tmp_path: Path, parts: int) -> None:
-    data = os.urandom(3 * MIN_PART + 12345)
-    (tmp_path / "f").write_bytes(data)
-    fd = os.open(tmp_path / "f", os.O_RDONLY)
-    try:
-        for offset, n in [(0, len(data)), (777, 3 * MIN_PART + 11), (5, MIN_PART - 1), (MIN_PART, 2 * MIN_PART)]:
-            buf = bytearray(n)
-            assert pread_parts(fd, memoryview(buf), offset, parts)
-            assert bytes(buf) == data[offset:offset + n], (offset, n)
-        # the file ends inside the last part, or before the first: never a silent partial read
-        assert not pread_parts(fd, memoryview(bytearray(3 * MIN_PART)), len(data) - 3 * MIN_PART + 1, parts)
-        assert not pread_parts(fd, memoryview(bytearray(3 * MIN_PART)), len(data), parts)
-    finally:
-        os.close(fd)
 
 
 class _Copy:

@@ -1,8 +1,10 @@
-"""qstream.io.safetensors_io: headers validated against the file, row-range reads, the streaming shard writer."""
+"""qstream.io.safetensors_io: headers validated against the file, row-range reads (in parts), the byte search of the
+scale check, the streaming shard writer."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qstream.errors import QstreamError
-from qstream.io.safetensors_io import OutEntry, ShardWriter, count_byte, read_header, read_rows
+from qstream.io.safetensors_io import (MIN_PART, OutEntry, ShardWriter, count_byte, pread_parts, read_header,
+                                       read_rows)
 from qstream.io.shards import shard_file, write_index
 
 
@@ -26,6 +29,31 @@ def tensors() -> dict[str, torch.Tensor]:
         "d.bias": torch.randn(11, generator=g),
         "e.scalar": torch.tensor(3.5),
     }
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
+def test_a_piece_read_in_parts_is_the_file(tmp_path: Path, parts: int) -> None:
+    data = os.urandom(3 * MIN_PART + 12345)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        for offset, n in [(0, len(data)), (777, 3 * MIN_PART + 11), (5, MIN_PART - 1), (MIN_PART, 2 * MIN_PART)]:
+            buf = bytearray(n)
+            assert pread_parts(fd, memoryview(buf), offset, parts)
+            assert bytes(buf) == data[offset:offset + n], (offset, n)
+        # the file ends inside the last part, or before the first: never a silent partial read
+        assert not pread_parts(fd, memoryview(bytearray(3 * MIN_PART)), len(data) - 3 * MIN_PART + 1, parts)
+        assert not pread_parts(fd, memoryview(bytearray(3 * MIN_PART)), len(data), parts)
+    finally:
+        os.close(fd)
+
+
+def test_rows_of_a_tensor_read_in_parts(tmp_path: Path) -> None:
+    big = torch.randn(1500, 1024, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)  # 3 MiB: 3 parts
+    save_file({"big": big}, tmp_path / "x.safetensors")
+    info = read_header(tmp_path / "x.safetensors").tensors["big"]
+    for r0, r1 in [(0, 1500), (7, 1300), (1000, 1001)]:
+        assert torch.equal(read_rows(tmp_path / "x.safetensors", info, r0, r1), big[r0:r1]), (r0, r1)
 
 
 @pytest.mark.parametrize("piece", [1, 3, 5, 14, 1 << 20])

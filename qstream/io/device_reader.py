@@ -8,17 +8,14 @@ copy has finished. A read returns once its copies are queued, having made the de
 them: work the consumer queues there after the read runs on the complete tensor, and the reading thread goes on
 to the next read without waiting for the copy (a consumer on another stream would have to wait for the default
 one). The tensor is recorded as used by the default stream, so its memory is not handed back to the copy stream
-while kernels there still read it. A piece is read in parts at once (`pread_parts`): one thread copies cached pages
-at 3-4 GB/s, which alone held the H200 to about a third of `cp -r`'s speed.
+while kernels there still read it. Each piece is read in parts at once (`safetensors_io.pread_parts`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,44 +23,10 @@ import torch
 
 from qstream.errors import QstreamError
 from qstream.io.checkpoint import SourceTensor
+from qstream.io.safetensors_io import pread_parts
 
 READ_CHUNK = 16 << 20  # bytes per read: warming the page cache, reading onto a device
 STAGING_BUFFERS = 2  # host buffers per reading thread: one being read into while the other is copied
-READ_PARTS = 4  # parts of a piece read at once: from the page cache 1 thread reads 3.4-4.2 GB/s, 4 read 10-12 (2 cores)
-MIN_PART = 1 << 20  # bytes: smaller parts cost more in hand-offs than they gain
-
-
-@functools.cache
-def _part_readers() -> ThreadPoolExecutor:
-    """The threads that read the other parts of a piece while its caller reads the first (one pool per process)."""
-    return ThreadPoolExecutor(READ_PARTS - 1, thread_name_prefix="qstream-read-part")
-
-
-def _pread_all(fd: int, view: memoryview, offset: int) -> bool:
-    """Fill `view` from fd at `offset`; False if the file ends first."""
-    got = 0
-    while got < len(view):
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if k <= 0:
-            return False
-        got += k
-    return True
-
-
-def pread_parts(fd: int, view: memoryview, offset: int, parts: int = READ_PARTS) -> bool:
-    """Fill `view` from fd at `offset`, in up to `parts` parts read at once (this thread reads the first); False if
-    the file ends first. The system call drops the interpreter lock, so the parts' copies run on as many cores."""
-    n = len(view)
-    k = max(1, min(parts, n // MIN_PART))
-    cuts = [n * j // k for j in range(k + 1)]
-    others = [_part_readers().submit(_pread_all, fd, view[a:b], offset + a) for a, b in zip(cuts[1:-1], cuts[2:])]
-    try:
-        first = _pread_all(fd, view[:cuts[1]], offset)
-    finally:  # no part may still be landing in the buffer once this returns or raises
-        wait(others)
-    return all([f.result() for f in others]) and first
-
-
 @dataclass
 class Staging:
     """One thread's host buffers, used in turn; on CUDA each with the event of the copy that last read it."""
