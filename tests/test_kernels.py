@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import warnings
 
 import pytest
@@ -151,6 +152,55 @@ def test_c_kernel_threads_do_not_change_results() -> None:
         many = cpu.quantize(w, Rule.MSE3, threads=threads)
         assert torch.equal(one.packed, many.packed) and torch.equal(one.scales, many.scales)
         assert one.offset_counts == many.offset_counts and one.sq_error == pytest.approx(many.sq_error, rel=1e-12)
+
+
+def _bytes(q) -> tuple[bytes, bytes, tuple[int, ...], float]:
+    return q.packed.numpy().tobytes(), q.scales.numpy().tobytes(), q.offset_counts, q.sq_error
+
+
+def test_c_kernel_pool_serves_concurrent_callers() -> None:
+    """The kernel keeps its worker threads between calls for one caller at a time; callers on other threads at
+    the same moment (the interpreter lock is released in the call) run on threads of their own: same results."""
+    ws = [(torch.randn(64, 512, generator=torch.Generator().manual_seed(s)) * 2).to(torch.bfloat16) for s in range(4)]
+    try:
+        want = [_bytes(cpu.quantize(w, Rule.MSE3, threads=1)) for w in ws]
+    except cpu.BuildError as exc:
+        pytest.skip(f"C kernel cannot be built here: {exc}")
+    got: list[list] = [[] for _ in ws]
+
+    def caller(i: int) -> None:
+        for threads in (3, 4, 2, 5) * 5:
+            got[i].append(_bytes(cpu.quantize(ws[i], Rule.MSE3, threads=threads)))
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(len(ws))]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    for i, results in enumerate(got):
+        assert len(results) == 20 and all(r == want[i] for r in results), i
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_c_kernel_pool_in_a_forked_child() -> None:
+    """A child forked after the pool started has none of its workers: it starts its own instead of waiting."""
+    w = (torch.randn(32, 1024, generator=torch.Generator().manual_seed(5))).to(torch.bfloat16)
+    try:
+        want = _bytes(cpu.quantize(w, Rule.MSE3, threads=4))  # the parent's pool is up
+    except cpu.BuildError as exc:
+        pytest.skip(f"C kernel cannot be built here: {exc}")
+    pid = os.fork()
+    if pid == 0:  # only the kernel and small tensor allocations here: nothing that needs torch's thread pools
+        ok = all(_bytes(cpu.quantize(w, Rule.MSE3, threads=4)) == want for _ in range(3))
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 120  # a safety net against a hang, not part of the check
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in the kernel")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_build_is_cached_and_safe_under_concurrent_first_use(tmp_path, monkeypatch) -> None:

@@ -8,8 +8,10 @@
  *    a uint64: integer sums are exact and order-free, so ties resolve as the rational reference does;
  *  - elements round to the E2M1 grid to nearest, ties to the even code (the midpoint table below).
  * The rule codes and MSE3_SEARCHED come from qstream/format/rules.py as -D flags (kernels/cpu.py).
- * Plain C11, no intrinsics: compiled with -O3 -ffp-contract=off for the generic target of the
- * compiler, so every IEEE operation rounds the same on every x86-64 (or other) machine.
+ * Plain C11, no intrinsics: compiled with -O3 -ffp-contract=off, for the machine's CPU where kernels/cpu.py knows
+ * its flags (-mavx2) or the compiler's generic target; without fast-math or fused multiply-adds every IEEE
+ * operation rounds the same on every x86-64 (or other) machine.
+ * Threads: a call's blocks are cut into one job per thread, run by worker threads kept between calls (run_jobs).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -157,6 +159,92 @@ static void *run_job(void *arg) {
 
 #define MAX_THREADS 256
 
+/* Threads started per call and joined after it (the fallback path). */
+static void run_spawned(Job *jobs, int n) {
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < n; t++) started[t] = t > 0 && pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+    for (int t = 0; t < n; t++) if (!started[t]) run_job(&jobs[t]); /* job 0 here, others if a thread failed */
+    for (int t = 1; t < n; t++) if (started[t]) pthread_join(tids[t], NULL);
+}
+
+/* Worker threads kept between calls. Starting 15 threads for each 1 M-element call cost about as much as the
+ * call's work on 16 cores; woken workers cost a fraction of that. One caller at a time uses the pool (another
+ * caller meanwhile spawns its own threads), a forked child starts a pool of its own, and the jobs are the same
+ * either way, so the bytes and sums are too. Job t runs on worker t (1 <= t < n) or, where the system refused a
+ * thread, on the caller. */
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;  /* held by the caller using the pool */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;  /* guards what follows */
+static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_size = 0, pool_njobs = 0, pool_pending = 0, pool_forkable = 0;
+static unsigned long pool_round = 0, pool_born[MAX_THREADS];  /* round counter; the round before each's first */
+static int pool_ids[MAX_THREADS];
+static Job *pool_jobs = NULL;
+
+static void *pool_worker(void *arg) {
+    int id = *(int *)arg;
+    pthread_mutex_lock(&pool_lock);
+    unsigned long seen = pool_born[id];
+    for (;;) {
+        while (pool_round == seen) pthread_cond_wait(&pool_go, &pool_lock);
+        seen = pool_round;
+        if (id < pool_njobs) {
+            Job *job = &pool_jobs[id];
+            pthread_mutex_unlock(&pool_lock);
+            run_job(job);
+            pthread_mutex_lock(&pool_lock);
+            if (--pool_pending == 0) pthread_cond_signal(&pool_done);
+        }
+    }
+    return NULL;
+}
+
+static void pool_before_fork(void) { pthread_mutex_lock(&pool_busy); pthread_mutex_lock(&pool_lock); }
+static void pool_after_fork(void) { pthread_mutex_unlock(&pool_lock); pthread_mutex_unlock(&pool_busy); }
+static void pool_in_child(void) {  /* the workers stayed in the parent, and the conditions count them as waiting */
+    pool_size = 0;
+    pthread_cond_init(&pool_go, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_after_fork();
+}
+
+static void run_jobs(Job *jobs, int n) {
+    if (n < 2 || pthread_mutex_trylock(&pool_busy) != 0) {
+        run_spawned(jobs, n);
+        return;
+    }
+    pthread_mutex_lock(&pool_lock);
+    if (!pool_forkable) pool_forkable = pthread_atfork(pool_before_fork, pool_after_fork, pool_in_child) == 0;
+    if (!pool_forkable) {  /* a pool a fork could copy mid-call: none */
+        pthread_mutex_unlock(&pool_lock);
+        pthread_mutex_unlock(&pool_busy);
+        run_spawned(jobs, n);
+        return;
+    }
+    while (pool_size < n - 1) {
+        int id = pool_size + 1;
+        pthread_t tid;
+        pool_ids[id] = id;
+        pool_born[id] = pool_round;
+        if (pthread_create(&tid, NULL, pool_worker, &pool_ids[id]) != 0) break;
+        pthread_detach(tid);
+        pool_size = id;
+    }
+    int workers = pool_size < n - 1 ? pool_size : n - 1;
+    pool_jobs = jobs;
+    pool_njobs = workers + 1;
+    pool_pending = workers;
+    pool_round++;
+    pthread_cond_broadcast(&pool_go);
+    pthread_mutex_unlock(&pool_lock);
+    run_job(&jobs[0]);
+    for (int t = workers + 1; t < n; t++) run_job(&jobs[t]);
+    pthread_mutex_lock(&pool_lock);
+    while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_lock);
+    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&pool_busy);
+}
+
 /* Quantize nblocks consecutive 32-element blocks of src. stats <- {sq_error, sq_norm}, counts <- blocks at
  * offsets R-0, R-1, R-2. Returns the number of NaN/Inf elements (0 on success), or -1 on bad arguments. */
 int64_t qstream_mxfp4_quantize(const void *src, int dtype, int64_t nblocks, int rule, int nthreads,
@@ -167,15 +255,11 @@ int64_t qstream_mxfp4_quantize(const void *src, int dtype, int64_t nblocks, int 
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if ((int64_t)nthreads > nblocks) nthreads = nblocks > 0 ? (int)nblocks : 1;
     Job jobs[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS];
     for (int t = 0; t < nthreads; t++) {
         Job j = {src, dtype, rule, nblocks * t / nthreads, nblocks * (t + 1) / nthreads, packed, scales, {0}};
         jobs[t] = j;
-        started[t] = t > 0 && pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
     }
-    for (int t = 0; t < nthreads; t++) if (!started[t]) run_job(&jobs[t]); /* job 0 here, others if a thread failed */
-    for (int t = 1; t < nthreads; t++) if (started[t]) pthread_join(tids[t], NULL);
+    run_jobs(jobs, nthreads);
     double sq_error = 0.0, sq_norm = 0.0;
     int64_t nonfinite = 0;
     counts[0] = counts[1] = counts[2] = 0;
