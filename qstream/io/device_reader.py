@@ -27,6 +27,8 @@ from qstream.io.safetensors_io import pread_parts
 
 READ_CHUNK = 16 << 20  # bytes per read: warming the page cache, reading onto a device
 STAGING_BUFFERS = 2  # host buffers per reading thread: one being read into while the other is copied
+
+
 @dataclass
 class Staging:
     """One thread's host buffers, used in turn; on CUDA each with the event of the copy that last read it."""
