@@ -372,6 +372,10 @@ def verify_cmd(dst: Path, source: Path | None, device: str, full: bool, seed: in
       qstream verify ./Qwen3.5-35B-A3B-MXFP4 --source ./Qwen3.5-35B-A3B --json
       qstream verify ./Qwen3.5-35B-A3B-MXFP4 --source ./Qwen3.5-35B-A3B --full
     """
+    if source is not None:  # as quantize: SRC, the larger checkpoint, is read while torch is imported
+        from qstream.io import read_ahead
+
+        read_ahead.start(source)
     from qstream.check.kernel_audit import Sampling
     from qstream.check.verify import verify
 

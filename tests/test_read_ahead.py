@@ -77,21 +77,28 @@ def test_start_reads_in_a_process_of_its_own(tmp_path: Path, monkeypatch: pytest
     assert bad.returncode == 0  # a parent that is gone: it returns at once
 
 
-def test_quantize_starts_it_before_importing_torch(tiny_qwen35: Path, tmp_path: Path) -> None:
-    """The point of it: the thread is running while torch is imported."""
+@pytest.mark.parametrize("command", ["quantize", "verify"])
+def test_commands_start_it_before_importing_torch(tiny_qwen35: Path, tmp_path: Path, command: str) -> None:
+    """The point of it: the process is reading while torch is imported (quantize: SRC; verify --source: SRC)."""
+    if command == "verify":
+        done = subprocess.run([sys.executable, "-m", "qstream", "quantize", str(tiny_qwen35), str(tmp_path / "out"),
+                               "--no-progress"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    args = (["quantize", str(tiny_qwen35), str(tmp_path / "out"), "--no-progress"] if command == "quantize"
+            else ["verify", str(tmp_path / "out"), "--source", str(tiny_qwen35)])
     probe = (
         "import sys, threading\n"
         "import qstream.io.read_ahead as ra\n"
         "real = ra.start\n"
         "def start(root):\n"
-        "    print('torch imported at start:', 'torch' in sys.modules, flush=True)\n"
+        "    print('torch imported at start:', 'torch' in sys.modules, 'root:', root, flush=True)\n"
         "    return real(root)\n"
         "ra.start = start\n"
         "from qstream.cli import main\n"
-        "sys.argv = ['qstream', 'quantize', sys.argv[1], sys.argv[2], '--no-progress']\n"
+        "sys.argv = ['qstream', *sys.argv[1:]]\n"
         "main()\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe, str(tiny_qwen35), str(tmp_path / "out")], capture_output=True,
-                         text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
-    assert "torch imported at start: False" in out.stdout
+    assert f"torch imported at start: False root: {tiny_qwen35}" in out.stdout
