@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from qstream.io.safetensors_io import pread_parts
+
 DEFAULT_BUDGET = 4 << 30  # bytes of hidden states held in memory before spilling to a file
 
 
@@ -45,13 +47,8 @@ class HiddenStore:
         if self._mem is not None:
             return self._mem[r0:r1].clone()
         out = torch.empty(r1 - r0, self.width, dtype=self.dtype)
-        view = out.view(torch.uint8).numpy().data.cast("B")
-        done, offset = 0, r0 * self.row_bytes
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{self.path}: short read")
-            done += n
+        if not pread_parts(self._fd, out.view(torch.uint8).numpy().data.cast("B"), r0 * self.row_bytes):
+            raise OSError(f"{self.path}: short read")
         return out
 
     def write(self, r0: int, rows: torch.Tensor) -> None:
