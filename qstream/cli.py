@@ -59,6 +59,11 @@ class _Group(click.Group):
 
 
 _process: dict[str, bool] = {"own": False}  # True when main() runs: the process is the command's alone
+# oneDNN, behind torch's bfloat16 matmuls on the CPU, keeps a kernel for every matmul shape it meets, up to 1,024
+# in each of two caches. Experts see a different token count every batch, so a long CPU run (calibrate, GPTQ)
+# fills them: +75 MB of heap a layer on the SmolLM2 MoE. 128 still hold every fixed shape of a layer's pass. Read
+# when torch first runs oneDNN, so set by main() before any import of torch; a user's own setting wins.
+ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 
 
 def _imported() -> None:
@@ -621,4 +626,6 @@ def card_cmd(dst: Path, source_readme: Path | None) -> None:
 
 def main() -> None:
     _process["own"] = True
+    for name, value in ONEDNN_CACHES.items():
+        os.environ.setdefault(name, value)
     cli(prog_name="qstream")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from qstream.cli import cli
+from qstream.cli import ONEDNN_CACHES, cli
 from qstream.common import REPORT_NAME, human_bytes
 from qstream.io.checkpoint import open_checkpoint
 from qstream.io.staging import temp_dir_for
@@ -72,6 +72,31 @@ def test_help_and_usage_errors_do_not_import_torch(args: list[str]) -> None:
                 if line.startswith("import time:") and "|" in line}
     assert "qstream" in imported and "click" in imported  # the probe sees imports at all
     assert not imported & HEAVY, f"{args}: imported {sorted(imported & HEAVY)}"
+
+
+@pytest.mark.parametrize("own", [None, "7"], ids=["default", "the user's"])
+def test_onednn_caches_are_bounded_before_torch_loads(tiny_llama: Path, tmp_path: Path, own: str | None) -> None:
+    """main() sets oneDNN's cache sizes before torch is imported (read when oneDNN first runs), unless the user
+    set them."""
+    probe = textwrap.dedent(f"""
+        import os, sys
+        class AtTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    print("at torch:", {{k: os.environ.get(k) for k in {list(ONEDNN_CACHES)}}}, flush=True)
+                    sys.meta_path.remove(self)
+                return None
+        sys.meta_path.insert(0, AtTorch())
+        from qstream.cli import main
+        sys.argv = ["qstream", *sys.argv[1:]]
+        main()
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES}
+    env.update({k: own for k in ONEDNN_CACHES} if own else {})
+    out = subprocess.run([sys.executable, "-c", probe, "plan", str(tiny_llama),
+                          "--preset", "mlp"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert f"at torch: { {k: own or v for k, v in ONEDNN_CACHES.items()} }" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------------- choices

@@ -351,12 +351,15 @@ class Hessians:
         self._local.mlp_in = {}
 
     def batch_end(self, batch: int) -> None:
-        """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing."""
-        p = self._pass
+        """Keep this batch's sums; add every finished batch in order, so the totals never depend on timing.
+        The thread lets go of the batch's partials and kept inputs here: held until its next batch, they would
+        outlive the pass (a group's float32 partials, 151 MB on the SmolLM2 MoE)."""
+        p, partial = self._pass, self._local.partial
+        self._local.partial, self._local.kept, self._local.mlp_in = {}, {}, {}
         if p is None:
             return
         with self._lock:
-            p.partials[batch] = self._local.partial
+            p.partials[batch] = partial
             by_id = {id(t): t for t in self.targets}
             while p.next in p.partials:
                 for (tid, what), (value, n) in p.partials.pop(p.next).items():
