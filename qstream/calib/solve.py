@@ -87,7 +87,7 @@ def solve_modules(w: torch.Tensor, h: torch.Tensor, tokens: torch.Tensor, s: Gpt
     prep: Prepared | None
     try:
         bad: list[int] = []
-        prep = prepare(h[sel.to(h.device)], damp=s.damp, act_order=s.act_order)
+        prep = prepare(h if len(live) == b else h[sel.to(h.device)], damp=s.damp, act_order=s.act_order)
     except SingularHessianError as exc:
         bad = exc.bad
         keep = [k for k in range(len(live)) if k not in bad]
@@ -119,16 +119,19 @@ def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starve
     """Each source of experts target `t` (its Hessians gathered for `group`): the group's experts' packed, scales
     and cases, by source name. A starved expert's gate/up take the all-token Hessian `t.h_all` (and `t.c_all`).
     Cross terms: gate/up's with the reference stream, down's from a fit pass (calib.hessians)."""
-    h = t.h.clone()  # type: ignore[union-attr]
-    c = t.c.clone() if t.c is not None and t.cross else None
-    tokens = t.tokens.clone()  # type: ignore[union-attr]
+    if t.h is None or t.tokens is None:
+        raise ValueError(f"{t.param}: no Hessians gathered for experts {group}")
+    h, tokens = t.h, t.tokens
+    c = t.c if t.c is not None and t.cross else None
     own = torch.tensor([e not in starved for e in group])
-    if t.kind == UP:
-        for slot, e in enumerate(group):
-            if e in starved:
-                h[slot], tokens[slot] = t.h_all, t.tokens_all  # type: ignore[assignment]
-                if c is not None:
-                    c[slot] = t.c_all  # type: ignore[assignment]
+    patched = [slot for slot, e in enumerate(group) if e in starved] if t.kind == UP else []
+    if patched:  # on copies: t keeps the sums as gathered (a group's Hessians are the largest tensors of a solve)
+        h, tokens, c = h.clone(), tokens.clone(), None if c is None else c.clone()
+        for slot in patched:
+            h[slot], tokens[slot] = t.h_all, t.tokens_all  # type: ignore[assignment]
+            if c is not None:
+                c[slot] = t.c_all  # type: ignore[assignment]
+    whole = list(range(len(group)))
     out: dict[str, Solved] = {}
     for name in t.sources:
         src = plan.source.tensors[name]
@@ -142,14 +145,17 @@ def solve_group(plan: Plan, s: GptqSettings, t: Target, group: list[int], starve
             sel = [slot]
             w = read_float(src, 0, shape[0], h.device)[None]
         elif len(shape) == 3 and shape[0] == t.experts:
-            sel = list(range(len(group)))
+            sel = whole
             w = read_float(src, group[0] * shape[1], (group[-1] + 1) * shape[1], h.device).reshape(len(group),
                                                                                                   *shape[1:])
         else:
             continue  # a layout the Hessians do not fit: _plain later
         if w.shape[-1] != t.width:
             continue
-        out[name] = solve_modules(w.to(h.device), h[sel], tokens[sel], s, own[sel], None if c is None else c[sel])
+        if sel == whole:  # all of them, as they are: h[sel] would copy every Hessian of the group
+            out[name] = solve_modules(w, h, tokens, s, own, c)
+        else:
+            out[name] = solve_modules(w, h[sel], tokens[sel], s, own[sel], None if c is None else c[sel])
     return out
 
 
