@@ -64,6 +64,22 @@ _process: dict[str, bool] = {"own": False}  # True when main() runs: the process
 # fills them: +75 MB of heap a layer on the SmolLM2 MoE. 128 still hold every fixed shape of a layer's pass. Read
 # when torch first runs oneDNN, so set by main() before any import of torch; a user's own setting wins.
 ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+M_ARENA_MAX = -8  # glibc's mallopt parameter: how many malloc arenas the process may have
+
+
+def _bound_memory() -> None:
+    """Process-wide memory settings, before torch is imported. oneDNN's caches (above). One malloc arena (glibc):
+    by default each thread that allocates gets its own, and a batch's tensors (engine worker threads) and a
+    solve's (main thread) then keep free memory apart; shared, a layer's peak reuses what the last one freed
+    (GPTQ on the SmolLM2 MoE, side by side: peak 1.87 against 2.20 GiB after 3 layers, same time). Large tensors go to
+    their own mappings either way, so threads rarely wait on the arena's lock. MALLOC_ARENA_MAX, if set, wins."""
+    for name, value in ONEDNN_CACHES.items():
+        os.environ.setdefault(name, value)
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else None
+    if libc and "MALLOC_ARENA_MAX" not in os.environ:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
 
 
 def _imported() -> None:
@@ -626,6 +642,5 @@ def card_cmd(dst: Path, source_readme: Path | None) -> None:
 
 def main() -> None:
     _process["own"] = True
-    for name, value in ONEDNN_CACHES.items():
-        os.environ.setdefault(name, value)
+    _bound_memory()
     cli(prog_name="qstream")

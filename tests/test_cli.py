@@ -99,6 +99,46 @@ def test_onednn_caches_are_bounded_before_torch_loads(tiny_llama: Path, tmp_path
     assert f"at torch: { {k: own or v for k, v in ONEDNN_CACHES.items()} }" in out.stdout
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "CS_GNU_LIBC_VERSION" not in os.confstr_names,
+                    reason="glibc's malloc arenas")
+@pytest.mark.parametrize("own", [None, "4"], ids=["default", "the user's"])
+def test_one_malloc_arena(tiny_llama: Path, own: str | None) -> None:
+    """After main(), threads that allocate at once share one glibc arena (malloc_info lists each arena as a
+    heap), unless the user set MALLOC_ARENA_MAX."""
+    probe = textwrap.dedent("""
+        import ctypes, sys, tempfile, threading
+        from qstream.cli import main
+        sys.argv = ["qstream", *sys.argv[1:]]
+        try:
+            main()
+        except SystemExit:
+            pass
+        start = threading.Barrier(6)
+        def allocate():
+            start.wait()
+            keep = [bytearray(200_000) for _ in range(20)]
+            start.wait()
+        threads = [threading.Thread(target=allocate) for _ in range(5)]
+        for t in threads:
+            t.start()
+        start.wait()
+        libc = ctypes.CDLL(None)
+        libc.fopen.restype = ctypes.c_void_p
+        with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+            fp = libc.fopen(f.name.encode(), b"w")
+            libc.malloc_info(0, ctypes.c_void_p(fp))
+            libc.fclose(ctypes.c_void_p(fp))
+            print("arenas:", open(f.name).read().count("<heap nr="))
+        start.wait()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | ({"MALLOC_ARENA_MAX": own} if own else {})
+    out = subprocess.run([sys.executable, "-c", probe, "plan", str(tiny_llama), "--preset", "mlp"], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    arenas = int(out.stdout.rsplit("arenas:", 1)[1])
+    assert arenas == 1 if own is None else arenas > 1, out.stdout
+
+
 # ---------------------------------------------------------------------------------------------- choices
 
 
